@@ -1,0 +1,20 @@
+"""expandfx: ExpandNets as a compiler pass over unmodified PyTorch models.
+
+    >>> import torch, expandfx as efx
+    >>> from expandfx.models import smallnet_7x7
+    >>> model = smallnet_7x7()
+    >>> big = efx.expand(model, rule="CL", r=4)      # train this
+    >>> small = efx.contract(big)                    # exactly the original architecture
+    >>> model.load_state_dict(small.state_dict())
+    <All keys matched successfully>
+"""
+
+from .block import ExpandedBlock
+from .errors import ConfigError, ContractionError, ExpandFXError
+from .passes.contract import contract
+from .planning import LayerPlan, Plan, plan
+from .surgery import expand
+
+__all__ = ["ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock", "LayerPlan",
+           "Plan", "contract", "expand", "plan"]
+__version__ = "0.1.0"

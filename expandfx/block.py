@@ -1,0 +1,195 @@
+"""``ExpandedBlock``: the module that stands in for one expanded conv/linear layer.
+
+A block is a chain of plain ``nn.Conv{1,2,3}d`` / ``nn.Linear`` factors with no
+nonlinearity between them. Its ``state_dict`` keys are stable::
+
+    <path>.layers.0.weight, <path>.layers.0.bias, <path>.layers.1.weight, ...
+
+so a checkpoint saved mid-training loads into ``expand(fresh_model, same args)``.
+It remembers the original layer (as a parameter-free template, outside the
+``state_dict``) so that :meth:`ExpandedBlock.contract` rebuilds the exact
+original class and hyperparameters.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> from expandfx.passes.expand_cl import build_cl
+    >>> conv = nn.Conv2d(3, 8, 5, padding=2)
+    >>> block = ExpandedBlock(conv, build_cl(conv, r=2), rule="CL", r=2)
+    >>> [k for k in block.state_dict()][:2]
+    ['layers.0.weight', 'layers.0.bias']
+    >>> small = block.contract()
+    >>> type(small) is nn.Conv2d and small.padding == (2, 2)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .algebra import WeightBias, compose_chain
+from .errors import ContractionError
+
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES: tuple[type[nn.Module], ...] = (*CONV_TYPES, nn.Linear)
+_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
+             "circular": "circular"}
+
+
+def base_type(layer: nn.Module) -> type[nn.Module]:
+    """The layer's class, looking through ``torch.nn.utils.parametrize``."""
+    return parametrize.type_before_parametrizations(layer)
+
+
+def layer_signature(layer: nn.Module) -> tuple[Any, ...]:
+    """Everything about a factor layer that its place in an exact chain depends on."""
+    kind = base_type(layer)
+    if kind is nn.Linear:
+        return (kind, layer.in_features, layer.out_features, layer.bias is not None)
+    if kind in CONV_TYPES:
+        return (kind, layer.in_channels, layer.out_channels, layer.kernel_size,
+                layer.stride, layer.padding, layer.dilation, layer.groups,
+                layer.bias is not None, layer.padding_mode)
+    return (kind,)
+
+
+def explicit_padding(conv: nn.Module) -> list[int]:
+    """The padding a conv applies, in ``F.pad`` order (last dim first, left/right).
+
+    Resolves ``padding="same"`` (asymmetric for even effective kernels) and
+    ``"valid"`` exactly as PyTorch does.
+    """
+    if conv.padding == "valid":
+        return [0] * (2 * len(conv.kernel_size))
+    return list(conv._reversed_padding_repeated_twice)
+
+
+class ExpandedBlock(nn.Module):
+    """A linear chain of layers equivalent, after folding, to one original layer.
+
+    Args:
+        original: the layer being replaced; only its hyperparameters are kept.
+        layers: the factor layers, applied in order.
+        rule: ``"CL"``, ``"CK"`` or ``"FC"`` (recorded for plans and reprs).
+        r: the expansion rate used.
+        pre_pad: padding in ``F.pad`` order applied before the first layer, for
+            paddings a conv cannot express (asymmetric ``"same"``); ``None`` if the
+            first layer pads itself.
+    """
+
+    def __init__(self, original: nn.Module, layers: list[nn.Module], rule: str, r: float,
+                 pre_pad: list[int] | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.rule = rule
+        self.r = float(r)
+        self.pre_pad = pre_pad
+        self.pad_mode = _PAD_MODE[getattr(original, "padding_mode", "zeros")]
+        self.signatures = [layer_signature(layer) for layer in layers]
+        # Kept out of the module tree on purpose: not in state_dict, not moved by .to().
+        object.__setattr__(self, "template", parameter_free_copy(original))
+        self.train(original.training)
+
+    @property
+    def original_type(self) -> type[nn.Module]:
+        return type(self.template)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def check(self, path: str = "") -> None:
+        """Raise :class:`ContractionError` unless the chain is still exactly foldable."""
+        where = f"'{path}'" if path else "this ExpandedBlock"
+        current = [layer_signature(layer) for layer in self.layers]
+        if current != self.signatures:
+            raise ContractionError(
+                f"contract: block {where} was edited after expansion: its layers are now "
+                f"{[s[0].__name__ for s in current]} with hyperparameters that differ from the "
+                f"{len(self.signatures)} linear layers expand() built. Only an unchanged linear "
+                f"chain folds exactly: restore the block (e.g. remove inserted nonlinearities) "
+                f"or re-create the model with expandfx.expand."
+            )
+        hooked = [i for i, layer in enumerate(self.layers)
+                  if layer._forward_hooks or layer._forward_pre_hooks]
+        if hooked or self._forward_hooks or self._forward_pre_hooks:
+            raise ContractionError(
+                f"contract: block {where} has forward hooks (on layers {hooked} or the block); "
+                f"a hook can change what the block computes, so folding it would not be exact. "
+                f"Remove the hooks (handle.remove()) before contracting."
+            )
+
+    def weight_bias(self, dtype: torch.dtype | None = None) -> WeightBias:
+        """The effective (weight, bias) of the whole chain, differentiable, in ``dtype``."""
+        factors = [(layer.weight, layer.bias) for layer in self.layers]
+        if dtype is not None:
+            factors = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in factors]
+        groups = getattr(self.template, "groups", 1)
+        return compose_chain(factors, groups)
+
+    def contract(self, path: str = "") -> nn.Module:
+        """The original layer with the folded weights (composed in float64, cast back)."""
+        self.check(path)
+        ref = self.layers[0].weight
+        with torch.no_grad():
+            weight, bias = self.weight_bias(torch.float64)
+        layer = copy.deepcopy(self.template)
+        expected = tuple(layer.weight.shape)
+        if tuple(weight.shape) != expected:  # a guard on our own algebra
+            raise ContractionError(
+                f"contract: block '{path}' folds to weight shape {tuple(weight.shape)}, "
+                f"expected {expected}; please report this as an expandfx bug."
+            )
+        layer.weight = _like(weight, ref, layer.weight.requires_grad)
+        if layer.bias is not None:
+            layer.bias = _like(bias, ref, layer.bias.requires_grad)
+        layer.train(self.training)
+        return layer
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        error_msgs: list[str] = args[-1]
+        path = prefix.rstrip(".") or "<root>"
+        if prefix + "weight" in state_dict:
+            error_msgs.append(
+                f"'{path}' is an expanded block ({self.rule}, r={self.r:g}) but the checkpoint "
+                f"holds a compact layer ('{prefix}weight'). Load the checkpoint into the compact "
+                f"model first, then expand it (init='preserve' keeps its function), or "
+                f"contract this model before loading."
+            )
+        for i, layer in enumerate(self.layers):
+            key = f"{prefix}layers.{i}.weight"
+            if key in state_dict and tuple(state_dict[key].shape) != tuple(layer.weight.shape):
+                error_msgs.append(
+                    f"'{path}': the checkpoint's '{key}' has shape "
+                    f"{tuple(state_dict[key].shape)} but this block ({self.rule}, r={self.r:g}) "
+                    f"has {tuple(layer.weight.shape)}: the checkpoint was saved from another "
+                    f"expansion. Expand the fresh model with the same rule and r as the "
+                    f"checkpoint."
+                )
+                break
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule}, r={self.r:g}, folds_to={self.original_type.__name__}"
+
+
+def parameter_free_copy(layer: nn.Module) -> nn.Module:
+    """A copy of ``layer`` whose tensors live on the meta device (no memory)."""
+    memo = {id(t): t.detach().to("meta") for t in layer.parameters(recurse=False)}
+    template = copy.deepcopy(layer, memo)
+    for name, param in layer.named_parameters(recurse=False):
+        setattr(template, name, nn.Parameter(param.detach().to("meta"), param.requires_grad))
+    return template
+
+
+def _like(value: torch.Tensor, ref: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    return nn.Parameter(value.to(dtype=ref.dtype, device=ref.device), requires_grad)

@@ -1,0 +1,100 @@
+"""Building factor layers: widths, factor constructors and function-preserving init.
+
+Shared by the expand passes (``expandfx.passes.expand_cl`` / ``_ck`` / ``_fc``).
+
+Example::
+
+    >>> width(4, 3, groups=1), width(0.25, 3, groups=1), width(1.5, 32, groups=32)
+    (12, 1, 64)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .algebra import grouped, ungrouped
+from .block import explicit_padding
+
+
+def width(r: float, channels: int, groups: int = 1) -> int:
+    """``r * channels`` rounded (half up) to a positive multiple of ``groups``."""
+    return max(1, math.floor(r * channels / groups + 0.5)) * groups
+
+
+def conv_factor(original: nn.Module, in_ch: int, out_ch: int, kernel: tuple[int, ...], *,
+                stride: tuple[int, ...] | int = 1, padding: tuple[int, ...] | int = 0,
+                dilation: tuple[int, ...] | int = 1, padding_mode: str = "zeros",
+                device: torch.device | str | None = None) -> nn.Module:
+    """A plain conv of the original's dimensionality, groups, bias presence and dtype."""
+    ref = original.weight
+    return type(original).__mro__[_base_index(original)](
+        in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation,
+        groups=original.groups, bias=original.bias is not None, padding_mode=padding_mode,
+        device=device or ref.device, dtype=ref.dtype,
+    )
+
+
+def linear_factor(original: nn.Linear, in_f: int, out_f: int, *,
+                  device: torch.device | str | None = None) -> nn.Linear:
+    ref = original.weight
+    return nn.Linear(in_f, out_f, bias=original.bias is not None,
+                     device=device or ref.device, dtype=ref.dtype)
+
+
+def first_padding(conv: nn.Module) -> tuple[tuple[int, ...], list[int] | None]:
+    """Split the original padding into (conv padding of the first factor, block pre-pad).
+
+    Symmetric padding goes on the first factor, as in the paper; an asymmetric one
+    (``padding="same"`` with an even effective kernel) becomes a block pre-pad.
+    """
+    pads = explicit_padding(conv)
+    lefts, rights = pads[0::2], pads[1::2]
+    if lefts == rights:
+        return tuple(reversed(lefts)), None
+    return (0,) * len(lefts), pads
+
+
+def match_requires_grad(original: nn.Module, layers: list[nn.Module]) -> None:
+    """Give every factor the original's ``requires_grad`` for weight and bias."""
+    for layer in layers:
+        layer.weight.requires_grad_(original.weight.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(original.bias.requires_grad)
+
+
+@torch.no_grad()
+def preserve_three(original: nn.Module, layers: list[nn.Module], groups: int = 1) -> None:
+    """Set a pointwise · middle · pointwise chain to compute exactly ``original``.
+
+    With ``U`` (p×m, orthonormal columns) and ``V`` (q×n, orthonormal columns), per
+    group: ``W1 = U``, ``W2[tap] = V W[tap] Uᵀ``, ``W3 = Vᵀ``, so that
+    ``W3 W2 W1 = Vᵀ V W Uᵀ U = W``. Intermediate biases are zero and ``b3 = b``:
+    no factor is all-zero (unless the original is). Needs ``p ≥ m`` and ``q ≥ n``
+    per group (r ≥ 1); the caller checks that.
+    """
+    first, middle, last = layers
+    w = grouped(original.weight.detach().double(), groups)  # [g, n_g, m_g, *k]
+    g, n_g, m_g = w.shape[:3]
+    p_g, q_g = first.weight.shape[0] // groups, last.weight.shape[1]
+    u = torch.linalg.qr(torch.randn(g, p_g, m_g, dtype=torch.float64))[0]  # [g, p_g, m_g]
+    v = torch.linalg.qr(torch.randn(g, q_g, n_g, dtype=torch.float64))[0]  # [g, q_g, n_g]
+    mid = torch.einsum("gqn,gnm...,gpm->gqp...", v, w, u)
+    spatial = first.weight.shape[2:]
+    first.weight.copy_(ungrouped(u).reshape(first.weight.shape[:2] + spatial))
+    middle.weight.copy_(ungrouped(mid))
+    last.weight.copy_(ungrouped(v.transpose(1, 2)).reshape(last.weight.shape))
+    if original.bias is not None:
+        first.bias.zero_()
+        middle.bias.zero_()
+        last.bias.copy_(original.bias)
+
+
+def _base_index(conv: nn.Module) -> int:
+    """Index in the MRO of the torch conv class (a subclass folds via its template)."""
+    for i, cls in enumerate(type(conv).__mro__):
+        if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            return i
+    raise TypeError(f"not a convolution: {type(conv).__name__}")

@@ -1,0 +1,314 @@
+"""The expansion plan: per layer, the rule applied or the reason it was skipped.
+
+:func:`plan` decides without changing the model; ``expand`` carries the same
+decisions out. ``str(plan)`` is a readable table.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> p = plan(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 30 * 30, 10)),
+    ...          rule="CL", r=2, example_inputs=(torch.randn(1, 3, 32, 32),))
+    >>> [(row.path, row.rule) for row in p.rows]
+    [('0', 'CL'), ('2', None)]
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import rules
+from .block import LAYER_TYPES, ExpandedBlock, base_type
+from .counting import macs, param_count
+from .errors import ConfigError
+from .tracing import GraphView, inspect
+
+Patterns = str | Sequence[str] | None
+INITS = ("default", "preserve")
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one conv/linear layer (one row of the plan)."""
+
+    path: str
+    layer: str
+    rule: str | None
+    reason: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    call_sites: int | None = None
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class Plan:
+    """All rows, plus what the graph view found beyond them."""
+
+    rows: list[LayerPlan]
+    traced: bool
+    trace_error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def expanded(self) -> list[LayerPlan]:
+        return [row for row in self.rows if row.rule]
+
+    @property
+    def skipped(self) -> list[LayerPlan]:
+        return [row for row in self.rows if not row.rule]
+
+    def totals(self) -> dict[str, int | None]:
+        def total(attr: str) -> int | None:
+            values = [getattr(row, attr) for row in self.rows]
+            return None if any(v is None for v in values) else sum(values)
+        return {k: total(k) for k in ("params_before", "params_after", "macs_before",
+                                      "macs_after")}
+
+    def __str__(self) -> str:
+        head = ("layer", "type", "rule", "params", "MACs", "note")
+        lines = [head]
+        for row in self.rows:
+            note = row.reason or ""
+            if row.aliases:
+                note = (note + "; " if note else "") + f"also at {', '.join(row.aliases)}"
+            if row.call_sites and row.call_sites > 1:
+                note = (note + "; " if note else "") + f"called at {row.call_sites} sites"
+            lines.append((row.path, row.layer, row.rule or "-",
+                          _arrow(row.params_before, row.params_after),
+                          _arrow(row.macs_before, row.macs_after), note))
+        t = self.totals()
+        lines.append(("total", "", f"{len(self.expanded)}/{len(self.rows)}",
+                      _arrow(t["params_before"], t["params_after"]),
+                      _arrow(t["macs_before"], t["macs_after"]), ""))
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+        out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+               for line in lines]
+        out.insert(1, "  ".join("-" * w for w in widths))
+        if not self.traced:
+            out.append(f"FX could not trace the model ({self.trace_error}); layers were found "
+                       f"by a module walk: call sites, shared calls and functional uses of "
+                       f"weights were not checked.")
+        out.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(out)
+
+
+def plan(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
+         include: Patterns = None, exclude: Patterns = None,
+         example_inputs: Any = None) -> Plan:
+    """Decide, layer by layer, what ``expand`` would do; never changes ``model``."""
+    rows, view = decide(model, rule, r, include=include, exclude=exclude)
+    from .passes import PASSES  # late import: passes build on this package
+
+    shapes = input_shapes(model, example_inputs, [row.module for row in rows])
+    for row in rows:
+        row.params_before = row.params_after = param_count(row.module)
+        shape = shapes.get(id(row.module))
+        if shape is not None:
+            row.macs_before = row.macs_after = macs(row.module, shape)
+        if row.rule:
+            meta_block = PASSES[row.rule].build(row.module, r, path=row.path, device="meta")
+            row.params_after = param_count(meta_block)
+            if shape is not None:
+                row.macs_after = macs(meta_block, shape)
+    notes = [f"functional call {c}: left alone" for c in view.functional_calls]
+    return Plan(rows, view.traced, view.error, notes)
+
+
+def decide(model: nn.Module, rule: rules.RuleSpec, r: float, *, include: Patterns = None,
+           exclude: Patterns = None) -> tuple[list[LayerPlan], GraphView]:
+    """The rule or skip reason of every conv/linear layer, with its module paths."""
+    check_r(r)
+    rules.check_spec(rule)
+    include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+    view = inspect(model)
+    paths: dict[int, list[str]] = defaultdict(list)
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths[id(module)].append(name)
+        modules.setdefault(id(module), module)
+    inside_block = {id(m): path for path, b in model.named_modules()
+                    if isinstance(b, ExpandedBlock) for m in b.modules()}
+    opaque = _opaque_children(model)
+
+    rows = []
+    for key, module in modules.items():
+        if not isinstance(module, LAYER_TYPES) and not _is_parametrized_layer(module):
+            continue
+        path = paths[key][0]
+        _reject_unusable(path, module)
+        row = LayerPlan(path=path, layer=describe(module), rule=None,
+                        aliases=sorted(set(paths[key][1:])), module=module,
+                        call_sites=view.call_sites[key] if view.traced else None)
+        row.reason = _skip_reason(path, module, view, inside_block, opaque, include, exclude)
+        if row.reason is None:
+            row.rule, row.reason = rules.pick(rule, path, module)
+        if row.rule:
+            from .passes import PASSES
+
+            row.reason = PASSES[row.rule].skip_reason(module)
+            if row.reason:
+                row.rule = None
+        rows.append(row)
+    return rows, view
+
+
+def describe(layer: nn.Module) -> str:
+    """``Conv2d(3→8, k7, s1, p3)`` — a short one-line description."""
+    kind = base_type(layer)
+    if kind is nn.Linear:
+        return f"Linear({layer.in_features}→{layer.out_features})"
+    extras = [f"k{_short(layer.kernel_size)}"]
+    for attr, tag, default in (("stride", "s", 1), ("padding", "p", 0),
+                               ("dilation", "d", 1), ("groups", "g", 1)):
+        value = getattr(layer, attr)
+        if _short(value) != str(default):
+            extras.append(f"{tag}{_short(value)}")
+    if layer.padding_mode != "zeros":
+        extras.append(layer.padding_mode)
+    return f"{kind.__name__}({layer.in_channels}→{layer.out_channels}, {', '.join(extras)})"
+
+
+def input_shapes(model: nn.Module, example_inputs: Any,
+                 layers: Sequence[nn.Module]) -> dict[int, tuple[int, ...]]:
+    """Shape of the first input of each layer's first call, from one forward pass.
+
+    The forward runs under ``no_grad`` in eval mode (so batch-norm statistics do not
+    move); every module's ``training`` flag is restored afterwards.
+    """
+    if example_inputs is None:
+        return {}
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    bad = [type(x).__name__ for x in inputs if not isinstance(x, torch.Tensor)]
+    if bad:
+        raise ConfigError(f"example_inputs must be a tensor or a tuple of tensors (the "
+                          f"positional arguments of forward); got {bad}. Wrap keyword inputs "
+                          f"in a small module or pass tensors.")
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def record(layer: nn.Module, args: tuple) -> None:
+        shapes.setdefault(id(layer), tuple(args[0].shape))
+
+    handles = [layer.register_forward_pre_hook(record) for layer in set(layers)]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return shapes
+
+
+def check_r(r: Any) -> None:
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+        raise ConfigError(f"expand: r must be a positive number (the paper uses 0.25 to 8), "
+                          f"got r={r!r}.")
+
+
+def _skip_reason(path: str, module: nn.Module, view: GraphView, inside_block: dict[int, str],
+                 opaque: dict[int, str], include: list[str] | None, exclude: list[str]
+                 ) -> str | None:
+    if id(module) in inside_block:
+        return f"already part of the expanded block '{inside_block[id(module)]}'"
+    base = next(c for c in type(module).__mro__ if c in LAYER_TYPES)
+    if type(module).forward is not base.forward:
+        reason = (f"{type(module).__name__} subclasses {base.__name__} with its own forward, "
+                  f"so it is not a plain {base.__name__}: left alone")
+        warnings.warn(f"expand: '{path}': {reason}. Expand it by hand or replace it with a "
+                      f"plain {base.__name__} if its forward is equivalent.", stacklevel=4)
+        return reason
+    if include is not None and not any(fnmatchcase(path, p) for p in include):
+        return "not matched by include"
+    hit = next((p for p in exclude if fnmatchcase(path, p)), None)
+    if hit:
+        return f"excluded by {hit!r}"
+    if view.traced:
+        if view.direct_uses.get(id(module)):
+            return (f"its parameters are used directly in forward "
+                    f"({'; '.join(view.direct_uses[id(module)])}): expanding would break that use")
+        if view.call_sites[id(module)] == 0:
+            where = opaque.get(id(module))
+            return ("never called as a module in the traced forward"
+                    + (f" ({where} reads its weights directly)" if where else ""))
+    elif id(module) in opaque:
+        return f"inside {opaque[id(module)]}, which reads its weights directly"
+    return None
+
+
+def _reject_unusable(path: str, module: nn.Module) -> None:
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise ConfigError(f"expand: '{path}' ({type(module).__name__}) is a lazy module that has "
+                          f"not been initialized. Run one forward pass with a real input first "
+                          f"(or pass example_inputs and call the model once), then expand.")
+    if _is_parametrized_layer(module):
+        names = ", ".join(module.parametrizations.keys())
+        raise ConfigError(f"expand: '{path}' already has parametrizations on {names} "
+                          f"({type(module).__name__}). Expand the plain model first and "
+                          f"parametrize (e.g. expandfx.compand) afterwards, or remove them with "
+                          f"torch.nn.utils.parametrize.remove_parametrizations.")
+
+
+def _is_parametrized_layer(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module) and issubclass(base_type(module), LAYER_TYPES)
+
+
+def _opaque_children(model: nn.Module) -> dict[int, str]:
+    """Layers inside built-in torch.nn modules that FX keeps opaque (MultiheadAttention, …)."""
+    opaque: dict[int, str] = {}
+    for path, module in model.named_modules():
+        builtin = type(module).__module__.startswith("torch.nn")
+        container = isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+        if builtin and not container and not isinstance(module, LAYER_TYPES):
+            for child in module.modules():
+                if child is not module:
+                    opaque.setdefault(id(child), f"'{path}' ({type(module).__name__})")
+    return opaque
+
+
+def _patterns(value: Patterns, name: str) -> list[str] | None:
+    if value is None:
+        return None if name == "include" else []
+    if isinstance(value, str):
+        return [value]
+    if not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"expand: {name} must be a glob pattern or a list of them, "
+                          f"got {value!r}")
+    return list(value)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, tuple) and len(set(value)) == 1:
+        return str(value[0])
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def _arrow(before: int | None, after: int | None) -> str:
+    if before is None:
+        return "?"
+    return _human(before) if before == after else f"{_human(before)} → {_human(after)}"
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+

@@ -1,0 +1,83 @@
+"""``expand``: swap every planned conv/linear layer for an :class:`ExpandedBlock`.
+
+The model keeps its class: layers are replaced in place of their attributes (at
+every path a shared layer is registered under), so user methods keep working.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from torch import nn
+
+from . import rules
+from .block import ExpandedBlock
+from .errors import ConfigError
+from .planning import INITS, Patterns, decide
+
+log = logging.getLogger("expandfx")
+
+
+def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
+           include: Patterns = None, exclude: Patterns = None, example_inputs: Any = None,
+           init: str = "default", inplace: bool = False) -> nn.Module:
+    """Over-parameterize ``model``: each conv/linear layer becomes a linear chain.
+
+    Args:
+        model: any ``nn.Module``; it is copied unless ``inplace=True``.
+        rule: ``"CL"``, ``"CK"``, ``"FC"``, a ``+`` combination (``"CK+FC"``), a
+            mapping ``{glob: rule or None}`` (first match wins) or a callable
+            ``(name, module) -> rule | None``.
+        r: expansion rate (> 0); widths ``r·m`` and ``r·n`` round to multiples of groups.
+        include, exclude: module-name glob patterns.
+        example_inputs: optional positional inputs of ``forward``, for MACs in the log.
+        init: ``"default"`` (PyTorch's init, the paper's setting) or ``"preserve"``
+            (the expanded model computes exactly what ``model`` computes; CL and FC).
+        inplace: modify ``model`` itself.
+
+    Example::
+
+        >>> import torch, expandfx as efx
+        >>> from expandfx.models import smallnet_7x7
+        >>> big = efx.expand(smallnet_7x7(), rule="CK+FC", r=2)
+        >>> type(big).__name__, type(big.features[0]).__name__
+        ('SmallNet', 'ExpandedBlock')
+    """
+    if init not in INITS:
+        raise ConfigError(f"expand: init must be one of {INITS}, got {init!r}.")
+    from .passes import PASSES
+    from .planning import plan as make_plan
+
+    target = model if inplace else copy.deepcopy(model)
+    rows, _ = decide(target, rule, r, include=include, exclude=exclude)
+    for row in rows:
+        if row.rule:
+            block = PASSES[row.rule].build(row.module, r, init, path=row.path)
+            replace(target, [row.path, *row.aliases], block)
+    if log.isEnabledFor(logging.INFO):
+        log.info("expand(rule=%r, r=%g):\n%s", rule, r,
+                 make_plan(model, rule, r, include=include, exclude=exclude,
+                           example_inputs=example_inputs))
+    return target
+
+
+def replace(root: nn.Module, paths: list[str], new: nn.Module) -> None:
+    """Register ``new`` at each dotted module path of ``root``."""
+    for path in paths:
+        parent_path, _, name = path.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        if not name:
+            raise ConfigError("expand/contract: the model itself is a single layer; wrap it "
+                              "in a module (e.g. nn.Sequential(layer)) to transform it.")
+        setattr(parent, name, new)
+
+
+def blocks(model: nn.Module) -> dict[int, tuple[ExpandedBlock, list[str]]]:
+    """Every expanded block of ``model`` with all the paths it is registered at."""
+    found: dict[int, tuple[ExpandedBlock, list[str]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, ExpandedBlock):
+            found.setdefault(id(module), (module, []))[1].append(path)
+    return found

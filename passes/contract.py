@@ -1,0 +1,40 @@
+"""Contract: fold every :class:`~expandfx.block.ExpandedBlock` back into its original layer.
+
+Recipe: find the blocks (at every path a shared block is registered under),
+check each is still an unedited linear chain, compose its factors in float64
+(``expandfx.algebra``), rebuild the original layer class with its exact
+hyperparameters, swap it in. The result has the original ``state_dict`` keys.
+
+Example::
+
+    >>> import torch, expandfx as efx
+    >>> from expandfx.models import smallnet_3x3
+    >>> model = smallnet_3x3()
+    >>> small = contract(efx.expand(model, r=2))
+    >>> list(small.state_dict()) == list(model.state_dict())
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from torch import nn
+
+from expandfx.surgery import blocks, replace
+
+
+def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold every expanded block of ``model``; a copy unless ``inplace=True``."""
+    target = model if inplace else copy.deepcopy(model)
+    found = blocks(target)
+    if not found:
+        warnings.warn(f"contract: {type(model).__name__} has no expanded blocks; returning "
+                      f"{'it' if inplace else 'an equivalent copy'} unchanged.", stacklevel=2)
+        return target
+    for block, paths in found.values():
+        if len(paths) == 1 and paths[0] == "":
+            return block.contract("<root>")
+        replace(target, paths, block.contract(paths[0]))
+    return target
