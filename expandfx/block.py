@@ -50,9 +50,9 @@ def base_type(layer: nn.Module) -> type[nn.Module]:
 def layer_signature(layer: nn.Module) -> tuple[Any, ...]:
     """Everything about a factor layer that its place in an exact chain depends on."""
     kind = base_type(layer)
-    if kind is nn.Linear:
+    if issubclass(kind, nn.Linear):
         return (kind, layer.in_features, layer.out_features, layer.bias is not None)
-    if kind in CONV_TYPES:
+    if issubclass(kind, CONV_TYPES):
         return (kind, layer.in_channels, layer.out_channels, layer.kernel_size,
                 layer.stride, layer.padding, layer.dilation, layer.groups,
                 layer.bias is not None, layer.padding_mode)

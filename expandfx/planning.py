@@ -168,7 +168,7 @@ def decide(model: nn.Module, rule: rules.RuleSpec, r: float, *, include: Pattern
 def describe(layer: nn.Module) -> str:
     """``Conv2d(3→8, k7, s1, p3)`` — a short one-line description."""
     kind = base_type(layer)
-    if kind is nn.Linear:
+    if issubclass(kind, nn.Linear):
         return f"Linear({layer.in_features}→{layer.out_features})"
     extras = [f"k{_short(layer.kernel_size)}"]
     for attr, tag, default in (("stride", "s", 1), ("padding", "p", 0),

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from fnmatch import fnmatchcase
-from typing import Union
 
 from torch import nn
 
 from .errors import ConfigError
 
 RULES = ("CL", "CK", "FC")
-RuleSpec = Union[str, Mapping[str, str | None], Callable[[str, nn.Module], str | None]]
+RuleSpec = str | Mapping[str, str | None] | Callable[[str, nn.Module], str | None]
 
 
 def parse(rule: str, where: str = "rule") -> frozenset[str]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any
 
 from torch import nn
 
 from . import rules
-from .block import ExpandedBlock
+from .block import LAYER_TYPES, ExpandedBlock
 from .errors import ConfigError
 from .planning import INITS, Patterns, decide
 
@@ -48,10 +49,22 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
     if init not in INITS:
         raise ConfigError(f"expand: init must be one of {INITS}, got {init!r}.")
     from .passes import PASSES
+    if isinstance(model, LAYER_TYPES):
+        raise ConfigError(f"expand: the model is a single layer ({type(model).__name__}); expand "
+                          f"cannot return the same class for it. Wrap it in a module, e.g. "
+                          f"nn.Sequential(layer), or build an ExpandedBlock with "
+                          f"expandfx.passes.expand_cl.build(layer, r).")
     from .planning import plan as make_plan
 
     target = model if inplace else copy.deepcopy(model)
-    rows, _ = decide(target, rule, r, include=include, exclude=exclude)
+    rows, view = decide(target, rule, r, include=include, exclude=exclude)
+    if not view.traced:
+        warnings.warn(
+            f"expand: torch.fx could not trace {type(model).__name__} ({view.error}); its "
+            f"layers were expanded by a module walk instead. Lost: the check that each layer "
+            f"is called as a module (a layer whose weight is read directly, e.g. by "
+            f"F.conv2d(x, self.conv.weight), would break), and the call-site counts of shared "
+            f"layers. The expansion itself is exact.", stacklevel=2)
     for row in rows:
         if row.rule:
             block = PASSES[row.rule].build(row.module, r, init, path=row.path)
@@ -68,9 +81,6 @@ def replace(root: nn.Module, paths: list[str], new: nn.Module) -> None:
     for path in paths:
         parent_path, _, name = path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
-        if not name:
-            raise ConfigError("expand/contract: the model itself is a single layer; wrap it "
-                              "in a module (e.g. nn.Sequential(layer)) to transform it.")
         setattr(parent, name, new)
 
 

@@ -1,0 +1,40 @@
+"""Small helpers shared by the tests (no mocks: real layers, real numbers)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def randomize(model: nn.Module, seed: int = 0) -> None:
+    """Give every parameter fresh values of a sensible scale (1/sqrt(fan-in) for weights)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            scale = 1 / math.sqrt(fan_in) if p.dim() > 1 else 0.1
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |a| — the measure of DESIGN.md §4."""
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
+
+
+def sgd_steps(model: nn.Module, x: torch.Tensor, steps: int = 3, lr: float = 0.05) -> None:
+    """A few real SGD steps on a fixed target, so trained weights are not the init."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        target = torch.randn(model(x).shape, generator=gen)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
