@@ -10,11 +10,13 @@
 """
 
 from .block import ExpandedBlock
+from .compander import Compander, ModifiedAdaptive, Psi, bake, compand, companded, decay_groups
 from .errors import ConfigError, ContractionError, ExpandFXError
 from .passes.contract import contract
 from .planning import LayerPlan, Plan, plan
 from .surgery import expand
 
-__all__ = ["ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock", "LayerPlan",
-           "Plan", "contract", "expand", "plan"]
+__all__ = ["Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
+           "LayerPlan", "ModifiedAdaptive", "Plan", "Psi", "bake", "compand", "companded",
+           "contract", "decay_groups", "expand", "plan"]
 __version__ = "0.1.0"

@@ -13,9 +13,9 @@ original class and hyperparameters.
 Example::
 
     >>> import torch, torch.nn as nn
-    >>> from expandfx.passes.expand_cl import build_cl
+    >>> from expandfx.passes import expand_cl
     >>> conv = nn.Conv2d(3, 8, 5, padding=2)
-    >>> block = ExpandedBlock(conv, build_cl(conv, r=2), rule="CL", r=2)
+    >>> block = expand_cl.build(conv, r=2)
     >>> [k for k in block.state_dict()][:2]
     ['layers.0.weight', 'layers.0.bias']
     >>> small = block.contract()

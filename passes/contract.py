@@ -22,16 +22,20 @@ import warnings
 
 from torch import nn
 
+from expandfx.compander import bake, companded
 from expandfx.surgery import blocks, replace
 
 
 def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Fold every expanded block of ``model``; a copy unless ``inplace=True``."""
+    """Bake companded weights, then fold every expanded block; a copy unless ``inplace=True``."""
     target = model if inplace else copy.deepcopy(model)
+    baked = len(companded(target))
+    bake(target, inplace=True)  # Ψ(v) → plain weights first, everywhere
     found = blocks(target)
     if not found:
-        warnings.warn(f"contract: {type(model).__name__} has no expanded blocks; returning "
-                      f"{'it' if inplace else 'an equivalent copy'} unchanged.", stacklevel=2)
+        what = f"baked its {baked} companded weights" if baked else "changed nothing"
+        warnings.warn(f"contract: {type(model).__name__} has no expanded blocks; {what} and "
+                      f"returned {'it' if inplace else 'an equivalent copy'}.", stacklevel=2)
         return target
     for block, paths in found.values():
         if len(paths) == 1 and paths[0] == "":

@@ -120,6 +120,6 @@ def test_single_layer_model_needs_a_wrapper():
 
 def test_contract_without_blocks_says_so():
     model = net()
-    with pytest.warns(UserWarning, match=r"no expanded blocks.*equivalent copy"):
+    with pytest.warns(UserWarning, match=r"no expanded blocks; changed nothing.*equivalent copy"):
         out = efx.contract(model)
     assert out is not model

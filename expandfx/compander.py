@@ -1,0 +1,316 @@
+"""Weight compander: train every conv/linear weight as ``w = Ψ(v) = a·f(v/b)``.
+
+``compand`` registers a :class:`Compander` parametrization (``torch.nn.utils.parametrize``)
+on the ``weight`` of every conv/linear layer — compact layers and every factor of
+expanded blocks — never on biases or normalization layers; the model keeps its class.
+``v`` starts at ``Ψ⁻¹(w)``, so the model computes exactly what it computed before.
+``bake`` turns ``Ψ(v)`` back into plain weights with the original ``state_dict`` keys.
+
+Example::
+
+    >>> import torch, expandfx as efx
+    >>> from expandfx.models import smallnet_3x3
+    >>> model = smallnet_3x3().eval()
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> same = efx.compand(model, psi="arctan", a=1.0, b=0.6, inplace=False)
+    >>> torch.allclose(same(x), model(x), atol=1e-6)
+    True
+    >>> groups, penalty = efx.decay_groups(same, weight_decay=5e-4)
+    >>> opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    >>> list(efx.bake(same).state_dict()) == list(model.state_dict())
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .block import LAYER_TYPES, base_type
+from .errors import ConfigError
+
+log = logging.getLogger("expandfx")
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Psi:
+    """A compander shape ``f`` with its inverse, derivative and bound ``sup |f|``.
+
+    ``Ψ(v) = a·f(v/b)``, ``Ψ⁻¹(w) = b·inverse(w/a)``, ``Ψ'(v) = (a/b)·derivative(v/b)``.
+    Pass one to ``compand(psi=...)`` for a custom shape (``f`` odd and increasing).
+    """
+
+    name: str
+    f: Fn
+    inverse: Fn
+    derivative: Fn
+    bound: float = math.inf
+
+
+PSIS = {
+    "arctan": Psi("arctan", torch.atan, torch.tan, lambda u: 1 / (1 + u * u), math.pi / 2),
+    "arsinh": Psi("arsinh", torch.asinh, torch.sinh, lambda u: torch.rsqrt(1 + u * u)),
+    "erf": Psi("erf", torch.erf, torch.erfinv,
+               lambda u: 2 / math.sqrt(math.pi) * torch.exp(-u * u), 1.0),
+}
+LEARNABLE = (None, "layer", "global")
+
+
+class Compander(nn.Module):
+    """The parametrization ``v ↦ a·f(v/b)``; ``a``, ``b`` are parameters when learnable."""
+
+    def __init__(self, psi: Psi, a: torch.Tensor, b: torch.Tensor, learnable: str | None) -> None:
+        super().__init__()
+        self.psi = psi
+        self.learnable = learnable
+        if learnable:
+            self.a, self.b = a, b  # nn.Parameter, possibly shared by every layer
+        else:
+            self.register_buffer("a", a)
+            self.register_buffer("b", b)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.a * self.psi.f(v / self.b)
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        limit = (self.a * self.psi.bound).item()
+        if w.abs().max().item() >= limit:
+            raise ValueError(f"compander: |w| reaches {w.abs().max().item():.4g}, outside the "
+                             f"range |w| < a·{self.psi.bound:.4g} = {limit:.4g} of Ψ; raise a.")
+        return self.b * self.psi.inverse(w / self.a)
+
+    def derivative(self, v: torch.Tensor) -> torch.Tensor:
+        """``dΨ/dv`` in closed form."""
+        return self.a / self.b * self.psi.derivative(v / self.b)
+
+    def extra_repr(self) -> str:
+        return (f"psi={self.psi.name}, a={self.a.item():.4g}, b={self.b.item():.4g}, "
+                f"learnable={self.learnable}")
+
+
+def compand(model: nn.Module, psi: str | Psi = "arctan", a: float = 1.0, b: float = 1.0,
+            learnable: str | None = None, include: str | Sequence[str] | None = None,
+            exclude: str | Sequence[str] | None = None, *, inplace: bool = True) -> nn.Module:
+    """Reparameterize every conv/linear ``weight`` of ``model`` as ``a·f(v/b)``.
+
+    Like ``torch.nn.utils.parametrize`` this modifies ``model`` (``inplace=False``
+    works on a copy) and returns it. ``learnable="layer"`` gives each layer its own
+    ``a``, ``b`` parameters (the paper's "fine" version), ``"global"`` one pair for
+    the whole network ("coarse"); ``None`` keeps them fixed.
+    """
+    shape = _psi(psi)
+    for name, value in (("a", a), ("b", b)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"compand: {name} must be a positive number, got {name}={value!r}"
+                              f" (the paper uses a, b in 0.5 … 1.0).")
+    if learnable not in LEARNABLE:
+        raise ConfigError(f"compand: learnable must be one of {LEARNABLE}, got {learnable!r}.")
+    target = model if inplace else copy.deepcopy(model)
+    layers = _select(target, include, exclude)
+    for path, layer in layers:
+        if parametrize.is_parametrized(layer, "weight"):
+            raise ConfigError(f"compand: '{path}' already has a parametrization on weight "
+                              f"({_describe(layer)}); compand a model once, or call "
+                              f"expandfx.bake(model) first.")
+        limit = a * shape.bound
+        peak = layer.weight.detach().abs().max().item()
+        if peak >= limit:
+            raise ConfigError(f"compand: '{path}' has |w| up to {peak:.4g}, outside Ψ's range "
+                              f"|w| < a·{shape.bound:.4g} = {limit:.4g} (psi={shape.name}, "
+                              f"a={a:g}): Ψ⁻¹(w) would be inf or NaN. Use a > "
+                              f"{peak / shape.bound:.4g}, or exclude this layer.")
+    shared = None
+    for _path, layer in layers:
+        ref = layer.weight
+        if learnable == "global":
+            shared = shared or _pair(a, b, ref, learnable)
+            pa, pb = shared
+        else:
+            pa, pb = _pair(a, b, ref, learnable)
+        parametrize.register_parametrization(layer, "weight", Compander(shape, pa, pb, learnable))
+    if not layers:
+        log.warning("compand: no conv/linear layer matched in %s", type(model).__name__)
+    log.info("compand:\n%s", summary(target))
+    return target
+
+
+def bake(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replace every ``Ψ(v)`` by its value as a plain ``weight`` (keys as before ``compand``)."""
+    target = model if inplace else copy.deepcopy(model)
+    for _, layer, _ in companded(target):
+        # parametrize edits the layer's (dynamically made) class, which a deepcopy shares
+        # with the model it was copied from: give this layer a class of its own first.
+        cls = type(layer)
+        layer.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        if "bias" in layer._parameters:  # restore the key order: weight, then bias
+            layer._parameters["bias"] = layer._parameters.pop("bias")
+    return target
+
+
+def companded(model: nn.Module) -> list[tuple[str, nn.Module, Compander]]:
+    """``(path, layer, compander)`` for every companded weight of ``model``."""
+    found = []
+    for path, layer in model.named_modules():
+        if parametrize.is_parametrized(layer, "weight"):
+            chain = layer.parametrizations["weight"]
+            if len(chain) == 1 and isinstance(chain[0], Compander):
+                found.append((path, layer, chain[0]))
+    return found
+
+
+def summary(model: nn.Module) -> str:
+    """A table of companded weights: path, Ψ, a, b, learnable."""
+    rows = [("weight", "psi", "a", "b", "learnable")]
+    rows += [(f"{path}.weight", c.psi.name, f"{c.a.item():.4g}", f"{c.b.item():.4g}",
+              str(c.learnable or "fixed")) for path, _, c in companded(model)]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def decay_groups(model: nn.Module, weight_decay: float
+                 ) -> tuple[list[dict[str, Any]], Callable[[], torch.Tensor]]:
+    """Optimizer parameter groups and a penalty that apply weight decay as the paper does.
+
+    - fixed ``a, b``: decay on ``w = Ψ(v)``, not on ``v``: ``v`` gets no optimizer decay and
+      ``penalty()`` returns ``weight_decay/2 · Σ‖Ψ(v)‖²`` to add to the loss (its gradient
+      is ``weight_decay · Ψ(v) · Ψ'(v)``, i.e. ordinary decay of ``w`` under the chain rule);
+    - learnable ``a, b``: decay on ``v`` (optimizer ``weight_decay``), never on ``a`` or ``b``;
+    - every other parameter (biases, norms, uncompanded layers): ordinary decay.
+
+    Works with any ``torch.optim`` optimizer: ``torch.optim.SGD(groups, lr=0.1)``.
+    """
+    fixed_v, learn_v, ab = [], [], []
+    fixed_companders = []
+    for _, layer, comp in companded(model):
+        original = layer.parametrizations["weight"].original
+        if comp.learnable:
+            learn_v.append(original)
+            ab += [comp.a, comp.b]
+        else:
+            fixed_v.append(original)
+            fixed_companders.append(layer)
+    special = {id(p) for p in fixed_v + learn_v + ab}
+    others = [p for p in model.parameters() if id(p) not in special]
+    groups = [{"params": others, "weight_decay": weight_decay},
+              {"params": fixed_v, "weight_decay": 0.0},
+              {"params": learn_v, "weight_decay": weight_decay},
+              {"params": _unique(ab), "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+
+    def penalty() -> torch.Tensor:
+        total = torch.zeros(())
+        for layer in fixed_companders:
+            total = total + layer.weight.pow(2).sum()
+        return 0.5 * weight_decay * total
+
+    return groups, penalty
+
+
+class ModifiedAdaptive:
+    """The paper's "modified adaptive optimizer" (after Powerpropagation), as a wrapper.
+
+    For every companded ``v`` the wrapped optimizer computes its step from the raw
+    gradient ``∂L/∂Ψ(v)`` (Adam's moments see ``∂L/∂w``), and the step is then scaled
+    by ``Ψ'(v)``; every other parameter is stepped as usual.
+
+    Example::
+
+        opt = ModifiedAdaptive(torch.optim.Adam(model.parameters(), lr=1e-3), model)
+        loss.backward()
+        opt.step()   # v.grad is turned into ∂L/∂w in place before the inner step
+        opt.zero_grad()
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        self.optimizer = optimizer
+        self.targets = [(layer.parametrizations["weight"].original, comp)
+                        for _, layer, comp in companded(model)]
+        if not self.targets:
+            raise ConfigError(f"ModifiedAdaptive: {type(model).__name__} has no companded "
+                              f"weights; call expandfx.compand(model) before building the "
+                              f"optimizer.")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> Any:
+        saved = []
+        for v, comp in self.targets:
+            if v.grad is None:
+                continue
+            slope = comp.derivative(v)
+            tiny = torch.finfo(slope.dtype).tiny
+            v.grad.div_(slope.clamp_min(tiny))  # ∂L/∂v = ∂L/∂w · Ψ'(v)  →  ∂L/∂w
+            saved.append((v, v.detach().clone(), slope))
+        result = self.optimizer.step(closure)
+        for v, before, slope in saved:
+            v.copy_(before + (v - before) * slope)
+        return result
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def _psi(psi: str | Psi) -> Psi:
+    if isinstance(psi, Psi):
+        return psi
+    if psi not in PSIS:
+        raise ConfigError(f"compand: unknown psi {psi!r}; use one of {sorted(PSIS)} or an "
+                          f"expandfx.Psi(name, f, inverse, derivative, bound).")
+    return PSIS[psi]
+
+
+def _select(model: nn.Module, include: Any, exclude: Any) -> list[tuple[str, nn.Module]]:
+    inc = [include] if isinstance(include, str) else include
+    exc = [exclude] if isinstance(exclude, str) else (exclude or [])
+    chosen = []
+    for path, layer in model.named_modules():
+        if not issubclass(base_type(layer), LAYER_TYPES):
+            continue
+        if inc is not None and not any(fnmatchcase(path, p) for p in inc):
+            continue
+        if any(fnmatchcase(path, p) for p in exc):
+            continue
+        chosen.append((path, layer))
+    return chosen
+
+
+def _pair(a: float, b: float, ref: torch.Tensor, learnable: str | None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    make = (lambda x: nn.Parameter(torch.tensor(float(x), dtype=ref.dtype, device=ref.device))
+            ) if learnable else (lambda x: torch.tensor(float(x), dtype=ref.dtype,
+                                                         device=ref.device))
+    return make(a), make(b)
+
+
+def _unique(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for p in params:
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _describe(layer: nn.Module) -> str:
+    chain = layer.parametrizations["weight"]
+    return ", ".join(type(p).__name__ for p in chain)
