@@ -47,6 +47,18 @@ def base_type(layer: nn.Module) -> type[nn.Module]:
     return parametrize.type_before_parametrizations(layer)
 
 
+def torch_layer_type(layer: nn.Module) -> type[nn.Module]:
+    """The torch class a (possibly subclassed) conv/linear layer derives from."""
+    return next(c for c in base_type(layer).__mro__ if c in LAYER_TYPES)
+
+
+# Hyperparameters an ExpandedBlock answers for its original layer (``block.in_features``).
+HYPERPARAMETERS = frozenset({
+    "in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+    "padding", "dilation", "groups", "padding_mode", "transposed", "output_padding",
+})
+
+
 def layer_signature(layer: nn.Module) -> tuple[Any, ...]:
     """Everything about a factor layer that its place in an exact chain depends on."""
     kind = base_type(layer)
@@ -83,6 +95,8 @@ class ExpandedBlock(nn.Module):
             first layer pads itself.
     """
 
+    __jit_unused_properties__ = ["original_type", "weight", "bias"]
+
     def __init__(self, original: nn.Module, layers: list[nn.Module], rule: str, r: float,
                  pre_pad: list[int] | None = None) -> None:
         super().__init__()
@@ -99,6 +113,24 @@ class ExpandedBlock(nn.Module):
     @property
     def original_type(self) -> type[nn.Module]:
         return type(self.template)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The chain's effective weight (differentiable): what ``contract`` will fold to."""
+        return self.weight_bias()[0]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The chain's effective bias (differentiable), or ``None``."""
+        return self.weight_bias()[1]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in HYPERPARAMETERS and hasattr(self.__dict__.get("template"), name):
+                return getattr(self.__dict__["template"], name)  # e.g. fc.in_features
+            raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_pad is not None:
@@ -149,9 +181,9 @@ class ExpandedBlock(nn.Module):
                 f"contract: block '{path}' folds to weight shape {tuple(weight.shape)}, "
                 f"expected {expected}; please report this as an expandfx bug."
             )
-        layer.weight = _like(weight, ref, layer.weight.requires_grad)
+        layer.weight = _like(weight, ref, any(f.weight.requires_grad for f in self.layers))
         if layer.bias is not None:
-            layer.bias = _like(bias, ref, layer.bias.requires_grad)
+            layer.bias = _like(bias, ref, any(f.bias.requires_grad for f in self.layers))
         layer.train(self.training)
         return layer
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .algebra import grouped, ungrouped
-from .block import explicit_padding
+from .block import explicit_padding, torch_layer_type
+from .errors import ConfigError
 
 
 def width(r: float, channels: int, groups: int = 1) -> int:
@@ -30,7 +31,7 @@ def conv_factor(original: nn.Module, in_ch: int, out_ch: int, kernel: tuple[int,
                 device: torch.device | str | None = None) -> nn.Module:
     """A plain conv of the original's dimensionality, groups, bias presence and dtype."""
     ref = original.weight
-    return type(original).__mro__[_base_index(original)](
+    return torch_layer_type(original)(
         in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation,
         groups=original.groups, bias=original.bias is not None, padding_mode=padding_mode,
         device=device or ref.device, dtype=ref.dtype,
@@ -66,16 +67,24 @@ def match_requires_grad(original: nn.Module, layers: list[nn.Module]) -> None:
 
 
 @torch.no_grad()
-def preserve_three(original: nn.Module, layers: list[nn.Module], groups: int = 1) -> None:
+def preserve_three(original: nn.Module, layers: list[nn.Module], groups: int = 1, *,
+                   path: str = "", r: float = 1.0) -> None:
     """Set a pointwise · middle · pointwise chain to compute exactly ``original``.
 
     With ``U`` (p×m, orthonormal columns) and ``V`` (q×n, orthonormal columns), per
     group: ``W1 = U``, ``W2[tap] = V W[tap] Uᵀ``, ``W3 = Vᵀ``, so that
     ``W3 W2 W1 = Vᵀ V W Uᵀ U = W``. Intermediate biases are zero and ``b3 = b``:
     no factor is all-zero (unless the original is). Needs ``p ≥ m`` and ``q ≥ n``
-    per group (r ≥ 1); the caller checks that.
+    per group (r ≥ 1).
     """
     first, middle, last = layers
+    (p, m), (n, q) = first.weight.shape[:2], last.weight.shape[:2]
+    if p < m * groups or q * groups < n:
+        raise ConfigError(
+            f"expand: init='preserve' cannot keep '{path}' exact with r={r:g}: the widths "
+            f"p={p}, q={q * groups} are smaller than the layer's m={m * groups}, n={n}. Use "
+            f"r >= 1 for this layer, or init='default'."
+        )
     w = grouped(original.weight.detach().double(), groups)  # [g, n_g, m_g, *k]
     g, n_g, m_g = w.shape[:3]
     p_g, q_g = first.weight.shape[0] // groups, last.weight.shape[1]
@@ -90,11 +99,3 @@ def preserve_three(original: nn.Module, layers: list[nn.Module], groups: int = 1
         first.bias.zero_()
         middle.bias.zero_()
         last.bias.copy_(original.bias)
-
-
-def _base_index(conv: nn.Module) -> int:
-    """Index in the MRO of the torch conv class (a subclass folds via its template)."""
-    for i, cls in enumerate(type(conv).__mro__):
-        if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-            return i
-    raise TypeError(f"not a convolution: {type(conv).__name__}")

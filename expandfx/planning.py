@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import rules
-from .block import LAYER_TYPES, ExpandedBlock, base_type
+from .block import LAYER_TYPES, ExpandedBlock, base_type, torch_layer_type
 from .counting import macs, param_count
 from .errors import ConfigError
 from .tracing import GraphView, inspect
@@ -108,7 +109,12 @@ class Plan:
 def plan(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
          include: Patterns = None, exclude: Patterns = None,
          example_inputs: Any = None) -> Plan:
-    """Decide, layer by layer, what ``expand`` would do; never changes ``model``."""
+    """Decide, layer by layer, what ``expand`` would do; never changes ``model``.
+
+    MACs are those of one call per layer on ``example_inputs`` (a layer called at
+    several sites costs that much per call).
+    """
+    r = check_r(r)
     rows, view = decide(model, rule, r, include=include, exclude=exclude)
     from .passes import PASSES  # late import: passes build on this package
 
@@ -142,6 +148,11 @@ def decide(model: nn.Module, rule: rules.RuleSpec, r: float, *, include: Pattern
     inside_block = {id(m): path for path, b in model.named_modules()
                     if isinstance(b, ExpandedBlock) for m in b.modules()}
     opaque = _opaque_children(model)
+    owners: dict[int, set[str]] = defaultdict(set)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners[id(param)].add(f"{name}.{pname}" if name else pname)
 
     rows = []
     for key, module in modules.items():
@@ -152,7 +163,8 @@ def decide(model: nn.Module, rule: rules.RuleSpec, r: float, *, include: Pattern
         row = LayerPlan(path=path, layer=describe(module), rule=None,
                         aliases=sorted(set(paths[key][1:])), module=module,
                         call_sites=view.call_sites[key] if view.traced else None)
-        row.reason = _skip_reason(path, module, view, inside_block, opaque, include, exclude)
+        row.reason = (_skip_reason(path, module, view, inside_block, opaque, include, exclude)
+                      or _tied(module, paths[key], owners))
         if row.reason is None:
             row.rule, row.reason = rules.pick(rule, path, module)
         if row.rule:
@@ -215,10 +227,15 @@ def input_shapes(model: nn.Module, example_inputs: Any,
     return shapes
 
 
-def check_r(r: Any) -> None:
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+def check_r(r: Any) -> float:
+    """``r`` as a float, or a ConfigError (numbers, numpy scalars and 0-d tensors accepted)."""
+    ok = not isinstance(r, (bool, str)) and (isinstance(r, numbers.Real) or (
+        isinstance(r, torch.Tensor) and r.numel() == 1 and r.is_floating_point()))
+    value = float(r) if ok else math.nan
+    if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"expand: r must be a positive number (the paper uses 0.25 to 8), "
                           f"got r={r!r}.")
+    return value
 
 
 def _skip_reason(path: str, module: nn.Module, view: GraphView, inside_block: dict[int, str],
@@ -226,12 +243,24 @@ def _skip_reason(path: str, module: nn.Module, view: GraphView, inside_block: di
                  ) -> str | None:
     if id(module) in inside_block:
         return f"already part of the expanded block '{inside_block[id(module)]}'"
-    base = next(c for c in type(module).__mro__ if c in LAYER_TYPES)
-    if type(module).forward is not base.forward:
-        reason = (f"{type(module).__name__} subclasses {base.__name__} with its own forward, "
-                  f"so it is not a plain {base.__name__}: left alone")
-        warnings.warn(f"expand: '{path}': {reason}. Expand it by hand or replace it with a "
-                      f"plain {base.__name__} if its forward is equivalent.", stacklevel=4)
+    base = torch_layer_type(module)
+    custom = _custom_methods(module, base)
+    extra = sorted(set(module._parameters) - {"weight", "bias"} | set(module._buffers))
+    hooked = any(getattr(module, h) for h in _HOOKS)
+    reason = None
+    if custom:
+        reason = (f"{type(module).__name__} subclasses {base.__name__} and overrides "
+                  f"{', '.join(custom)}, so it is not a plain {base.__name__}: left alone")
+        fix = f"Expand it by hand, or use a plain {base.__name__} if it computes the same"
+    elif extra:
+        reason = (f"{type(module).__name__} has tensors besides weight and bias "
+                  f"({', '.join(extra)}) that an expanded block would not carry: left alone")
+        fix = "Move those tensors to a parent module to expand this layer"
+    elif hooked:
+        reason = "has forward hooks, which an expanded block would silently drop: left alone"
+        fix = "Remove the hooks (handle.remove()) to expand it, and re-register them after"
+    if reason:
+        warnings.warn(f"expand: '{path}': {reason}. {fix}.", stacklevel=4)
         return reason
     if include is not None and not any(fnmatchcase(path, p) for p in include):
         return "not matched by include"
@@ -252,6 +281,13 @@ def _skip_reason(path: str, module: nn.Module, view: GraphView, inside_block: di
 
 
 def _reject_unusable(path: str, module: nn.Module) -> None:
+    if not isinstance(module._parameters.get("weight"), nn.Parameter) \
+            and not _is_parametrized_layer(module):
+        raise ConfigError(f"expand: '{path}' has no weight parameter of its own (its weight is "
+                          f"computed by a hook, as torch.nn.utils.prune and the old "
+                          f"torch.nn.utils.weight_norm do). Make it permanent first "
+                          f"(prune.remove(module, 'weight'), "
+                          f"torch.nn.utils.remove_weight_norm), then expand.")
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise ConfigError(f"expand: '{path}' ({type(module).__name__}) is a lazy module that has "
                           f"not been initialized. Run one forward pass with a real input first "
@@ -262,6 +298,35 @@ def _reject_unusable(path: str, module: nn.Module) -> None:
                           f"({type(module).__name__}). Expand the plain model first and "
                           f"parametrize (e.g. expandfx.compand) afterwards, or remove them with "
                           f"torch.nn.utils.parametrize.remove_parametrizations.")
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# Methods a subclass may override without changing what the layer computes.
+_HARMLESS = {"__init__", "extra_repr", "__repr__", "reset_parameters", "__setstate__",
+             "__getstate__", "_get_name"}
+
+
+def _custom_methods(module: nn.Module, base: type[nn.Module]) -> list[str]:
+    """Methods of the torch base class that the module's class (or a mixin) overrides."""
+    names = set()
+    for cls in type(module).__mro__:
+        if cls is base:
+            break
+        if cls is nn.Module or cls is object:
+            continue
+        names |= {n for n, v in vars(cls).items() if callable(v) and hasattr(base, n)}
+    return sorted(names - _HARMLESS)
+
+
+def _tied(module: nn.Module, paths: list[str], owners: dict[int, set[str]]) -> str | None:
+    own = {f"{p}.{n}" if p else n for p in paths for n in ("weight", "bias")}
+    for name in ("weight", "bias"):
+        param = module._parameters.get(name)
+        others = sorted(owners.get(id(param), set()) - own) if param is not None else []
+        if others:
+            return (f"its {name} is tied to {', '.join(others)}; expanding would untie them: "
+                    f"left alone")
+    return None
 
 
 def _is_parametrized_layer(module: nn.Module) -> bool:

@@ -16,7 +16,8 @@ from torch import nn
 from . import rules
 from .block import LAYER_TYPES, ExpandedBlock
 from .errors import ConfigError
-from .planning import INITS, Patterns, decide
+from .planning import INITS, Patterns, check_r, decide
+from .tracing import inspect
 
 log = logging.getLogger("expandfx")
 
@@ -48,16 +49,20 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
     """
     if init not in INITS:
         raise ConfigError(f"expand: init must be one of {INITS}, got {init!r}.")
-    from .passes import PASSES
     if isinstance(model, LAYER_TYPES):
         raise ConfigError(f"expand: the model is a single layer ({type(model).__name__}); expand "
                           f"cannot return the same class for it. Wrap it in a module, e.g. "
                           f"nn.Sequential(layer), or build an ExpandedBlock with "
                           f"expandfx.passes.expand_cl.build(layer, r).")
+    from .passes import PASSES
     from .planning import plan as make_plan
 
-    target = model if inplace else copy.deepcopy(model)
-    rows, view = decide(target, rule, r, include=include, exclude=exclude)
+    r = check_r(r)
+    summary = None
+    if log.isEnabledFor(logging.INFO):
+        summary = make_plan(model, rule, r, include=include, exclude=exclude,
+                            example_inputs=example_inputs)
+    rows, view = decide(model, rule, r, include=include, exclude=exclude)  # the given model
     if not view.traced:
         warnings.warn(
             f"expand: torch.fx could not trace {type(model).__name__} ({view.error}); its "
@@ -65,15 +70,42 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
             f"is called as a module (a layer whose weight is read directly, e.g. by "
             f"F.conv2d(x, self.conv.weight), would break), and the call-site counts of shared "
             f"layers. The expansion itself is exact.", stacklevel=2)
+    target = model if inplace else copy.deepcopy(model)
+    swapped = []
     for row in rows:
         if row.rule:
-            block = PASSES[row.rule].build(row.module, r, init, path=row.path)
-            replace(target, [row.path, *row.aliases], block)
-    if log.isEnabledFor(logging.INFO):
-        log.info("expand(rule=%r, r=%g):\n%s", rule, r,
-                 make_plan(model, rule, r, include=include, exclude=exclude,
-                           example_inputs=example_inputs))
+            layer = target.get_submodule(row.path)
+            block = PASSES[row.rule].build(layer, r, init, path=row.path)
+            paths = [row.path, *row.aliases]
+            replace(target, paths, block)
+            swapped.append((paths, layer, block, row.call_sites))
+    if view.traced:
+        _check_calls(target, swapped)
+    if summary is not None:
+        log.info("expand(rule=%r, r=%g):\n%s", rule, r, summary)
     return target
+
+
+def _check_calls(target: nn.Module, swapped: list) -> None:
+    """The recipe's check: every block is called where its layer was; else undo and raise.
+
+    Catches layers also referenced outside the module tree (a plain Python list, a
+    closure), whose old copy would keep running untrained while the block is ignored.
+    """
+    after = inspect(target)
+    wrong = [paths[0] for paths, _, block, sites in swapped
+             if not after.traced or after.call_sites[id(block)] != sites]
+    if not wrong:
+        return
+    for paths, layer, _, _ in swapped:  # leave an in-place model as it was
+        replace(target, paths, layer)
+    why = (f"FX can no longer trace the model ({after.error})" if not after.traced else
+           "their blocks are not called where the layers were")
+    raise ConfigError(
+        f"expand: after swapping in the expanded blocks, {why}: {wrong[:5]}. A layer is "
+        f"probably also used through a reference outside the module tree (a plain Python "
+        f"list or dict, a closure). Register such containers as nn.ModuleList/nn.ModuleDict, "
+        f"or exclude those layers.")
 
 
 def replace(root: nn.Module, paths: list[str], new: nn.Module) -> None:

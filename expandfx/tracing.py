@@ -22,17 +22,17 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .block import LAYER_TYPES
+from .block import LAYER_TYPES, ExpandedBlock
 
 _FUNCTIONAL = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d,
                F.conv_transpose2d, F.conv_transpose3d}
 
 
 class _LayerLeafTracer(fx.Tracer):
-    """Default FX leaves plus every conv/linear subclass (never traced into)."""
+    """Default FX leaves plus every conv/linear subclass and expanded block (not traced into)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LAYER_TYPES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (*LAYER_TYPES, ExpandedBlock)) or super().is_leaf_module(m, qualname)
 
 
 @dataclass

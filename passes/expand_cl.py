@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from expandfx.block import ExpandedBlock
-from expandfx.errors import ConfigError
 from expandfx.factors import conv_factor, first_padding, match_requires_grad, preserve_three, width
 
 
@@ -47,12 +46,6 @@ def build(conv: nn.Module, r: float, init: str = "default", *, path: str = "",
         conv_factor(conv, q, n, ones, device=device),
     ]
     if init == "preserve":
-        if p < m or q < n:
-            raise ConfigError(
-                f"expand: init='preserve' cannot keep '{path}' exact with r={r:g}: the widths "
-                f"p={p}, q={q} are smaller than the layer's m={m}, n={n}. Use r >= 1 for "
-                f"this layer, or init='default'."
-            )
-        preserve_three(conv, layers, g)
+        preserve_three(conv, layers, g, path=path, r=r)
     match_requires_grad(conv, layers)
     return ExpandedBlock(conv, layers, rule="CL", r=r, pre_pad=pre_pad)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from expandfx.block import ExpandedBlock
-from expandfx.errors import ConfigError
 from expandfx.factors import linear_factor, match_requires_grad, preserve_three, width
 
 
@@ -34,12 +33,6 @@ def build(linear: nn.Linear, r: float, init: str = "default", *, path: str = "",
               linear_factor(linear, p, q, device=device),
               linear_factor(linear, q, n, device=device)]
     if init == "preserve":
-        if p < m or q < n:
-            raise ConfigError(
-                f"expand: init='preserve' cannot keep '{path}' exact with r={r:g}: the widths "
-                f"p={p}, q={q} are smaller than the layer's m={m}, n={n}. Use r >= 1 for "
-                f"this layer, or init='default'."
-            )
-        preserve_three(linear, layers)
+        preserve_three(linear, layers, path=path, r=r)
     match_requires_grad(linear, layers)
     return ExpandedBlock(linear, layers, rule="FC", r=r)

@@ -218,3 +218,50 @@ def test_contracted_model_never_depends_on_the_expanded_one():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert small.features[0].weight.abs().sum() > 0
+
+
+def test_user_code_reading_layer_attributes_keeps_working():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.conv(x).mean((2, 3))
+            return self.fc(x.view(-1, self.fc.in_features))
+
+        def l2(self):
+            return self.conv.weight.pow(2).sum()
+
+    model = Net()
+    big = efx.expand(model, "CL+FC", r=2)
+    randomize(big)
+    x = torch.randn(2, 3, 6, 6)
+    assert big(x).shape == (2, 2) and big.conv.out_channels == 4
+    small = efx.contract(big)
+    torch.testing.assert_close(big.l2(), small.l2(), rtol=1e-5, atol=0)
+    big.l2().backward()  # the effective weight is differentiable w.r.t. every factor
+    assert all(layer.weight.grad is not None for layer in big.conv.layers)
+
+
+def test_r_accepts_numpy_and_tensor_scalars():
+    import numpy as np
+
+    for r in (np.float32(2.0), torch.tensor(2.0), 2):
+        big = efx.expand(smallnet_7x7(), "CL", r=r)
+        assert big.features[0].r == 2.0
+
+
+def test_inplace_expand_logs_the_plan_of_the_given_model(caplog):
+    with caplog.at_level("INFO", logger="expandfx"):
+        efx.expand(smallnet_7x7(), "CL", r=2, inplace=True)
+    assert "already part of" not in caplog.text and "5/5" not in caplog.text
+    assert "3/5" in caplog.text
+
+
+def test_contract_takes_requires_grad_from_the_trained_factors():
+    big = efx.expand(smallnet_7x7(), "CL", r=2)
+    big.requires_grad_(False)
+    small = efx.contract(big)
+    assert not any(p.requires_grad for p in small.parameters())
