@@ -9,7 +9,7 @@
     <All keys matched successfully>
 """
 
-from .block import ExpandedBlock
+from .block import ExpandedBlock, set_mode
 from .compander import Compander, ModifiedAdaptive, Psi, bake, compand, companded, decay_groups
 from .errors import ConfigError, ContractionError, ExpandFXError
 from .passes.contract import contract
@@ -18,5 +18,5 @@ from .surgery import expand
 
 __all__ = ["Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
            "LayerPlan", "ModifiedAdaptive", "Plan", "Psi", "bake", "compand", "companded",
-           "contract", "decay_groups", "expand", "plan"]
+           "contract", "decay_groups", "expand", "plan", "set_mode"]
 __version__ = "0.1.0"

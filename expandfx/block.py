@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .algebra import WeightBias, compose_chain
-from .errors import ContractionError
+from .errors import ConfigError, ContractionError
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LAYER_TYPES: tuple[type[nn.Module], ...] = (*CONV_TYPES, nn.Linear)
@@ -71,6 +71,32 @@ def layer_signature(layer: nn.Module) -> tuple[Any, ...]:
     return (kind,)
 
 
+MODES = ("auto", "collapsed", "sequential")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ConfigError(f"execution mode must be one of {MODES}, got {mode!r}.")
+    return mode
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every expanded block of ``model`` to ``mode`` (in place); returns ``model``.
+
+    >>> import expandfx as efx
+    >>> from expandfx.models import smallnet_7x7
+    >>> big = efx.set_mode(efx.expand(smallnet_7x7(), "CL", r=2), "collapsed")
+    >>> big.features[0].mode
+    'collapsed'
+    """
+    check_mode(mode)
+    for module in model.modules():
+        if isinstance(module, ExpandedBlock):
+            module.mode = mode
+            module._auto.clear()
+    return model
+
+
 def explicit_padding(conv: nn.Module) -> list[int]:
     """The padding a conv applies, in ``F.pad`` order (last dim first, left/right).
 
@@ -93,13 +119,20 @@ class ExpandedBlock(nn.Module):
         pre_pad: padding in ``F.pad`` order applied before the first layer, for
             paddings a conv cannot express (asymmetric ``"same"``); ``None`` if the
             first layer pads itself.
+        mode: ``"sequential"`` runs the layers one after another (as in the paper);
+            ``"collapsed"`` composes the factors into one weight (differentiably, in the
+            working dtype) and runs the original layer's op once — same function, same
+            gradients for every factor, the compact layer's activations; ``"auto"``
+            picks the cheaper per input shape.
     """
 
     __jit_unused_properties__ = ["original_type", "weight", "bias"]
 
     def __init__(self, original: nn.Module, layers: list[nn.Module], rule: str, r: float,
-                 pre_pad: list[int] | None = None) -> None:
+                 pre_pad: list[int] | None = None, mode: str = "auto") -> None:
         super().__init__()
+        self.mode = check_mode(mode)
+        self._auto: dict[tuple[int, ...], str] = {}
         self.layers = nn.ModuleList(layers)
         self.rule = rule
         self.r = float(r)
@@ -133,11 +166,44 @@ class ExpandedBlock(nn.Module):
             raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resolve_mode(x.shape) == "collapsed":
+            weight, bias = self.folded()
+            if isinstance(self.template, nn.Linear):
+                return F.linear(x, weight, bias)
+            return self.template._conv_forward(x, weight, bias)  # the original layer's op
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad, mode=self.pad_mode)
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def resolve_mode(self, shape: torch.Size) -> str:
+        """``"sequential"`` or ``"collapsed"`` for an input of this shape (``auto`` decides once
+        per shape, by the cost estimate of :mod:`expandfx.costs`)."""
+        if self.mode != "auto":
+            return self.mode
+        key = tuple(shape)
+        if key not in self._auto:
+            from .costs import cheaper_mode
+
+            self._auto[key] = cheaper_mode(self, key)
+        return self._auto[key]
+
+    def folded(self) -> WeightBias:
+        """:meth:`weight_bias` in the working dtype; cached in eval mode under ``no_grad``.
+
+        The cache key holds the identity and version counter of every parameter and
+        buffer of the block, so an optimizer step, ``load_state_dict`` or any in-place
+        edit invalidates it.
+        """
+        if self.training or torch.is_grad_enabled():
+            return self.weight_bias()
+        key = tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != key:
+            cached = (key, self.weight_bias())
+            self.__dict__["_folded"] = cached
+        return cached[1]
 
     def check(self, path: str = "") -> None:
         """Raise :class:`ContractionError` unless the chain is still exactly foldable."""

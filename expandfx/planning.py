@@ -126,6 +126,7 @@ def plan(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
             row.macs_before = row.macs_after = macs(row.module, shape)
         if row.rule:
             meta_block = PASSES[row.rule].build(row.module, r, path=row.path, device="meta")
+            meta_block.mode = "sequential"  # count what the expansion costs, factor by factor
             row.params_after = param_count(meta_block)
             if shape is not None:
                 row.macs_after = macs(meta_block, shape)

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from . import rules
-from .block import LAYER_TYPES, ExpandedBlock
+from .block import LAYER_TYPES, ExpandedBlock, check_mode
 from .errors import ConfigError
 from .planning import INITS, Patterns, check_r, decide
 from .tracing import inspect
@@ -24,7 +24,7 @@ log = logging.getLogger("expandfx")
 
 def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
            include: Patterns = None, exclude: Patterns = None, example_inputs: Any = None,
-           init: str = "default", inplace: bool = False) -> nn.Module:
+           init: str = "default", mode: str = "auto", inplace: bool = False) -> nn.Module:
     """Over-parameterize ``model``: each conv/linear layer becomes a linear chain.
 
     Args:
@@ -37,6 +37,11 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
         example_inputs: optional positional inputs of ``forward``, for MACs in the log.
         init: ``"default"`` (PyTorch's init, the paper's setting) or ``"preserve"``
             (the expanded model computes exactly what ``model`` computes; CL and FC).
+        mode: how blocks run while training: ``"auto"`` (default: per block and input
+            shape, whichever of the two below costs fewer MACs), ``"collapsed"`` (compose
+            the factors, run one layer: the compact layer's cost, same gradients) or
+            ``"sequential"`` (the layers one after another, as in the paper).
+            ``expandfx.set_mode`` switches later.
         inplace: modify ``model`` itself.
 
     Example::
@@ -58,6 +63,7 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
     from .planning import plan as make_plan
 
     r = check_r(r)
+    check_mode(mode)
     summary = None
     if log.isEnabledFor(logging.INFO):
         summary = make_plan(model, rule, r, include=include, exclude=exclude,
@@ -76,6 +82,7 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
         if row.rule:
             layer = target.get_submodule(row.path)
             block = PASSES[row.rule].build(layer, r, init, path=row.path)
+            block.mode = mode
             paths = [row.path, *row.aliases]
             replace(target, paths, block)
             swapped.append((paths, layer, block, row.call_sites))

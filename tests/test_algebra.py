@@ -13,20 +13,22 @@ CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("dilation", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
-def test_chain_of_convs_is_one_conv(dims, groups, dilation, bias):
+@pytest.mark.parametrize("sizes", [(3, 1, 2), (1, 3, 2), (1, 2, 1), (2, 2, 1)])
+def test_chain_of_convs_is_one_conv(dims, groups, dilation, bias, sizes):
     torch.manual_seed(dims * 10 + groups)
     conv = CONV[dims]
-    ks = [(3,) * dims, (1,) * dims, (2,) * dims]
+    ks = [(k,) * dims for k in sizes]
+    total = sum(sizes) - 2
     widths = [4, 6, 8, 2]
     layers = [conv(widths[i], widths[i + 1], ks[i], dilation=dilation, groups=groups,
                    bias=bias).double() for i in range(3)]
     weight, b = compose_chain([(lay.weight, lay.bias) for lay in layers], groups)
-    assert weight.shape == (2, 4 // groups, *(4,) * dims)
+    assert weight.shape == (2, 4 // groups, *(total,) * dims)
     x = torch.randn(2, 4, *(9,) * dims, dtype=torch.float64)
     y = x
     for layer in layers:
         y = layer(y)
-    one = conv(4, 2, 4, dilation=dilation, groups=groups, bias=bias).double()
+    one = conv(4, 2, total, dilation=dilation, groups=groups, bias=bias).double()
     with torch.no_grad():
         one.weight.copy_(weight)
         if bias:
