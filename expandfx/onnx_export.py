@@ -1,0 +1,303 @@
+"""``export_onnx``: the deployable compact model as one ONNX file, checked and verified.
+
+Recipe: contract and bake a copy if the model holds expanded blocks or companded
+weights (the caller's model is never changed); export with the current (dynamo)
+exporter into a single self-contained file; ``onnx.checker`` with the full check;
+run onnxruntime (CPU) with graph optimizations disabled *and* fully enabled on
+several inputs (another batch size too, when the batch is dynamic) against the
+torch model in eval mode; compare the graph with the original compact
+architecture exported the same way. Any mismatch raises :class:`VerificationError`
+carrying the report.
+
+Example::
+
+    >>> import torch, tempfile, os, expandfx as efx
+    >>> from expandfx.models import smallnet_3x3
+    >>> big = efx.expand(smallnet_3x3(), "CL", r=2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "small.onnx")
+    >>> report = efx.export_onnx(big, (torch.randn(2, 3, 32, 32),), path)
+    >>> report.passed, report.structure_matches
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compander import bake, companded
+from .errors import ConfigError, ExpandFXError
+from .surgery import blocks, replace
+
+log = logging.getLogger("expandfx")
+
+# DESIGN.md §4 for float32; torch.testing's defaults for the other dtypes.
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-7),
+              torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
+LEVELS = ("disabled", "all")
+_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with headroom
+
+
+class VerificationError(ExpandFXError, AssertionError):
+    """The exported model disagrees with torch (or with the compact architecture)."""
+
+    def __init__(self, message: str, report: ExportReport) -> None:
+        super().__init__(f"{message}\n{report}")
+        self.report = report
+
+
+@dataclass
+class ExportReport:
+    """What was exported, and how closely onnxruntime agrees with torch."""
+
+    path: str
+    opset: int | None = None
+    transformed: list[str] = field(default_factory=list)
+    inputs: list[tuple[str, list[Any]]] = field(default_factory=list)
+    outputs: list[tuple[str, list[Any]]] = field(default_factory=list)
+    op_histogram: dict[str, int] = field(default_factory=dict)
+    parameter_count: int = 0
+    reference_op_histogram: dict[str, int] | None = None
+    reference_parameter_count: int | None = None
+    rtol: float = 0.0
+    atol: float = 0.0
+    errors: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    verified: bool = False
+
+    @property
+    def structure_matches(self) -> bool | None:
+        if self.reference_op_histogram is None:
+            return None
+        return (self.op_histogram == self.reference_op_histogram
+                and self.parameter_count == self.reference_parameter_count)
+
+    @property
+    def numerics_pass(self) -> bool:
+        return all(e["passed"] for level in self.errors.values() for e in level.values())
+
+    @property
+    def passed(self) -> bool:
+        return self.verified and self.numerics_pass and self.structure_matches is not False
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.update(passed=self.passed, structure_matches=self.structure_matches)
+        return json.dumps(data, indent=1)
+
+    def __str__(self) -> str:
+        lines = [f"ONNX export: {self.path} (opset {self.opset})"]
+        lines += [f"  {t}" for t in self.transformed]
+        lines.append("  inputs:  " + ", ".join(f"{n} {s}" for n, s in self.inputs))
+        lines.append("  outputs: " + ", ".join(f"{n} {s}" for n, s in self.outputs))
+        ops = ", ".join(f"{k}×{v}" for k, v in sorted(self.op_histogram.items()))
+        lines.append(f"  ops: {ops}")
+        lines.append(f"  initializer parameters: {self.parameter_count:,}")
+        if self.reference_op_histogram is not None:
+            verdict = "matches" if self.structure_matches else "DIFFERS FROM"
+            lines.append(f"  structure {verdict} the compact architecture "
+                         f"({self.reference_parameter_count:,} parameters)")
+        for level, outputs in self.errors.items():
+            for name, e in outputs.items():
+                lines.append(f"  onnxruntime [{level:8}] {name}: max abs {e['max_abs']:.2e}, "
+                             f"max rel {e['max_rel']:.2e} "
+                             f"({'ok' if e['passed'] else 'FAIL'} at rtol={self.rtol:g}, "
+                             f"atol={self.atol:g})")
+        lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        lines.append(f"  verdict: {'PASS' if self.passed else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
+                dynamic_batch: bool = True, verify: bool = True, rtol: float | None = None,
+                atol: float | None = None, opset: int | None = None,
+                reference: nn.Module | None = None, n_random: int = 3) -> ExportReport:
+    """Export the deployable form of ``model`` to ``path`` and verify it in onnxruntime.
+
+    ``reference`` is the original compact architecture for the structural check; by
+    default it is rebuilt from the expanded blocks' original layers. Returns an
+    :class:`ExportReport`; raises :class:`VerificationError` on any mismatch.
+    """
+    inputs = _as_inputs(example_inputs)
+    report = ExportReport(path=os.fspath(path))
+    deploy, report.transformed = deployable(model)
+    deploy.eval()
+    dtype = next((p.dtype for p in deploy.parameters()), torch.float32)
+    default_rtol, default_atol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    report.rtol = default_rtol if rtol is None else rtol
+    report.atol = default_atol if atol is None else atol
+
+    t0 = time.perf_counter()
+    _export(deploy, inputs, report.path, dynamic_batch, opset)
+    report.timings["export"] = time.perf_counter() - t0
+    import onnx
+
+    t0 = time.perf_counter()
+    onnx.checker.check_model(report.path, full_check=True)
+    proto = onnx.load(report.path)
+    report.timings["check"] = time.perf_counter() - t0
+    report.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                        None)
+    report.inputs = [(i.name, _dims(i)) for i in proto.graph.input]
+    report.outputs = [(o.name, _dims(o)) for o in proto.graph.output]
+    report.op_histogram, report.parameter_count = graph_summary(proto)
+
+    if reference is None and report.transformed and blocks(model):
+        reference = compact_architecture(model)
+    if reference is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ref_path = os.path.join(tmp, "reference.onnx")
+            ref, _ = deployable(reference)
+            _export(ref.eval(), inputs, ref_path, dynamic_batch, opset)
+            report.reference_op_histogram, report.reference_parameter_count = graph_summary(
+                onnx.load(ref_path))
+    if verify:
+        t0 = time.perf_counter()
+        _verify(deploy, inputs, report, dynamic_batch, n_random)
+        report.timings["verify"] = time.perf_counter() - t0
+        report.verified = True
+        if not report.passed:
+            what = ("onnxruntime disagrees with torch" if not report.numerics_pass else
+                    "the exported graph differs from the compact architecture")
+            raise VerificationError(f"export_onnx: {what}.", report)
+    log.info("%s", report)
+    return report
+
+
+def deployable(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` with Ψ baked and every expanded block contracted."""
+    from .passes.contract import contract
+
+    n_blocks, n_comp = len(blocks(model)), len(companded(model))
+    done = []
+    if n_blocks:
+        out = contract(model)  # copies, bakes, folds
+        done.append(f"contracted {n_blocks} expanded block(s) into their original layers")
+        if n_comp:
+            done.append(f"baked {n_comp} companded weight(s)")
+    elif n_comp:
+        out = bake(model)
+        done.append(f"baked {n_comp} companded weight(s)")
+    else:
+        out = copy.deepcopy(model)
+    for line in done:
+        log.info("export_onnx: %s (on a copy)", line)
+    return out, done
+
+
+def compact_architecture(model: nn.Module) -> nn.Module:
+    """The original compact model rebuilt from the blocks' original layers (fresh weights)."""
+    arch = bake(model)
+    for block, paths in blocks(arch).values():
+        layer = copy.deepcopy(block.template)
+        layer.to_empty(device=block.layers[0].weight.device)
+        layer.to(block.layers[0].weight.dtype)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_()
+        replace(arch, paths, layer)
+    return arch
+
+
+def graph_summary(proto: Any) -> tuple[dict[str, int], int]:
+    """(operator histogram, number of initializer elements) of an ONNX model."""
+    import onnx
+
+    ops = Counter(node.op_type for node in proto.graph.node)
+    for fn in proto.functions:
+        ops.update(node.op_type for node in fn.node)
+    params = sum(int(onnx.numpy_helper.to_array(t).size) for t in proto.graph.initializer)
+    return dict(sorted(ops.items())), params
+
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str,
+            dynamic_batch: bool, opset: int | None) -> None:
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
+    shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        shapes = tuple({0: batch} if x.dim() > 0 else None for x in inputs)
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(quiet), torch.no_grad():
+            torch.onnx.export(model, inputs, path, dynamo=True, external_data=big,
+                              dynamic_shapes=shapes, opset_version=opset, verbose=False)
+    except Exception as exc:
+        raise ConfigError(f"export_onnx: torch.onnx.export failed for {type(model).__name__}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Check that the "
+                          f"model exports in eval mode with these inputs (try "
+                          f"dynamic_batch=False for a model with a fixed batch).") from exc
+
+
+def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,
+            dynamic_batch: bool, n_random: int) -> None:
+    import onnxruntime as ort
+
+    gen = torch.Generator().manual_seed(0)
+    trials = [inputs] + [tuple(_like(x, gen) for x in inputs) for _ in range(n_random)]
+    if dynamic_batch:
+        other = max(1, inputs[0].shape[0] + 3) if inputs[0].dim() else 1
+        trials.append(tuple(_like(x, gen, batch=other) for x in inputs))
+    names = [n for n, _ in report.inputs]
+    out_names = [n for n, _ in report.outputs]
+    expected = []
+    with torch.no_grad():
+        for trial in trials:
+            out = model(*trial)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            expected.append([o.detach().cpu().float().numpy() for o in outs])
+    levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    for level, flag in levels.items():
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = flag
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(report.path, opts, providers=["CPUExecutionProvider"])
+        stats: dict[str, dict[str, float]] = {}
+        for trial, want in zip(trials, expected, strict=True):
+            feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, trial, strict=True)}
+            got = session.run(None, feeds)
+            for name, g, w in zip(out_names, got, want, strict=True):
+                s = stats.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0, "passed": True})
+                diff = abs(g.astype("float64") - w.astype("float64"))
+                s["max_abs"] = max(s["max_abs"], float(diff.max(initial=0.0)))
+                s["max_rel"] = max(s["max_rel"],
+                                   float(diff.max(initial=0.0) / max(abs(w).max(initial=0.0),
+                                                                     1e-30)))
+                ok = (diff <= report.atol + report.rtol * abs(w)).all() and g.shape == w.shape
+                s["passed"] = bool(s["passed"] and ok)
+        report.errors[level] = stats
+
+
+def _like(x: torch.Tensor, gen: torch.Generator, batch: int | None = None) -> torch.Tensor:
+    shape = (batch, *x.shape[1:]) if batch is not None else x.shape
+    if x.is_floating_point():
+        std = x.float().std().item() if x.numel() > 1 else 1.0
+        return (torch.randn(shape, generator=gen) * (std or 1.0) + x.float().mean()).to(x.dtype)
+    low, high = int(x.min()), int(x.max()) + 1
+    return torch.randint(low, max(high, low + 1), shape, generator=gen, dtype=x.dtype)
+
+
+def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    bad = [type(x).__name__ for x in inputs if not isinstance(x, torch.Tensor)]
+    if bad or not inputs:
+        raise ConfigError(f"export_onnx: example_inputs must be a tensor or a tuple of tensors "
+                          f"(the positional arguments of forward); got {bad or 'nothing'}.")
+    return inputs
+
+
+def _dims(value: Any) -> list[Any]:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
