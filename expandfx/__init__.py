@@ -12,11 +12,15 @@
 from .block import ExpandedBlock, set_mode
 from .compander import Compander, ModifiedAdaptive, Psi, bake, compand, companded, decay_groups
 from .errors import ConfigError, ContractionError, ExpandFXError
+from .onnx_export import ExportReport, VerificationError, export_onnx
 from .passes.contract import contract
 from .planning import LayerPlan, Plan, plan
 from .surgery import expand
 
-__all__ = ["Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
-           "LayerPlan", "ModifiedAdaptive", "Plan", "Psi", "bake", "compand", "companded",
-           "contract", "decay_groups", "expand", "plan", "set_mode"]
+__all__ = [
+    "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
+    "ExportReport", "LayerPlan", "ModifiedAdaptive", "Plan", "Psi", "VerificationError", "bake",
+    "compand", "companded", "contract", "decay_groups", "expand", "export_onnx", "plan",
+    "set_mode",
+]
 __version__ = "0.1.0"

@@ -89,6 +89,15 @@ class Compander(nn.Module):
                              f"range |w| < a·{self.psi.bound:.4g} = {limit:.4g} of Ψ; raise a.")
         return self.b * self.psi.inverse(w / self.a)
 
+    def get_extra_state(self) -> dict[str, str]:
+        return {"psi": self.psi.name}
+
+    def set_extra_state(self, state: dict[str, str]) -> None:
+        if state.get("psi") != self.psi.name:
+            raise ConfigError(f"compander: the checkpoint was companded with psi="
+                              f"{state.get('psi')!r} but this model uses psi={self.psi.name!r}; "
+                              f"compand with the same psi before loading.")
+
     def derivative(self, v: torch.Tensor) -> torch.Tensor:
         """``dΨ/dv`` in closed form."""
         return self.a / self.b * self.psi.derivative(v / self.b)

@@ -1,0 +1,239 @@
+"""The ``expandfx`` command line: try expandfx on a model without writing code.
+
+    expandfx demo                                   # the main job (see README)
+    expandfx plan smallnet_7x7 --rule CK+FC --r 4 --input 1,3,32,32
+    expandfx check tiny_resnet --rule CL --r 2 --input 2,3,32,32
+    expandfx export smallnet_7x7 --weights big.pt --rule CL --r 4 --input 1,3,32,32 --out m.onnx
+
+MODEL is an in-repo model name (``expandfx models``) or ``package.module:factory``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ExpandFXError
+
+EPILOG = """\
+MODEL: an in-repo model ({models}) or 'package.module:factory' (a zero-argument callable
+returning an nn.Module). RULE: CL, CK, FC, CL+FC or CK+FC. Exit codes: 0 ok, 1 a check
+failed, 2 bad input."""
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def load_model(spec: str) -> nn.Module:
+    """An in-repo model by name, or ``package.module:factory``."""
+    from .models import MODELS
+
+    if ":" not in spec:
+        if spec not in MODELS:
+            raise CLIError(f"unknown model {spec!r}: use one of {', '.join(MODELS)} or "
+                           f"'package.module:factory'")
+        return MODELS[spec]()
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise CLIError(f"cannot load {spec!r}: {exc}") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise CLIError(f"bad --input {text!r}: give positive integers separated by commas, "
+                       f"e.g. 1,3,32,32")
+    return shape
+
+
+def default_input(name: str, given: str | None) -> tuple[int, ...]:
+    from .models import EXAMPLE_SHAPES
+
+    if given:
+        return parse_shape(given)
+    if name in EXAMPLE_SHAPES:
+        return EXAMPLE_SHAPES[name]
+    raise CLIError(f"--input is required for {name!r} (e.g. --input 1,3,32,32)")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import expandfx as efx
+
+    model = load_model(args.model)
+    x = torch.randn(default_input(args.model, args.input))
+    print(efx.plan(model, args.rule, args.r, example_inputs=(x,)))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import expandfx as efx
+
+    model = load_model(args.model).eval()
+    x = torch.randn(default_input(args.model, args.input))
+    big = efx.expand(model, args.rule, args.r, mode=args.mode).eval()
+    n_blocks = sum(isinstance(m, efx.ExpandedBlock) for m in big.modules())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # randomize the factors: a check on trained-like weights
+        for block in (m for m in big.modules() if isinstance(m, efx.ExpandedBlock)):
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                        / max(1.0, p[0].numel() ** 0.5 if p.dim() > 1 else 10.0))
+    small = efx.contract(big) if n_blocks else big
+    with torch.no_grad():
+        ref, out = big(x), small(x)
+    err = ((ref - out).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    same_keys = list(small.state_dict()) == list(model.state_dict())
+    print(f"{args.model}: {n_blocks} layer(s) expanded with {args.rule}, r={args.r:g}")
+    print(f"contract(big) vs big: max |diff| / max |out| = {err:.2e} (limit 1e-5)")
+    print(f"state_dict keys identical to the original: {same_keys}")
+    out_path = Path(args.out or f"{args.model.replace(':', '_').replace('.', '_')}.onnx")
+    ok = err <= 1e-5 and same_keys
+    try:
+        report = efx.export_onnx(big, (x,), out_path)
+        print(report)
+    except efx.VerificationError as exc:
+        print(exc.report)
+        ok = False
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import expandfx as efx
+
+    model = load_model(args.model)
+    path = Path(args.weights)
+    if not path.is_file():
+        raise CLIError(f"checkpoint {str(path)!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CLIError(f"cannot read checkpoint {str(path)!r} with weights_only=True: "
+                       f"{str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CLIError(f"{str(path)!r} holds {type(state).__name__}, not a state_dict")
+    expanded = any(".layers.0.weight" in k for k in state)
+    companded = any(".parametrizations.weight.original" in k for k in state)
+    if expanded:
+        if args.rule is None or args.r is None:
+            raise CLIError(f"{str(path)!r} is a checkpoint of an expanded model: pass the rule "
+                           f"and r it was expanded with (--rule ... --r ...)")
+        model = efx.expand(model, args.rule, args.r)
+    if companded:
+        efx.compand(model, psi=args.psi)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
+        raise CLIError(f"checkpoint does not fit {args.model}: {' '.join(lines[:3])[:400]}"
+                       ) from None
+    x = torch.randn(default_input(args.model, args.input))
+    try:
+        report = efx.export_onnx(model, (x,), args.out)
+    except efx.VerificationError as exc:
+        print(exc.report)
+        print("FAIL")
+        return 1
+    print(report)
+    if args.report:
+        Path(args.report).write_text(report.to_json())
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import EXAMPLE_SHAPES, MODELS
+
+    for name in MODELS:
+        print(f"{name:24} input {','.join(map(str, EXAMPLE_SHAPES[name]))}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=Path(args.out), rule=args.rule, r=args.r, epochs=args.epochs,
+                    seeds=args.seeds, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="expandfx", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train compact networks over-parameterized (ExpandNets), then fold them "
+                    "back exactly and export a verified ONNX file.",
+        epilog=EPILOG.format(models=", ".join(MODELS)))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train compact vs expanded on real data, contract, export")
+    d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    d.add_argument("--rule", default="CK", help="expansion rule (default: CK)")
+    d.add_argument("--r", type=float, default=4.0, help="expansion rate (default: 4)")
+    d.add_argument("--epochs", type=int, default=40, help="epochs per run (default: 40)")
+    d.add_argument("--seeds", type=int, default=3, help="training seeds (default: 3)")
+    d.add_argument("--quick", action="store_true", help="a few epochs, one seed (for tests)")
+    d.set_defaults(func=cmd_demo)
+
+    def common(p: argparse.ArgumentParser, rule_default: str | None = "CL",
+               r_default: float | None = 4.0) -> None:
+        p.add_argument("model", metavar="MODEL", help="model name or package.module:factory")
+        p.add_argument("--rule", default=rule_default, help=f"rule (default: {rule_default})")
+        p.add_argument("--r", type=float, default=r_default,
+                       help=f"expansion rate (default: {r_default})")
+        p.add_argument("--input", help="input shape, e.g. 1,3,32,32 (in-repo models: known)")
+
+    p = sub.add_parser("plan", help="the per-layer expansion plan")
+    common(p)
+    p.set_defaults(func=cmd_plan)
+
+    c = sub.add_parser("check", help="expand, randomize, contract, export, verify: pass/fail")
+    common(c)
+    c.add_argument("--mode", default="auto", choices=["auto", "collapsed", "sequential"])
+    c.add_argument("--out", help="ONNX file to write (default: MODEL.onnx)")
+    c.set_defaults(func=cmd_check)
+
+    e = sub.add_parser("export", help="contract/bake/export/verify a trained checkpoint")
+    common(e, rule_default=None, r_default=None)
+    e.add_argument("--weights", required=True, help="state_dict file (torch.save)")
+    e.add_argument("--out", required=True, help="ONNX file to write")
+    e.add_argument("--psi", default="arctan", help="compander Ψ of a companded checkpoint")
+    e.add_argument("--report", help="also write the JSON report here")
+    e.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("models", help="list the in-repo models")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ExpandFXError) as exc:
+        print(f"expandfx: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main() -> Any:  # console-script entry point
+    raise SystemExit(main())
