@@ -12,7 +12,7 @@
 from .block import ExpandedBlock, set_mode
 from .compander import Compander, ModifiedAdaptive, Psi, bake, compand, companded, decay_groups
 from .errors import ConfigError, ContractionError, ExpandFXError
-from .onnx_export import ExportReport, VerificationError, export_onnx
+from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
 from .passes.contract import contract
 from .planning import LayerPlan, Plan, plan
 from .surgery import expand
@@ -21,6 +21,6 @@ __all__ = [
     "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
     "ExportReport", "LayerPlan", "ModifiedAdaptive", "Plan", "Psi", "VerificationError", "bake",
     "compand", "companded", "contract", "decay_groups", "expand", "export_onnx", "plan",
-    "set_mode",
+    "set_mode", "verify_onnx",
 ]
 __version__ = "0.1.0"

@@ -290,4 +290,4 @@ def parameter_free_copy(layer: nn.Module) -> nn.Module:
 
 
 def _like(value: torch.Tensor, ref: torch.Tensor, requires_grad: bool) -> nn.Parameter:
-    return nn.Parameter(value.to(dtype=ref.dtype, device=ref.device), requires_grad)
+    return nn.Parameter(value.to(dtype=ref.dtype, device=ref.device).contiguous(), requires_grad)

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rule", default="CK", help="expansion rule (default: CK)")
     d.add_argument("--r", type=float, default=4.0, help="expansion rate (default: 4)")
     d.add_argument("--epochs", type=int, default=40, help="epochs per run (default: 40)")
-    d.add_argument("--seeds", type=int, default=3, help="training seeds (default: 3)")
+    d.add_argument("--seeds", type=int, default=5, help="training seeds (default: 5)")
     d.add_argument("--quick", action="store_true", help="a few epochs, one seed (for tests)")
     d.set_defaults(func=cmd_demo)
 

@@ -65,7 +65,7 @@ def train(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: i
     return curve
 
 
-def run_demo(out: Path, rule: str = "CK", r: float = 4.0, epochs: int = 40, seeds: int = 3,
+def run_demo(out: Path, rule: str = "CK", r: float = 4.0, epochs: int = 40, seeds: int = 5,
              quick: bool = False) -> int:
     if quick:
         epochs, seeds = min(epochs, 3), 1

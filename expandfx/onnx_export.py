@@ -30,6 +30,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -164,16 +165,44 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             report.reference_op_histogram, report.reference_parameter_count = graph_summary(
                 onnx.load(ref_path))
     if verify:
-        t0 = time.perf_counter()
-        _verify(deploy, inputs, report, dynamic_batch, n_random)
-        report.timings["verify"] = time.perf_counter() - t0
-        report.verified = True
-        if not report.passed:
-            what = ("onnxruntime disagrees with torch" if not report.numerics_pass else
-                    "the exported graph differs from the compact architecture")
-            raise VerificationError(f"export_onnx: {what}.", report)
+        check_report(deploy, inputs, report, dynamic_batch, n_random)
     log.info("%s", report)
     return report
+
+
+def verify_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
+                dynamic_batch: bool = True, rtol: float | None = None,
+                atol: float | None = None, n_random: int = 3) -> ExportReport:
+    """Verify an existing ONNX file against the deployable form of ``model``."""
+    import onnx
+
+    inputs = _as_inputs(example_inputs)
+    deploy, transformed = deployable(model)
+    deploy.eval()
+    report = ExportReport(path=os.fspath(path), transformed=transformed)
+    dtype = next((p.dtype for p in deploy.parameters()), torch.float32)
+    default_rtol, default_atol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    report.rtol = default_rtol if rtol is None else rtol
+    report.atol = default_atol if atol is None else atol
+    proto = onnx.load(report.path)
+    report.inputs = [(i.name, _dims(i)) for i in proto.graph.input]
+    report.outputs = [(o.name, _dims(o)) for o in proto.graph.output]
+    report.op_histogram, report.parameter_count = graph_summary(proto)
+    check_report(deploy, inputs, report, dynamic_batch, n_random)
+    return report
+
+
+def check_report(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,
+                 dynamic_batch: bool, n_random: int) -> None:
+    """Run onnxruntime at both optimization levels; raise VerificationError on a mismatch."""
+    t0 = time.perf_counter()
+    _verify(deploy, inputs, report, dynamic_batch, n_random)
+    report.timings["verify"] = time.perf_counter() - t0
+    report.verified = True
+    if not report.passed:
+        what = ("onnxruntime disagrees with torch" if not report.numerics_pass else
+                "the exported graph differs from the compact architecture")
+        raise VerificationError(f"export_onnx: {what}.", report)
 
 
 def deployable(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -212,7 +241,11 @@ def compact_architecture(model: nn.Module) -> nn.Module:
 
 
 def graph_summary(proto: Any) -> tuple[dict[str, int], int]:
-    """(operator histogram, number of initializer elements) of an ONNX model."""
+    """(operator histogram, number of initializer elements) of an ONNX model.
+
+    The exporter's optimizer merges initializers of equal value (e.g. untrained
+    batch-norm ones and zeros), so compare models whose weights are not all equal.
+    """
     import onnx
 
     ops = Counter(node.op_type for node in proto.graph.node)
@@ -230,15 +263,21 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str,
         batch = torch.export.Dim("batch", min=1)
         shapes = tuple({0: batch} if x.dim() > 0 else None for x in inputs)
     quiet = io.StringIO()
+    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = noisy.level
     try:
-        with contextlib.redirect_stdout(quiet), torch.no_grad():
+        noisy.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..." lines
+        with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)  # exporter internals
             torch.onnx.export(model, inputs, path, dynamo=True, external_data=big,
                               dynamic_shapes=shapes, opset_version=opset, verbose=False)
-    except Exception as exc:
+    except Exception as exc:  # the exporter raises many types; name the model and the fix
         raise ConfigError(f"export_onnx: torch.onnx.export failed for {type(model).__name__}: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Check that the "
                           f"model exports in eval mode with these inputs (try "
                           f"dynamic_batch=False for a model with a fixed batch).") from exc
+    finally:
+        noisy.setLevel(level)
 
 
 def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,

@@ -1,0 +1,105 @@
+"""The command line, run as a user runs it: a subprocess, exit codes, key output lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import expandfx as efx
+from expandfx.models import TinyResNet, smallnet_7x7
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "expandfx", *args], capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
+
+
+def test_help_explains_the_commands():
+    out = cli("--help")
+    assert out.returncode == 0
+    for word in ("demo", "plan", "check", "export", "MODEL", "package.module:factory"):
+        assert word in out.stdout
+
+
+def test_plan_prints_the_table():
+    out = cli("plan", "smallnet_7x7", "--rule", "CK+FC", "--r", "4", "--input", "1,3,32,32")
+    assert out.returncode == 0, out.stderr
+    assert "features.0" in out.stdout and "CK" in out.stdout and "total" in out.stdout
+
+
+def test_plan_of_a_factory_by_import_path():
+    out = cli("plan", "expandfx.models:TinyResNet", "--rule", "CL", "--r", "2",
+              "--input", "1,3,32,32")
+    assert out.returncode == 0, out.stderr
+    assert "layer1.conv1" in out.stdout
+
+
+def test_check_passes_with_figures(tmp_path):
+    out = cli("check", "cnn1d", "--rule", "CK+FC", "--r", "2", "--out", str(tmp_path / "c.onnx"))
+    assert out.returncode == 0, out.stderr
+    assert "contract(big) vs big" in out.stdout and "PASS" in out.stdout
+    assert "onnxruntime [disabled]" in out.stdout and (tmp_path / "c.onnx").is_file()
+
+
+def test_export_of_an_expanded_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    big = efx.expand(smallnet_7x7(), "CL", r=2)
+    ckpt = tmp_path / "big.pt"
+    torch.save(big.state_dict(), ckpt)
+    args = ["export", "smallnet_7x7", "--weights", str(ckpt), "--out", str(tmp_path / "m.onnx"),
+            "--report", str(tmp_path / "r.json")]
+    missing_rule = cli(*args)
+    assert missing_rule.returncode == 2 and "--rule" in missing_rule.stderr
+    out = cli(*args, "--rule", "CL", "--r", "2")
+    assert out.returncode == 0, out.stderr
+    assert "contracted 3 expanded block(s)" in out.stdout and "verdict: PASS" in out.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["structure_matches"]
+
+
+def test_export_of_a_companded_checkpoint_checks_psi(tmp_path):
+    model = efx.compand(smallnet_7x7(), psi="erf")
+    ckpt = tmp_path / "c.pt"
+    torch.save(model.state_dict(), ckpt)
+    base = ["export", "smallnet_7x7", "--weights", str(ckpt), "--out", str(tmp_path / "m.onnx")]
+    wrong = cli(*base)  # psi defaults to arctan: refused, never silently wrong
+    assert wrong.returncode == 2 and "psi='erf'" in wrong.stderr
+    assert cli(*base, "--psi", "erf").returncode == 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["plan", "no_such_model"], "unknown model 'no_such_model'"),
+    (["plan", "smallnet_7x7", "--input", "1,x,3"], "bad --input '1,x,3'"),
+    (["plan", "nosuchpkg.mod:factory", "--input", "1,3"], "cannot load 'nosuchpkg.mod:factory'"),
+    (["plan", "smallnet_7x7", "--rule", "XYZ"], "unknown rule"),
+    (["export", "smallnet_7x7", "--weights", "missing.pt", "--out", "m.onnx"],
+     "checkpoint 'missing.pt' not found"),
+])
+def test_malformed_input_gives_one_line_error(args, message, tmp_path):
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    ckpt = tmp_path / "other.pt"
+    torch.save(TinyResNet().state_dict(), ckpt)
+    out = cli("export", "smallnet_7x7", "--weights", str(ckpt), "--out", str(tmp_path / "m.onnx"))
+    assert out.returncode == 2 and "does not fit smallnet_7x7" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_demo_quick_writes_its_outputs(tmp_path):
+    out = cli("demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "PASS" in out.stdout and "onnxruntime (all optimizations)" in out.stdout
+    for name in ("smallnet_digits.onnx", "report.json", "curves.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["contract_rel_error"] <= 1e-5 and report["onnx"]["passed"]
+    assert report["params_test"] < report["params_train"]
