@@ -21,3 +21,4 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/param_counts.py
+	$(PY) benchmarks/training_speed.py
