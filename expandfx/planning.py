@@ -245,16 +245,17 @@ def _skip_reason(path: str, module: nn.Module, view: GraphView, inside_block: di
     if id(module) in inside_block:
         return f"already part of the expanded block '{inside_block[id(module)]}'"
     base = torch_layer_type(module)
+    cls, torch_cls = _name(type(module)), _name(base)
     custom = _custom_methods(module, base)
     extra = sorted(set(module._parameters) - {"weight", "bias"} | set(module._buffers))
     hooked = any(getattr(module, h) for h in _HOOKS)
     reason = None
     if custom:
-        reason = (f"{type(module).__name__} subclasses {base.__name__} and overrides "
-                  f"{', '.join(custom)}, so it is not a plain {base.__name__}: left alone")
-        fix = f"Expand it by hand, or use a plain {base.__name__} if it computes the same"
+        reason = (f"{cls} subclasses {torch_cls} and overrides {', '.join(custom)}, so it is "
+                  f"not a plain {torch_cls}: left alone")
+        fix = f"Expand it by hand, or use a plain {torch_cls} if it computes the same"
     elif extra:
-        reason = (f"{type(module).__name__} has tensors besides weight and bias "
+        reason = (f"{cls} has tensors besides weight and bias "
                   f"({', '.join(extra)}) that an expanded block would not carry: left alone")
         fix = "Move those tensors to a parent module to expand this layer"
     elif hooked:
@@ -317,6 +318,14 @@ def _custom_methods(module: nn.Module, base: type[nn.Module]) -> list[str]:
             continue
         names |= {n for n, v in vars(cls).items() if callable(v) and hasattr(base, n)}
     return sorted(names - _HARMLESS)
+
+
+def _name(cls: type) -> str:
+    """``Conv2dSame``, or ``timm.layers.linear.Linear`` where the short name is ambiguous."""
+    torch_names = {c.__name__ for c in LAYER_TYPES}
+    ours = cls.__module__.startswith("torch.nn")
+    return cls.__name__ if ours or cls.__name__ not in torch_names else \
+        f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _tied(module: nn.Module, paths: list[str], owners: dict[int, set[str]]) -> str | None:

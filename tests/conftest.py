@@ -1,0 +1,42 @@
+"""Test-environment setup.
+
+torchvision 0.28.0 on PyPI is a CUDA build; beside the CPU build of torch 2.13.0 that this
+project pins, ``import torchvision`` fails with "operator torchvision::nms does not exist"
+because its C++ extension (which registers that operator schema) cannot load. torchvision's
+Python code only needs the *schemas* of ``torchvision::nms`` and ``torchvision::qnms`` to
+exist, so we define them here before anything imports torchvision. This is a workaround for
+this test machine only: expandfx itself never imports torchvision, and nothing here runs the
+(unavailable) kernels — the model-zoo tests build and run plain conv/linear networks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+
+
+def _define_torchvision_schemas() -> None:
+    try:
+        torch._C._dispatch_find_schema_or_throw("torchvision::nms", "")
+        return  # a working torchvision extension already registered them
+    except RuntimeError:
+        pass
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms" + _SCHEMA)
+    lib.define("qnms" + _SCHEMA)
+    globals()["_TORCHVISION_LIB"] = lib  # the schemas live as long as the library object
+
+
+_define_torchvision_schemas()
+
+
+def pytest_configure(config):
+    from hypothesis import settings
+
+    settings.register_profile("ci", deadline=None)
+    # `HYPOTHESIS_PROFILE=fuzz make test` (see README): many more random cases
+    settings.register_profile("fuzz", deadline=None, max_examples=2000)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
