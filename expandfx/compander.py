@@ -128,6 +128,10 @@ def compand(model: nn.Module, psi: str | Psi = "arctan", a: float = 1.0, b: floa
     target = model if inplace else copy.deepcopy(model)
     layers = _select(target, include, exclude)
     for path, layer in layers:
+        if layer.weight.device.type == "meta":
+            raise ConfigError(f"compand: '{path}' is on the meta device (its weight has no "
+                              f"values), so v = Ψ⁻¹(w) cannot be computed. Materialize the "
+                              f"model first (model.to_empty(device='cpu') and load_state_dict).")
         if parametrize.is_parametrized(layer, "weight"):
             raise ConfigError(f"compand: '{path}' already has a parametrization on weight "
                               f"({_describe(layer)}); compand a model once, or call "

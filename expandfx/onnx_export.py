@@ -132,6 +132,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     :class:`ExportReport`; raises :class:`VerificationError` on any mismatch.
     """
     inputs = _as_inputs(example_inputs)
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ConfigError(f"export_onnx: '{meta[0]}' (and {len(meta) - 1} more) is on the meta "
+                          f"device and has no values to export. Materialize the model first "
+                          f"(model.to_empty(device='cpu') and load_state_dict).")
     report = ExportReport(path=os.fspath(path))
     deploy, report.transformed = deployable(model)
     deploy.eval()
@@ -146,7 +151,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     import onnx
 
     t0 = time.perf_counter()
-    onnx.checker.check_model(report.path, full_check=True)
+    try:
+        onnx.checker.check_model(report.path, full_check=True)
+    except Exception as exc:  # onnx raises ValidationError / InferenceError
+        hint = (" ONNX has no bfloat16 Conv/Gemm: export a float32 copy (model.float())."
+                if dtype == torch.bfloat16 else "")
+        raise ConfigError(f"export_onnx: onnx.checker rejected the exported "
+                          f"{type(model).__name__}: {str(exc).splitlines()[0]}.{hint}") from exc
     proto = onnx.load(report.path)
     report.timings["check"] = time.perf_counter() - t0
     report.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),

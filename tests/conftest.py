@@ -40,3 +40,21 @@ def pytest_configure(config):
     # `HYPOTHESIS_PROFILE=fuzz make test` (see README): many more random cases
     settings.register_profile("fuzz", deadline=None, max_examples=2000)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After a fuzz run, record how many random cases ran (all passed, or pytest failed)."""
+    import time
+    from pathlib import Path
+
+    from support import COUNTS, FUZZ
+
+    if not FUZZ or not COUNTS:
+        return
+    failed = session.testsfailed
+    lines = [f"- {case}: {n} random cases passed" for case, n in COUNTS.items()]
+    Path(__file__).parents[1].joinpath("benchmarks/results/fuzz.md").write_text(
+        "# Fuzz run\n\n`HYPOTHESIS_PROFILE=fuzz .venv/bin/python -m pytest "
+        "tests/test_fuzz_networks.py tests/test_roundtrip_property.py tests/test_collapsed.py`"
+        f"\n\nRun {time.strftime('%Y-%m-%d')}; failed tests: {failed}.\n\n"
+        + "\n".join(lines) + "\n")

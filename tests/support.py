@@ -38,3 +38,19 @@ def sgd_steps(model: nn.Module, x: torch.Tensor, steps: int = 3, lr: float = 0.0
 
 def state_equal(a: dict, b: dict) -> bool:
     return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+FUZZ = __import__("os").environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+
+
+def examples(ci: int, fuzz: int) -> int:
+    """Hypothesis examples: ``ci`` normally, ``fuzz`` under ``HYPOTHESIS_PROFILE=fuzz``."""
+    return fuzz if FUZZ else ci
+
+
+COUNTS: dict[str, int] = {}
+
+
+def count(case: str) -> None:
+    """Tally one passed random case (reported by conftest after a fuzz run)."""
+    COUNTS[case] = COUNTS.get(case, 0) + 1

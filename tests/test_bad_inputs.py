@@ -1,6 +1,12 @@
-"""Bad inputs of DESIGN.md §5: each is refused with the module path and the fix."""
+"""The catalogue of bad inputs (DESIGN.md §5) across expand, contract, compand, bake,
+export_onnx and the command line: each asserts the exception type, that the message names
+the offending module or argument, and what to do. None returns a NaN-filled or silently
+wrong model."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import expandfx as efx
-from expandfx.models import smallnet_3x3
+from expandfx.models import TinyResNet, smallnet_3x3, smallnet_7x7
 
 
 def net():
@@ -213,3 +219,137 @@ def test_rule_errors_say_what_is_wrong(rule, match):
 def test_bad_rule_from_callable_names_the_layer():
     with pytest.raises(efx.ConfigError, match=r"for '0'"):
         efx.expand(net(), rule=lambda name, m: "ZZ")
+
+
+# --- compand / bake ---------------------------------------------------------------------
+
+
+def small_linear():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"psi": "tanh"}, r"unknown psi 'tanh'"),
+    ({"a": 0}, r"a must be a positive number"),
+    ({"b": -1.0}, r"b must be a positive number"),
+    ({"learnable": "all"}, r"learnable must be one of"),
+])
+def test_bad_compander_arguments(kwargs, match):
+    with pytest.raises(efx.ConfigError, match=match):
+        efx.compand(small_linear(), **kwargs)
+
+
+def test_weights_outside_psi_range_are_refused_with_layer_and_bound():
+    model = small_linear()
+    with torch.no_grad():
+        model[2].weight[0, 0] = 2.0
+    msg = r"'2' has \|w\| up to 2.*a·1.571 = 0.7854.*a > 1.273"
+    with pytest.raises(efx.ConfigError, match=msg):
+        efx.compand(model, psi="arctan", a=0.5)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())  # nothing half-done
+
+
+def test_compand_twice_is_refused():
+    model = efx.compand(small_linear())
+    with pytest.raises(efx.ConfigError, match=r"'0' already has a parametrization.*bake"):
+        efx.compand(model)
+
+
+def test_expand_after_compand_is_refused():
+    model = efx.compand(small_linear())
+    with pytest.raises(efx.ConfigError, match=r"'0' already has parametrizations.*compand"):
+        efx.expand(model, "FC", r=2)
+
+
+def test_compand_of_meta_model_names_layer_and_fix():
+    with torch.device("meta"):
+        model = smallnet_3x3()
+    with pytest.raises(efx.ConfigError, match=r"'features.0' is on the meta device.*to_empty"):
+        efx.compand(model)
+
+
+def test_compander_checkpoint_with_other_psi_is_refused():
+    ckpt = efx.compand(small_linear(), psi="erf").state_dict()
+    with pytest.raises(efx.ConfigError, match=r"psi='erf'.*psi='arctan'.*same psi"):
+        efx.compand(small_linear(), psi="arctan").load_state_dict(ckpt)
+
+
+def test_bake_of_plain_model_is_an_unchanged_copy():
+    model = small_linear()
+    out = efx.bake(model)
+    assert out is not model and list(out.state_dict()) == list(model.state_dict())
+
+
+# --- export_onnx ------------------------------------------------------------------------
+
+
+def test_export_of_meta_model(tmp_path):
+    with torch.device("meta"):
+        model = smallnet_3x3()
+    with pytest.raises(efx.ConfigError, match=r"'features.0.weight'.*meta device.*to_empty"):
+        efx.export_onnx(model, (torch.randn(1, 3, 32, 32),), tmp_path / "m.onnx")
+
+
+def test_export_of_bfloat16_model_says_to_cast(tmp_path):
+    model = efx.expand(smallnet_3x3(), "CL", r=2).bfloat16().eval()
+    with pytest.raises(efx.ConfigError, match=r"checker rejected.*bfloat16.*model.float\(\)"):
+        efx.export_onnx(model, (torch.randn(2, 3, 32, 32).bfloat16(),), tmp_path / "m.onnx")
+
+
+def test_export_with_wrong_input_shape_names_model_and_fix(tmp_path):
+    with pytest.raises(efx.ConfigError, match=r"export failed for SmallNet.*eval mode"):
+        efx.export_onnx(smallnet_3x3(), (torch.randn(2, 3, 7, 7),), tmp_path / "m.onnx")
+
+
+def test_half_precision_model_round_trips_within_fp16_tolerance(tmp_path):
+    torch.manual_seed(0)
+    model = smallnet_3x3().half().eval()
+    x = torch.randn(2, 3, 32, 32).half()
+    big = efx.expand(model, "CL+FC", r=2).eval()
+    small = efx.contract(big)
+    assert all(p.dtype == torch.float16 for p in small.parameters())
+    with torch.no_grad():
+        out, ref = small(x), big(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-3 * 4, atol=1e-3)  # fp16: float64 fold, cast
+    assert efx.export_onnx(big, (x,), tmp_path / "h.onnx").passed
+
+
+def test_meta_model_expands_and_contracts_structurally():
+    with torch.device("meta"):
+        model = smallnet_7x7()
+    small = efx.contract(efx.expand(model, "CK+FC", r=2))
+    assert [tuple(p.shape) for p in small.parameters()] == \
+        [tuple(p.shape) for p in model.parameters()]
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "expandfx", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["plan", "no_such_model"], "unknown model 'no_such_model'"),
+    (["plan", "smallnet_7x7", "--input", "1,x,3"], "bad --input '1,x,3'"),
+    (["plan", "nosuchpkg.mod:factory", "--input", "1,3"], "cannot load 'nosuchpkg.mod:factory'"),
+    (["plan", "smallnet_7x7", "--rule", "XYZ"], "unknown rule"),
+    (["export", "smallnet_7x7", "--weights", "missing.pt", "--out", "m.onnx"],
+     "checkpoint 'missing.pt' not found"),
+])
+def test_malformed_input_gives_one_line_error(args, message, tmp_path):
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    ckpt = tmp_path / "other.pt"
+    torch.save(TinyResNet().state_dict(), ckpt)
+    out = cli("export", "smallnet_7x7", "--weights", str(ckpt), "--out", str(tmp_path / "m.onnx"))
+    assert out.returncode == 2 and "does not fit smallnet_7x7" in out.stderr
+    assert "Traceback" not in out.stderr

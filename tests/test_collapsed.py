@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import randomize, rel_err, sgd_steps
+from support import count, examples, randomize, rel_err, sgd_steps
 from test_roundtrip_property import conv_cases, rates
 from torch import nn
 
@@ -36,7 +36,8 @@ def assert_same(seq, col, tol=1e-4):
         assert (grad_s[name] - grad_c[name]).abs().max().item() <= tol * scale, name
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(80, 1000), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(case=conv_cases(), r=rates, rule=st.sampled_from(["CL", "CK"]), seed=st.integers(0, 99))
 def test_collapsed_equals_sequential_on_random_layers(case, r, rule, seed):
     conv, shape = case
@@ -48,6 +49,7 @@ def test_collapsed_equals_sequential_on_random_layers(case, r, rule, seed):
     randomize(big, seed)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     assert_same(run(big, x, "sequential"), run(big, x, "collapsed"))
+    count("random conv layers: collapsed == sequential (outputs and every gradient)")
 
 
 @pytest.mark.parametrize(("name", "rule"), [

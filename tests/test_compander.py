@@ -196,39 +196,6 @@ def test_summary_lists_weights_with_a_and_b():
     assert "0.9" in text and "0.6" in text and "fixed" in text
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"psi": "tanh"}, r"unknown psi 'tanh'"),
-    ({"a": 0}, r"a must be a positive number"),
-    ({"b": -1.0}, r"b must be a positive number"),
-    ({"learnable": "all"}, r"learnable must be one of"),
-])
-def test_bad_compander_arguments(kwargs, match):
-    with pytest.raises(efx.ConfigError, match=match):
-        efx.compand(small_linear(), **kwargs)
-
-
-def test_weights_outside_psi_range_are_refused_with_layer_and_bound():
-    model = small_linear()
-    with torch.no_grad():
-        model[2].weight[0, 0] = 2.0
-    msg = r"'2' has \|w\| up to 2.*a·1.571 = 0.7854.*a > 1.273"
-    with pytest.raises(efx.ConfigError, match=msg):
-        efx.compand(model, psi="arctan", a=0.5)
-    assert not any(parametrize.is_parametrized(m) for m in model.modules())  # nothing half-done
-
-
-def test_compand_twice_is_refused():
-    model = efx.compand(small_linear())
-    with pytest.raises(efx.ConfigError, match=r"'0' already has a parametrization.*bake"):
-        efx.compand(model)
-
-
-def test_expand_after_compand_is_refused():
-    model = efx.compand(small_linear())
-    with pytest.raises(efx.ConfigError, match=r"'0' already has parametrizations.*compand"):
-        efx.expand(model, "FC", r=2)
-
-
 def test_contract_of_companded_compact_model_bakes_and_says_so():
     model = efx.compand(small_linear(), inplace=False)
     with pytest.warns(UserWarning, match=r"baked its 2 companded weights"):

@@ -12,7 +12,7 @@ import warnings
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import randomize, rel_err
+from support import count, examples, randomize, rel_err
 from torch import nn
 
 import expandfx as efx
@@ -80,7 +80,8 @@ def roundtrip(layer: nn.Module, shape, rule: str, r: float, seed: int):
     return model, big, small, x
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300, 3000), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(case=conv_cases(), r=rates, rule=st.sampled_from(["CL", "CK"]), seed=st.integers(0, 99))
 def test_conv_roundtrip_is_exact(case, r, rule, seed):
     conv, shape = case
@@ -99,9 +100,10 @@ def test_conv_roundtrip_is_exact(case, r, rule, seed):
         assert getattr(folded, attr) == getattr(conv, attr), attr
     assert (folded.bias is None) == (conv.bias is None)
     assert folded.weight.shape == conv.weight.shape
+    count("random conv layers (1D/2D/3D, every hyperparameter): expand → contract exact")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40, 400), deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 40), bias=st.booleans(), r=rates,
        seed=st.integers(0, 99), lead=st.sampled_from([(3,), (2, 5)]))
 def test_linear_roundtrip_is_exact(m, n, bias, r, seed, lead):
@@ -111,3 +113,4 @@ def test_linear_roundtrip_is_exact(m, n, bias, r, seed, lead):
         assert rel_err(big(x), small(x)) <= 1e-5
     assert (small[0].bias is None) == (not bias)
     assert [len(b.layers) for b in [big[0]]] == [3]
+    count("random linear layers: expand → contract exact")
