@@ -130,6 +130,17 @@ def ptflops_convention_macs(model: nn.Module) -> int:
     return total
 
 
+def flop_counter_macs(model: nn.Module) -> int:
+    """``torch.utils.flop_counter`` FLOPs / 2 (it counts conv and matmul FLOPs as 2 per MAC),
+    with expanded blocks run layer by layer (the paper's training-time network)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = expandfx.set_mode(model, "sequential").eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(INPUT_SHAPE))
+    return counter.get_total_flops() // 2
+
+
 def rel(ours: float, paper: float) -> float:
     return (ours - paper) / paper
 
@@ -143,6 +154,7 @@ def measure() -> list[dict]:
         params = sum(p.numel() for p in model.parameters())
         macs = plan_macs(rule, r)
         pt_macs = ptflops_convention_macs(model)
+        fc_macs = flop_counter_macs(model)
         rows.append({
             "rule": rule, "r": r if rule != "baseline" else None,
             "exclude": EXCLUDE.get(rule),
@@ -151,6 +163,8 @@ def measure() -> list[dict]:
             "params_within_rounding": abs(params - paper_params) <= params_tol,
             "macs": macs, "paper_macs": PAPER[rule, r][1],
             "paper_macs_value": paper_macs, "macs_rel_diff": rel(macs, paper_macs),
+            "macs_flop_counter": fc_macs,
+            "macs_flop_counter_rel_diff": rel(fc_macs, paper_macs),
             "macs_ptflops_convention": pt_macs,
             "macs_ptflops_rel_diff": rel(pt_macs, paper_macs),
             "macs_ptflops_within_rounding": abs(pt_macs - paper_macs) <= macs_tol,
@@ -175,8 +189,9 @@ def _ok(within: bool) -> str:
 def render_table(rows: list[dict]) -> str:
     lines = [
         "| rule | r | params (ours) | params (paper) | Δ params | MACs (ours, plan) "
-        "| MACs (paper) | Δ MACs | MACs (ptflops conv.) | Δ ptflops |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| MACs (paper) | Δ MACs | MACs (flop_counter / 2) | Δ | MACs (ptflops conv.) "
+        "| Δ ptflops |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         rule = "FC (Arora18), logit layer not expanded" if row["rule"] == "FC" else row["rule"]
@@ -186,6 +201,7 @@ def render_table(rows: list[dict]) -> str:
             f"| {_pct(row['params_rel_diff'])}{_ok(row['params_within_rounding'])} "
             f"| {row['macs']:,} ({_fmt(row['macs'])}) | {row['paper_macs']} "
             f"| {_pct(row['macs_rel_diff'])} "
+            f"| {row['macs_flop_counter']:,} | {_pct(row['macs_flop_counter_rel_diff'])} "
             f"| {row['macs_ptflops_convention']:,} ({_fmt(row['macs_ptflops_convention'])}) "
             f"| {_pct(row['macs_ptflops_rel_diff'])}{_ok(row['macs_ptflops_within_rounding'])} |")
     return "\n".join(lines)
@@ -222,6 +238,8 @@ Measured {meta['date']} with torch {meta['torch']}, expandfx {meta['expandfx']}
   to the printed digits (2.17M means ±5,000).
 - MACs (ours, plan): `expandfx.plan(...).totals()["macs_after"]`: conv/linear layers
   only, output elements × weight fan-in; biases, BatchNorm, ReLU and pooling not counted.
+- MACs (flop_counter / 2): `torch.utils.flop_counter.FlopCounterMode` FLOPs divided by 2
+  (it counts 2 FLOPs per multiply-accumulate of conv and matmul), blocks run sequentially.
 - MACs (ptflops conv.): the convention of the `ptflops` package, re-implemented with
   forward hooks: conv/linear weights + 1 per bias output element + 2 per BatchNorm
   input element + 1 per ReLU output element + 1 per max-pool input element.

@@ -12,6 +12,7 @@
 from .block import ExpandedBlock, set_mode
 from .compander import Compander, ModifiedAdaptive, Psi, bake, compand, companded, decay_groups
 from .errors import ConfigError, ContractionError, ExpandFXError
+from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
 from .passes.contract import contract
 from .planning import LayerPlan, Plan, plan
@@ -20,7 +21,7 @@ from .surgery import expand
 __all__ = [
     "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
     "ExportReport", "LayerPlan", "ModifiedAdaptive", "Plan", "Psi", "VerificationError", "bake",
-    "compand", "companded", "contract", "decay_groups", "expand", "export_onnx", "plan",
-    "set_mode", "verify_onnx",
+    "compand", "companded", "contract", "decay_groups", "expand", "export_onnx", "linearize",
+    "nonlinear_counterpart", "plan", "set_mode", "verify_onnx",
 ]
 __version__ = "0.1.0"

@@ -133,6 +133,7 @@ class ExpandedBlock(nn.Module):
         super().__init__()
         self.mode = check_mode(mode)
         self._auto: dict[tuple[int, ...], str] = {}
+        self.act: nn.Module | None = None  # only for nonlinear-counterpart init (+Init)
         self.layers = nn.ModuleList(layers)
         self.rule = rule
         self.r = float(r)
@@ -166,6 +167,12 @@ class ExpandedBlock(nn.Module):
             raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:  # the nonlinear counterpart: layer, act, layer, act, layer
+            if self.pre_pad is not None:
+                x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+            for i, layer in enumerate(self.layers):
+                x = layer(x) if i == 0 else layer(self.act(x))
+            return x
         if self.resolve_mode(x.shape) == "collapsed":
             weight, bias = self.folded()
             if isinstance(self.template, nn.Linear):
@@ -208,6 +215,12 @@ class ExpandedBlock(nn.Module):
     def check(self, path: str = "") -> None:
         """Raise :class:`ContractionError` unless the chain is still exactly foldable."""
         where = f"'{path}'" if path else "this ExpandedBlock"
+        if self.act is not None:
+            raise ContractionError(
+                f"contract: block {where} still has its nonlinearity "
+                f"({type(self.act).__name__}) from nonlinear-counterpart init, so it is not a "
+                f"linear chain. Call expandfx.linearize(model) to remove it (the weights stay), "
+                f"train on as an ExpandNet, then contract.")
         current = [layer_signature(layer) for layer in self.layers]
         if current != self.signatures:
             raise ContractionError(
@@ -228,6 +241,8 @@ class ExpandedBlock(nn.Module):
 
     def weight_bias(self, dtype: torch.dtype | None = None) -> WeightBias:
         """The effective (weight, bias) of the whole chain, differentiable, in ``dtype``."""
+        if self.act is not None:
+            self.check()  # raises: a nonlinear block has no single effective weight
         factors = [(layer.weight, layer.bias) for layer in self.layers]
         if dtype is not None:
             factors = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in factors]

@@ -12,6 +12,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,21 +44,29 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int,
-          desc: str) -> list[float]:
-    """SGD (lr 0.05, momentum 0.9, weight decay 5e-4, cosine schedule); test accuracy per epoch."""
+          desc: str, *, lr: float = 0.05, weight_decay: float = 5e-4,
+          on_epoch: Callable[[int], None] | None = None) -> list[float]:
+    """SGD (momentum 0.9, cosine schedule, batch 64); test accuracy per epoch.
+
+    Weight decay follows :func:`expandfx.decay_groups` (the compander paper's rule for
+    companded weights; ordinary decay otherwise). ``on_epoch(e)`` runs before epoch ``e``.
+    """
     from tqdm import tqdm
 
     xtr, ytr, xte, yte = data
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    groups, penalty = efx.decay_groups(model, weight_decay)
+    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     curve = []
     bar = tqdm(range(epochs), desc=desc, leave=False, file=sys.stderr, ncols=80)
-    for _ in bar:
+    for epoch in bar:
+        if on_epoch is not None:
+            on_epoch(epoch)
         model.train()
         for idx in torch.randperm(len(ytr), generator=gen).split(64):
             opt.zero_grad()
-            F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+            (F.cross_entropy(model(xtr[idx]), ytr[idx]) + penalty()).backward()
             opt.step()
         sched.step()
         curve.append(accuracy(model, xte, yte))

@@ -1,0 +1,122 @@
+"""The paper-reproduction scripts run end to end in a reduced mode and write their outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import expandfx as efx
+from expandfx.analysis import gradient_confusion
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_study_quick_run(tmp_path):
+    pytest.importorskip("mnist1d", reason="mnist1d not installed")
+    study = load("accuracy_study")
+    results = study.run(quick=True, out=tmp_path)
+    assert set(results) == set(study.DATASETS)
+    for variants in results.values():
+        assert list(variants) == study.VARIANTS
+        for runs in variants.values():
+            for r in runs:
+                assert 0.0 <= r["last"] <= r["best"] <= 1.0 and len(r["curve"]) == 2
+                # the deployed (contracted) model is the trained model
+                assert abs(r["deployed"] - r["last"]) <= 1 / 256 + 1e-9
+        assert -1.0 <= variants["CK"][0]["confusion"] <= 1.0
+    text = (tmp_path / "accuracy_study.md").read_text()
+    assert "CK+FC+Init" in text and "compander+CK" in text
+    assert (tmp_path / "accuracy_study.png").stat().st_size > 0
+    assert json.loads((tmp_path / "accuracy_study.json").read_text())
+
+
+def test_gradient_confusion_against_hand_computation():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(5, 3), torch.randint(0, 2, (5,))) for _ in range(3)]
+    grads = []
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads.append(torch.cat([model.weight.grad.flatten(), model.bias.grad.flatten()]))
+    cos = [F.cosine_similarity(grads[i], grads[j], dim=0).item()
+           for i in range(3) for j in range(i + 1, 3)]
+    assert math.isclose(gradient_confusion(model, F.cross_entropy, batches), min(cos),
+                        abs_tol=1e-6)
+
+
+def test_gradient_confusion_sees_expanded_parameters():
+    torch.manual_seed(0)
+    big = efx.expand(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), "FC", r=2)
+    batches = [(torch.randn(5, 3), torch.randint(0, 2, (5,))) for _ in range(4)]
+    value = gradient_confusion(big, F.cross_entropy, batches)
+    assert -1.0 <= value < 1.0
+
+
+def write_tiny_cifar(root: Path, name: str, n_train: int = 40, n_test: int = 16) -> None:
+    """A few random images in CIFAR's on-disk format (python pickles of uint8 rows)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    classes = 10 if name == "cifar10" else 100
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+
+    def batch(n: int) -> dict:
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                label_key: rng.integers(0, classes, n).tolist()}
+
+    if name == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        files = {f"data_batch_{i}": batch(n_train // 5) for i in range(1, 6)}
+        files |= {"test_batch": batch(n_test),
+                  "batches.meta": {"label_names": [f"c{i}" for i in range(10)]}}
+    else:
+        folder = root / "cifar-100-python"
+        files = {"train": batch(n_train), "test": batch(n_test),
+                 "meta": {"fine_label_names": [f"c{i}" for i in range(100)]}}
+    folder.mkdir(parents=True)
+    for fname, obj in files.items():
+        (folder / fname).write_bytes(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize(("dataset", "model", "variant"), [
+    ("cifar10", "smallnet_7x7", "CK+FC+Init"), ("cifar100", "mobilenet_v1", "CL+FC")])
+def test_cifar_script_end_to_end_on_tiny_on_disk_data(tmp_path, dataset, model, variant):
+    pytest.importorskip("torchvision", reason="torchvision not installed")
+    write_tiny_cifar(tmp_path / "data", dataset)
+    cifar = load("cifar")
+    code = cifar.main(["--dataset", dataset, "--model", model, "--variant", variant,
+                       "--epochs", "1", "--batch-size", "16", "--data", str(tmp_path / "data"),
+                       "--out", str(tmp_path / "run"), "--no-download",
+                       "--skip-integrity-check", "--workers", "0", "--device", "cpu"])
+    assert code == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["onnx_passed"] and len(result["history"]) == 1
+    assert 0.0 <= result["deployed_test_acc"] <= 1.0
+    assert abs(result["deployed_test_acc"] - result["final_test_acc"]) <= 1 / 16 + 1e-9
+    assert result["params_test"] < result["params_train"]
+    assert (tmp_path / "run" / "model.onnx").stat().st_size > 0
+
+
+def test_cifar_script_refuses_data_that_is_not_cifar_without_the_flag(tmp_path):
+    pytest.importorskip("torchvision", reason="torchvision not installed")
+    write_tiny_cifar(tmp_path / "data", "cifar10")
+    with pytest.raises(RuntimeError, match="corrupted"):
+        load("cifar").main(["--data", str(tmp_path / "data"), "--no-download", "--epochs", "1",
+                            "--workers", "0"])
