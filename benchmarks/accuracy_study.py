@@ -110,8 +110,13 @@ def write(results: dict, seeds: list[int], out: Path, quick: bool) -> None:
              f"seeds) of the best and the last epoch; gap = train − test accuracy at the end; "
              f"'deployed' = the contracted compact model, which equals the trained one. "
              f"Gradient confusion = min pairwise cosine similarity of 8 mini-batch gradients "
-             f"at the end of training (higher is better). r = {R:g}; compander arctan "
-             f"a = {A:g}, b = {B:g}; same SGD schedule for every variant.\n"]
+             f"at the end of training, model in eval mode so batch-norm statistics are not "
+             f"touched (higher is better). r = {R:g}; compander arctan a = {A:g}, b = {B:g}; "
+             f"same SGD schedule and epochs for every variant. +Init: the nonlinear "
+             f"counterpart (ReLU between the layers of every block) trains for the first "
+             f"half of the epochs, then the ReLUs are removed (weights kept) and it trains "
+             f"on as an ExpandNet — the paper trains the counterpart fully first; we keep the "
+             f"total budget equal to the other variants.\n"]
     for dname, variants in results.items():
         lines += [f"\n## {dname}\n", "| variant | best | last | gap | deployed | confusion "
                   "| s/run |", "|---|---:|---:|---:|---:|---:|---:|"]

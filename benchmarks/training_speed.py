@@ -4,8 +4,8 @@ Per training step (forward, backward, SGD step), torch threads = 2. Every case i
 timed round-robin against the others in the same run (this machine is shared and
 noisy), ``--repeats`` times, and reported as the median ratio to the compact
 network's step. Memory is counted exactly, not sampled: parameters + gradients +
-the tensors autograd saves for backward (unique storages), i.e. what a training
-step holds at its peak between forward and backward.
+optimizer state (SGD momentum) + the tensors autograd saves for backward (unique
+storages), i.e. what a training step holds at its peak between forward and backward.
 
     python benchmarks/training_speed.py            # writes benchmarks/results/training_speed.md
     python benchmarks/training_speed.py --quick    # a smoke run
@@ -80,7 +80,8 @@ def step_fn(case: Case):
 
 
 def training_bytes(case: Case) -> int:
-    """Parameters + gradients + unique storages saved for backward in one step."""
+    """Parameters + gradients + optimizer state (SGD momentum) + unique storages saved for
+    backward in one step: what a training step holds between forward and backward."""
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -89,11 +90,15 @@ def training_bytes(case: Case) -> int:
         return t
 
     params = sum(p.numel() * p.element_size() for p in case.model.parameters())
+    model = copy.deepcopy(case.model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(case.model(case.x), case.y)
+        loss = F.cross_entropy(model(case.x), case.y)
     loss.backward()
-    case.model.zero_grad(set_to_none=True)
-    return 2 * params + sum(saved.values())
+    opt.step()
+    state = sum(t.numel() * t.element_size() for st in opt.state.values()
+                for t in st.values() if torch.is_tensor(t))
+    return 2 * params + state + sum(saved.values())
 
 
 def measure(all_cases: list[Case], repeats: int, steps: int) -> dict[str, dict]:
@@ -147,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"Measured {time.strftime('%Y-%m-%d')} with torch {torch.__version__}, "
                   f"{torch.get_num_threads()} threads, median of {repeats} round-robin "
                   f"repeats of one step (`python benchmarks/training_speed.py`). Memory: "
-                  f"parameters + gradients + unique storages saved for backward.\n\n")
+                  f"parameters + gradients + SGD momentum buffers + unique storages saved "
+                  f"for backward.\n\n")
         (RESULTS / "training_speed.md").write_text(header + table + "\n")
         (RESULTS / "training_speed.json").write_text(json.dumps(rows, indent=1))
     return 0

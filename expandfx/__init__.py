@@ -9,8 +9,16 @@
     <All keys matched successfully>
 """
 
-from .block import ExpandedBlock, set_mode
-from .compander import Compander, ModifiedAdaptive, Psi, bake, compand, companded, decay_groups
+from .block import ExpandedBlock, frozen, set_mode
+from .compander import (
+    Compander,
+    Psi,
+    bake,
+    compand,
+    companded,
+    decay_groups,
+    modified_adaptive,
+)
 from .errors import ConfigError, ContractionError, ExpandFXError
 from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
@@ -20,8 +28,8 @@ from .surgery import expand
 
 __all__ = [
     "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
-    "ExportReport", "LayerPlan", "ModifiedAdaptive", "Plan", "Psi", "VerificationError", "bake",
-    "compand", "companded", "contract", "decay_groups", "expand", "export_onnx", "linearize",
-    "nonlinear_counterpart", "plan", "set_mode", "verify_onnx",
+    "ExportReport", "LayerPlan", "Plan", "Psi", "VerificationError", "bake",
+    "compand", "companded", "contract", "decay_groups", "expand", "export_onnx", "frozen",
+    "linearize", "modified_adaptive", "nonlinear_counterpart", "plan", "set_mode", "verify_onnx",
 ]
 __version__ = "0.1.0"

@@ -25,7 +25,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -95,6 +97,31 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
             module.mode = mode
             module._auto.clear()
     return model
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Inference with folded weights cached between forwards (eval mode, ``no_grad``).
+
+    Inside the block, collapsed blocks compose their factors once instead of at every
+    forward. Do not edit weights through ``.data`` inside it (version counters cannot
+    see such edits); optimizer steps and ``load_state_dict`` are detected.
+
+    >>> import torch, expandfx as efx
+    >>> from expandfx.models import smallnet_7x7
+    >>> big = efx.expand(smallnet_7x7(), "CL", r=2, mode="collapsed").eval()
+    >>> with efx.frozen(big), torch.no_grad():
+    ...     y = big(torch.randn(2, 3, 32, 32))
+    """
+    found = [m for m in model.modules() if isinstance(m, ExpandedBlock)]
+    for block in found:
+        block.__dict__["_freeze"] = True
+    try:
+        yield model
+    finally:
+        for block in found:
+            block.__dict__.pop("_freeze", None)
+            block.__dict__.pop("_folded", None)
 
 
 def explicit_padding(conv: nn.Module) -> list[int]:
@@ -197,13 +224,14 @@ class ExpandedBlock(nn.Module):
         return self._auto[key]
 
     def folded(self) -> WeightBias:
-        """:meth:`weight_bias` in the working dtype; cached in eval mode under ``no_grad``.
+        """:meth:`weight_bias` in the working dtype; cached only inside :func:`frozen`.
 
-        The cache key holds the identity and version counter of every parameter and
-        buffer of the block, so an optimizer step, ``load_state_dict`` or any in-place
-        edit invalidates it.
+        Even there the cache key holds the identity and version counter of every
+        parameter and buffer, so an optimizer step or ``load_state_dict`` invalidates it;
+        edits through ``.data`` are invisible to version counters, which is why caching
+        is opt-in.
         """
-        if self.training or torch.is_grad_enabled():
+        if not self.__dict__.get("_freeze") or self.training or torch.is_grad_enabled():
             return self.weight_bias()
         key = tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
         cached = self.__dict__.get("_folded")

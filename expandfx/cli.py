@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ EPILOG = """\
 MODEL: an in-repo model ({models}) or 'package.module:factory' (a zero-argument callable
 returning an nn.Module). RULE: CL, CK, FC, CL+FC or CK+FC. Exit codes: 0 ok, 1 a check
 failed, 2 bad input."""
+
+
+BLOCK_KEY = re.compile(r"\.layers\.\d+\.(weight|bias|parametrizations\.weight\.original)$")
 
 
 class CLIError(Exception):
@@ -45,7 +49,12 @@ def load_model(spec: str) -> nn.Module:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise CLIError(f"cannot load {spec!r}: {exc}") from None
-    model = factory()
+    try:
+        model = factory()
+    except Exception as exc:  # a user factory may raise anything: report it in one line
+        raise CLIError(f"{spec!r} failed when called with no arguments: "
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                       ) from None
     if not isinstance(model, nn.Module):
         raise CLIError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -72,11 +81,36 @@ def default_input(name: str, given: str | None) -> tuple[int, ...]:
     raise CLIError(f"--input is required for {name!r} (e.g. --input 1,3,32,32)")
 
 
+def example_input(model: nn.Module, name: str, given: str | None) -> torch.Tensor:
+    """A random input of the model's shape, checked by one forward pass."""
+    shape = default_input(name, given)
+    x = torch.randn(shape)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CLIError(f"{name} cannot run on an input of shape {','.join(map(str, shape))} "
+                       f"({type(exc).__name__}: {first[:200]}); pass --input with the shape it "
+                       f"expects") from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return x
+
+
+def block_keys(keys: list[str]) -> bool:
+    """Whether state_dict keys hold expanded blocks (plain or companded factors)."""
+    return any(BLOCK_KEY.search(k) for k in keys)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import expandfx as efx
 
     model = load_model(args.model)
-    x = torch.randn(default_input(args.model, args.input))
+    x = example_input(model, args.model, args.input)
     print(efx.plan(model, args.rule, args.r, example_inputs=(x,)))
     return 0
 
@@ -85,7 +119,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     import expandfx as efx
 
     model = load_model(args.model).eval()
-    x = torch.randn(default_input(args.model, args.input))
+    x = example_input(model, args.model, args.input)
     big = efx.expand(model, args.rule, args.r, mode=args.mode).eval()
     n_blocks = sum(isinstance(m, efx.ExpandedBlock) for m in big.modules())
     gen = torch.Generator().manual_seed(0)
@@ -110,6 +144,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     except efx.VerificationError as exc:
         print(exc.report)
         ok = False
+    except ExpandFXError as exc:  # the export itself failed: a failed check, not bad input
+        print(f"export failed: {str(exc).splitlines()[0]}")
+        ok = False
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
@@ -130,14 +167,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CLIError(f"{str(path)!r} holds {type(state).__name__}, not a state_dict")
-    expanded = any(".layers.0.weight" in k for k in state)
-    companded = any(".parametrizations.weight.original" in k for k in state)
+    own = set(model.state_dict())
+    foreign = [k for k in state if k not in own]
+    expanded = block_keys(foreign)
     if expanded:
         if args.rule is None or args.r is None:
             raise CLIError(f"{str(path)!r} is a checkpoint of an expanded model: pass the rule "
                            f"and r it was expanded with (--rule ... --r ...)")
         model = efx.expand(model, args.rule, args.r)
-    if companded:
+    if any(k.endswith(".parametrizations.weight.original") and k not in model.state_dict()
+           for k in state):
         efx.compand(model, psi=args.psi)
     try:
         model.load_state_dict(state)
@@ -145,7 +184,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
         raise CLIError(f"checkpoint does not fit {args.model}: {' '.join(lines[:3])[:400]}"
                        ) from None
-    x = torch.randn(default_input(args.model, args.input))
+    x = example_input(model, args.model, args.input)
     try:
         report = efx.export_onnx(model, (x,), args.out)
     except efx.VerificationError as exc:
@@ -173,6 +212,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     seeds=args.seeds, quick=args.quick)
 
 
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
 
@@ -187,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--rule", default="CK", help="expansion rule (default: CK)")
     d.add_argument("--r", type=float, default=4.0, help="expansion rate (default: 4)")
-    d.add_argument("--epochs", type=int, default=40, help="epochs per run (default: 40)")
-    d.add_argument("--seeds", type=int, default=5, help="training seeds (default: 5)")
+    d.add_argument("--epochs", type=positive, default=40, help="epochs per run (default: 40)")
+    d.add_argument("--seeds", type=positive, default=5, help="training seeds (default: 5)")
     d.add_argument("--quick", action="store_true", help="a few epochs, one seed (for tests)")
     d.set_defaults(func=cmd_demo)
 

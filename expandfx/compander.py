@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -232,57 +233,53 @@ def decay_groups(model: nn.Module, weight_decay: float
     return groups, penalty
 
 
-class ModifiedAdaptive:
-    """The paper's "modified adaptive optimizer" (after Powerpropagation), as a wrapper.
+def modified_adaptive(optimizer: torch.optim.Optimizer, model: nn.Module
+                      ) -> torch.optim.Optimizer:
+    """The paper's "modified adaptive optimizer" (after Powerpropagation), on any optimizer.
 
-    For every companded ``v`` the wrapped optimizer computes its step from the raw
-    gradient ``∂L/∂Ψ(v)`` (Adam's moments see ``∂L/∂w``), and the step is then scaled
-    by ``Ψ'(v)``; every other parameter is stepped as usual.
+    Patches ``optimizer.step`` (in place; the same object is returned, so LR schedulers
+    keep working): for every companded ``v`` the optimizer computes its step from the raw
+    gradient ``∂L/∂Ψ(v)`` — Adam's moments see ``∂L/∂w`` — and the step is then scaled by
+    ``Ψ'(v)``; every other parameter is stepped as usual. A ``closure`` is evaluated first
+    (with gradients), so it works too. Optimizer weight decay on ``v`` (learnable a, b with
+    :func:`decay_groups`) is part of the rescaled step.
 
     Example::
 
-        opt = ModifiedAdaptive(torch.optim.Adam(model.parameters(), lr=1e-3), model)
+        opt = efx.modified_adaptive(torch.optim.Adam(model.parameters(), lr=1e-3), model)
         loss.backward()
         opt.step()   # v.grad is turned into ∂L/∂w in place before the inner step
-        opt.zero_grad()
     """
+    targets = [(layer.parametrizations["weight"].original, comp)
+               for _, layer, comp in companded(model)]
+    if not targets:
+        raise ConfigError(f"modified_adaptive: {type(model).__name__} has no companded "
+                          f"weights; call expandfx.compand(model) before building the "
+                          f"optimizer.")
+    inner_step = optimizer.step
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-        self.optimizer = optimizer
-        self.targets = [(layer.parametrizations["weight"].original, comp)
-                        for _, layer, comp in companded(model)]
-        if not self.targets:
-            raise ConfigError(f"ModifiedAdaptive: {type(model).__name__} has no companded "
-                              f"weights; call expandfx.compand(model) before building the "
-                              f"optimizer.")
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> Any:
+    def step(self: torch.optim.Optimizer,
+             closure: Callable[[], torch.Tensor] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         saved = []
-        for v, comp in self.targets:
-            if v.grad is None:
-                continue
-            slope = comp.derivative(v)
-            tiny = torch.finfo(slope.dtype).tiny
-            v.grad.div_(slope.clamp_min(tiny))  # ∂L/∂v = ∂L/∂w · Ψ'(v)  →  ∂L/∂w
-            saved.append((v, v.detach().clone(), slope))
-        result = self.optimizer.step(closure)
-        for v, before, slope in saved:
-            v.copy_(before + (v - before) * slope)
-        return result
+        with torch.no_grad():
+            for v, comp in targets:
+                if v.grad is None:
+                    continue
+                slope = comp.derivative(v)
+                v.grad.div_(slope.clamp_min(torch.finfo(slope.dtype).tiny))  # → ∂L/∂w
+                saved.append((v, v.detach().clone(), slope))
+        inner_step()
+        with torch.no_grad():
+            for v, before, slope in saved:
+                v.copy_(before + (v - before) * slope)
+        return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+    optimizer.step = types.MethodType(step, optimizer)  # a bound method, as schedulers expect
+    return optimizer
 
 
 def _psi(psi: str | Psi) -> Psi:

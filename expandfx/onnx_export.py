@@ -48,6 +48,9 @@ log = logging.getLogger("expandfx")
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-7),
               torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
 LEVELS = ("disabled", "all")
+# contract(model)(x) vs model(x): DESIGN.md §4 for float32, scaled for the other dtypes
+FOLD_TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3,
+                   torch.bfloat16: 3e-2}
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with headroom
 
 
@@ -75,6 +78,8 @@ class ExportReport:
     rtol: float = 0.0
     atol: float = 0.0
     errors: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    fold_error: float | None = None
+    fold_tolerance: float = 1e-5
     timings: dict[str, float] = field(default_factory=dict)
     verified: bool = False
 
@@ -90,8 +95,13 @@ class ExportReport:
         return all(e["passed"] for level in self.errors.values() for e in level.values())
 
     @property
+    def fold_pass(self) -> bool:
+        return self.fold_error is None or self.fold_error <= self.fold_tolerance
+
+    @property
     def passed(self) -> bool:
-        return self.verified and self.numerics_pass and self.structure_matches is not False
+        return (self.verified and self.numerics_pass and self.fold_pass
+                and self.structure_matches is not False)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -110,6 +120,9 @@ class ExportReport:
             verdict = "matches" if self.structure_matches else "DIFFERS FROM"
             lines.append(f"  structure {verdict} the compact architecture "
                          f"({self.reference_parameter_count:,} parameters)")
+        if self.fold_error is not None:
+            lines.append(f"  deployable copy vs given model: max rel {self.fold_error:.2e} "
+                         f"({'ok' if self.fold_pass else 'FAIL'} at {self.fold_tolerance:g})")
         for level, outputs in self.errors.items():
             for name, e in outputs.items():
                 lines.append(f"  onnxruntime [{level:8}] {name}: max abs {e['max_abs']:.2e}, "
@@ -176,7 +189,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             report.reference_op_histogram, report.reference_parameter_count = graph_summary(
                 onnx.load(ref_path))
     if verify:
-        check_report(deploy, inputs, report, dynamic_batch, n_random)
+        original = copy.deepcopy(model).eval() if report.transformed else None
+        report.fold_tolerance = FOLD_TOLERANCES.get(dtype, 1e-5)
+        check_report(deploy, inputs, report, dynamic_batch, n_random, original)
     log.info("%s", report)
     return report
 
@@ -204,14 +219,16 @@ def verify_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
 
 def check_report(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,
-                 dynamic_batch: bool, n_random: int) -> None:
+                 dynamic_batch: bool, n_random: int, original: nn.Module | None = None) -> None:
     """Run onnxruntime at both optimization levels; raise VerificationError on a mismatch."""
     t0 = time.perf_counter()
-    _verify(deploy, inputs, report, dynamic_batch, n_random)
+    _verify(deploy, inputs, report, dynamic_batch, n_random, original)
     report.timings["verify"] = time.perf_counter() - t0
     report.verified = True
     if not report.passed:
-        what = ("onnxruntime disagrees with torch" if not report.numerics_pass else
+        what = ("the deployable (contracted/baked) copy differs from the given model"
+                if not report.fold_pass else "onnxruntime disagrees with torch"
+                if not report.numerics_pass else
                 "the exported graph differs from the compact architecture")
         raise VerificationError(f"export_onnx: {what}.", report)
 
@@ -292,7 +309,7 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str,
 
 
 def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,
-            dynamic_batch: bool, n_random: int) -> None:
+            dynamic_batch: bool, n_random: int, original: nn.Module | None = None) -> None:
     import onnxruntime as ort
 
     gen = torch.Generator().manual_seed(0)
@@ -302,12 +319,13 @@ def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportRe
         trials.append(tuple(_like(x, gen, batch=other) for x in inputs))
     names = [n for n, _ in report.inputs]
     out_names = [n for n, _ in report.outputs]
-    expected = []
     with torch.no_grad():
-        for trial in trials:
-            out = model(*trial)
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            expected.append([o.detach().cpu().float().numpy() for o in outs])
+        expected = [_outputs(model, trial) for trial in trials]
+        if original is not None:  # the deployable copy must compute what the user's model does
+            report.fold_error = max(
+                max((_rel_np(w, g) for w, g in zip(_outputs(original, trial), want,
+                                                    strict=True)), default=0.0)
+                for trial, want in zip(trials, expected, strict=True))
     levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     for level, flag in levels.items():
@@ -319,16 +337,36 @@ def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportRe
         for trial, want in zip(trials, expected, strict=True):
             feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, trial, strict=True)}
             got = session.run(None, feeds)
+            if len(got) != len(want):
+                stats["<outputs>"] = {"max_abs": float("inf"), "max_rel": float("inf"),
+                                      "passed": False}
+                continue
             for name, g, w in zip(out_names, got, want, strict=True):
                 s = stats.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0, "passed": True})
+                if g.shape != w.shape:
+                    s.update(max_abs=float("inf"), max_rel=float("inf"), passed=False)
+                    continue
                 diff = abs(g.astype("float64") - w.astype("float64"))
                 s["max_abs"] = max(s["max_abs"], float(diff.max(initial=0.0)))
-                s["max_rel"] = max(s["max_rel"],
-                                   float(diff.max(initial=0.0) / max(abs(w).max(initial=0.0),
-                                                                     1e-30)))
-                ok = (diff <= report.atol + report.rtol * abs(w)).all() and g.shape == w.shape
+                s["max_rel"] = max(s["max_rel"], _rel_np(w, g))
+                ok = (diff <= report.atol + report.rtol * abs(w)).all()
                 s["passed"] = bool(s["passed"] and ok)
         report.errors[level] = stats
+
+
+def _outputs(model: nn.Module, trial: tuple[torch.Tensor, ...]) -> list[Any]:
+    """Every tensor the model returns (dicts and nested tuples flattened), as float arrays."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t.detach().cpu().float().numpy() for t in tree_leaves(model(*trial))
+            if isinstance(t, torch.Tensor)]
+
+
+def _rel_np(want: Any, got: Any) -> float:
+    if want.shape != got.shape:
+        return float("inf")
+    diff = abs(got.astype("float64") - want.astype("float64")).max(initial=0.0)
+    return float(diff / max(abs(want).max(initial=0.0), 1e-30))
 
 
 def _like(x: torch.Tensor, gen: torch.Generator, batch: int | None = None) -> torch.Tensor:

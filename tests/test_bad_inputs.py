@@ -337,6 +337,9 @@ def cli(*args, cwd=None):
     (["plan", "smallnet_7x7", "--input", "1,x,3"], "bad --input '1,x,3'"),
     (["plan", "nosuchpkg.mod:factory", "--input", "1,3"], "cannot load 'nosuchpkg.mod:factory'"),
     (["plan", "smallnet_7x7", "--rule", "XYZ"], "unknown rule"),
+    (["plan", "smallnet_7x7", "--input", "1,3,8,8"], "cannot run on an input of shape 1,3,8,8"),
+    (["check", "smallnet_7x7", "--input", "1,3"], "cannot run on an input of shape 1,3"),
+    (["plan", "expandfx.models:get_model", "--input", "1,3"], "failed when called with no "),
     (["export", "smallnet_7x7", "--weights", "missing.pt", "--out", "m.onnx"],
      "checkpoint 'missing.pt' not found"),
 ])
@@ -345,6 +348,12 @@ def test_malformed_input_gives_one_line_error(args, message, tmp_path):
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_rejects_non_positive_epochs():
+    out = cli("demo", "--epochs", "0")
+    assert out.returncode == 2 and "expected a positive integer, got '0'" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_checkpoint_of_another_architecture(tmp_path):

@@ -60,6 +60,16 @@ def test_export_of_an_expanded_checkpoint(tmp_path):
     assert report["passed"] and report["structure_matches"]
 
 
+def test_export_of_an_expanded_and_companded_checkpoint(tmp_path):
+    big = efx.compand(efx.expand(smallnet_7x7(), "CL", r=2), learnable="layer")
+    ckpt = tmp_path / "bigc.pt"
+    torch.save(big.state_dict(), ckpt)
+    out = cli("export", "smallnet_7x7", "--weights", str(ckpt), "--out", str(tmp_path / "m.onnx"),
+              "--rule", "CL", "--r", "2")
+    assert out.returncode == 0, out.stderr
+    assert "contracted 3 expanded block(s)" in out.stdout and "baked" in out.stdout
+
+
 def test_export_of_a_companded_checkpoint_checks_psi(tmp_path):
     model = efx.compand(smallnet_7x7(), psi="erf")
     ckpt = tmp_path / "c.pt"

@@ -87,23 +87,36 @@ def test_eval_cache_is_invalidated_by_optimizer_step_and_load_state_dict():
     snapshot = copy.deepcopy(big.state_dict())
     block = big.features[0]
     big.eval()
+    with efx.frozen(big):
+        with torch.no_grad():
+            y0 = big(x)
+            assert block.__dict__["_folded"] is not None
+            assert torch.equal(big(x), y0)  # served from the cache
+        big.train()
+        sgd_steps(big, x, steps=1)
+        big.eval()
+        with torch.no_grad():
+            y1 = big(x)
+            reference = efx.set_mode(copy.deepcopy(big), "sequential")(x)
+        assert not torch.allclose(y0, y1) and rel_err(reference, y1) <= 1e-5
+        big.load_state_dict(snapshot)
+        with torch.no_grad():
+            assert rel_err(y0, big(x)) <= 1e-6
+            block.layers[1].weight.mul_(2)  # any in-place edit through the parameter
+            assert rel_err(efx.set_mode(copy.deepcopy(big), "sequential")(x), big(x)) <= 1e-5
+    assert "_folded" not in block.__dict__  # the cache lives only inside frozen()
+
+
+def test_no_cache_outside_frozen_so_data_edits_are_seen():
+    big = efx.expand(MODELS["smallnet_7x7"](), "CL", r=2, mode="collapsed").eval()
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         y0 = big(x)
-        assert block.__dict__["_folded"] is not None
-        assert torch.equal(big(x), y0)  # served from the cache
-    big.train()
-    sgd_steps(big, x, steps=1)
-    big.eval()
-    with torch.no_grad():
+        for p in big.parameters():
+            p.data.mul_(0.5)  # invisible to version counters
         y1 = big(x)
         reference = efx.set_mode(copy.deepcopy(big), "sequential")(x)
     assert not torch.allclose(y0, y1) and rel_err(reference, y1) <= 1e-5
-    big.load_state_dict(snapshot)
-    with torch.no_grad():
-        assert rel_err(y0, big(x)) <= 1e-6
-        with torch.no_grad():
-            block.layers[1].weight.mul_(2)  # any in-place edit
-        assert rel_err(efx.set_mode(copy.deepcopy(big), "sequential")(x), big(x)) <= 1e-5
 
 
 def test_no_cache_while_gradients_are_needed():

@@ -121,23 +121,56 @@ def test_weight_decay_hits_v_and_never_a_b_when_learnable(learnable):
     assert shared == (learnable == "global")
 
 
-def test_modified_adaptive_optimizer_matches_hand_computed_adam_step():
+def adam_reference(model, xs, a, b, lr, eps, betas=(0.9, 0.999)):
+    """Hand-written Adam whose moments use ∂L/∂w, each step scaled by Ψ'(v) (the paper)."""
+    v = model[0].parametrizations.weight.original.detach().clone()
+    m1, m2 = torch.zeros_like(v), torch.zeros_like(v)
+    for t, x in enumerate(xs, start=1):
+        gw = grad_w(model_at(model, v, a, b), x)
+        m1 = betas[0] * m1 + (1 - betas[0]) * gw
+        m2 = betas[1] * m2 + (1 - betas[1]) * gw * gw
+        step = lr * (m1 / (1 - betas[0] ** t)) / ((m2 / (1 - betas[1] ** t)).sqrt() + eps)
+        v = v - step * (a / b) / (1 + (v / b) ** 2)
+    return v
+
+
+def model_at(model, v, a, b):
+    """A plain copy of ``model`` whose first weight is Ψ(v)."""
+    plain = efx.bake(model)
+    with torch.no_grad():
+        plain[0].weight.copy_(a * torch.atan(v / b))
+    return plain
+
+
+@pytest.mark.parametrize("use_closure", [False, True])
+def test_modified_adaptive_optimizer_matches_hand_computed_adam_steps(use_closure):
     a, b, lr, eps = 1.0, 0.7, 1e-2, 1e-8
-    model = efx.compand(small_linear(), a=a, b=b)
-    x = torch.randn(6, 5)
-    v0 = model[0].parametrizations.weight.original.detach().clone()
-    gw = grad_w(model, x)
-    opt = efx.ModifiedAdaptive(torch.optim.Adam(model.parameters(), lr=lr, eps=eps), model)
-    model(x).sum().backward()
-    opt.step()
-    # Adam's first step from the raw gradient ∂L/∂w: m̂ = g, v̂ = g², step = lr·g/(|g|+eps)
-    adam_step = lr * gw / (gw.abs() + eps)
-    dpsi = (a / b) / (1 + (v0 / b) ** 2)
-    expected = v0 - adam_step * dpsi
-    torch.testing.assert_close(model[0].parametrizations.weight.original.detach(), expected,
-                               rtol=1e-5, atol=1e-7)
-    # and it differs from plain Adam on v, whose step would be ±lr everywhere
-    assert not torch.allclose(expected, v0 - lr * torch.sign(gw))
+    model = efx.compand(small_linear(), a=a, b=b, include="0")
+    v0 = model[0].parametrizations.weight.original
+    for p in model.parameters():  # only v0 trains, so the reference below is all of it
+        p.requires_grad_(p is v0)
+    xs = [torch.randn(6, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    expected = adam_reference(copy.deepcopy(model), xs, a, b, lr, eps)
+    opt = efx.modified_adaptive(torch.optim.Adam([v0], lr=lr, eps=eps), model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)  # still an Optimizer
+    for x in xs:
+        opt.zero_grad()
+        if use_closure:
+            opt.step(lambda x=x: model(x).sum().backward())
+        else:
+            model(x).sum().backward()
+            opt.step()
+        sched.step()
+    got = model[0].parametrizations.weight.original.detach()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    # plain Adam on v (moments of ∂L/∂v) lands elsewhere after several steps
+    plain = efx.compand(small_linear(), a=a, b=b, include="0")
+    plain_opt = torch.optim.Adam([plain[0].parametrizations.weight.original], lr=lr, eps=eps)
+    for x in xs:
+        plain_opt.zero_grad()
+        plain(x).sum().backward()
+        plain_opt.step()
+    assert not torch.allclose(plain[0].parametrizations.weight.original, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("learnable", [None, "layer", "global"])

@@ -38,8 +38,12 @@ def networks(draw):
             mode = "zeros"
         layers.append(nn.Conv2d(channels, out, kk, stride=stride, padding=pad, groups=groups,
                                 bias=draw(st.booleans()), padding_mode=mode))
-        shape = torch.nn.Sequential(*layers)(torch.zeros(1, layers[0].in_channels, size, size))
-        if min(shape.shape[2:]) < 3:
+        try:
+            out_shape = nn.Sequential(*layers)(torch.zeros(1, layers[0].in_channels, size,
+                                                           size)).shape
+        except RuntimeError:  # the kernel no longer fits the feature map: stop here
+            out_shape = None
+        if out_shape is None or min(out_shape[2:]) < 3:
             layers.pop()
             break
         channels = out

@@ -114,3 +114,21 @@ def test_model_whose_export_differs_from_eager_fails(tmp_path):
 def test_non_tensor_inputs_are_refused(tmp_path):
     with pytest.raises(efx.ConfigError, match="example_inputs must be a tensor"):
         efx.export_onnx(MODELS["smallnet_3x3"](), ([1, 2],), tmp_path / "m.onnx")
+
+
+def test_dict_and_nested_outputs_are_verified(tmp_path):
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return {"logits": y, "aux": (y * 2, y.mean((2, 3)))}
+
+    big = efx.expand(Heads(), "CL", r=2)
+    randomize(big)
+    report = efx.export_onnx(big, (torch.randn(2, 3, 8, 8),), tmp_path / "m.onnx")
+    assert report.passed and len(report.outputs) == 3
+    assert report.fold_error is not None and report.fold_error <= 1e-5
+    assert all(len(level) == 3 for level in report.errors.values())
