@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,6 +75,9 @@ def layer_signature(layer: nn.Module) -> tuple[Any, ...]:
 
 
 MODES = ("auto", "collapsed", "sequential")
+# Blocks inside efx.frozen(): block -> [depth, (key, folded weights) or None]. Kept outside
+# the blocks so that deepcopy / pickle never carry a cache or the frozen state along.
+_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def check_mode(mode: str) -> str:
@@ -114,14 +118,17 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     ...     y = big(torch.randn(2, 3, 32, 32))
     """
     found = [m for m in model.modules() if isinstance(m, ExpandedBlock)]
-    for block in found:
-        block.__dict__["_freeze"] = True
+    for block in found:  # [nesting depth, cached fold]; copies of a block are not in here
+        _FROZEN.setdefault(block, [0, None])[0] += 1
     try:
         yield model
     finally:
         for block in found:
-            block.__dict__.pop("_freeze", None)
-            block.__dict__.pop("_folded", None)
+            state = _FROZEN.get(block)
+            if state is not None:
+                state[0] -= 1
+                if state[0] <= 0:
+                    del _FROZEN[block]
 
 
 def explicit_padding(conv: nn.Module) -> list[int]:
@@ -194,7 +201,7 @@ class ExpandedBlock(nn.Module):
             raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:  # the nonlinear counterpart: layer, act, layer, act, layer
+        if getattr(self, "act", None) is not None:  # nonlinear counterpart: layer, act, layer
             if self.pre_pad is not None:
                 x = F.pad(x, self.pre_pad, mode=self.pad_mode)
             for i, layer in enumerate(self.layers):
@@ -226,19 +233,19 @@ class ExpandedBlock(nn.Module):
     def folded(self) -> WeightBias:
         """:meth:`weight_bias` in the working dtype; cached only inside :func:`frozen`.
 
-        Even there the cache key holds the identity and version counter of every
-        parameter and buffer, so an optimizer step or ``load_state_dict`` invalidates it;
-        edits through ``.data`` are invisible to version counters, which is why caching
-        is opt-in.
+        Even there the cache key holds the identity, version counter, storage, dtype and
+        device of every parameter and buffer, so an optimizer step, ``load_state_dict``,
+        ``.to()`` or a reassigned ``.data`` invalidates it; in-place edits through ``.data``
+        are invisible to version counters, which is why caching is opt-in.
         """
-        if not self.__dict__.get("_freeze") or self.training or torch.is_grad_enabled():
+        state = _FROZEN.get(self)
+        if state is None or self.training or torch.is_grad_enabled():
             return self.weight_bias()
-        key = tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
-        cached = self.__dict__.get("_folded")
-        if cached is None or cached[0] != key:
-            cached = (key, self.weight_bias())
-            self.__dict__["_folded"] = cached
-        return cached[1]
+        key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device)
+                    for t in (*self.parameters(), *self.buffers()))
+        if state[1] is None or state[1][0] != key:
+            state[1] = (key, self.weight_bias())
+        return state[1][1]
 
     def check(self, path: str = "") -> None:
         """Raise :class:`ContractionError` unless the chain is still exactly foldable."""

@@ -101,9 +101,13 @@ def example_input(model: nn.Module, name: str, given: str | None) -> torch.Tenso
     return x
 
 
-def block_keys(keys: list[str]) -> bool:
-    """Whether state_dict keys hold expanded blocks (plain or companded factors)."""
-    return any(BLOCK_KEY.search(k) for k in keys)
+def block_keys(keys: list[str], own: set[str]) -> bool:
+    """Whether state_dict keys hold expanded blocks of the model's conv/linear layers."""
+    for key in keys:
+        match = BLOCK_KEY.search(key)
+        if match and f"{key[:match.start()]}.weight" in own:  # '<layer>.layers.<i>...'
+            return True
+    return False
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -129,9 +133,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype)
                         / max(1.0, p[0].numel() ** 0.5 if p.dim() > 1 else 10.0))
     small = efx.contract(big) if n_blocks else big
+    from torch.utils._pytree import tree_leaves
+
     with torch.no_grad():
-        ref, out = big(x), small(x)
-    err = ((ref - out).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        pairs = zip(tree_leaves(big(x)), tree_leaves(small(x)), strict=True)
+        err = max(((r - o).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+                  for r, o in pairs if isinstance(r, torch.Tensor))
     same_keys = list(small.state_dict()) == list(model.state_dict())
     print(f"{args.model}: {n_blocks} layer(s) expanded with {args.rule}, r={args.r:g}")
     print(f"contract(big) vs big: max |diff| / max |out| = {err:.2e} (limit 1e-5)")
@@ -169,7 +176,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CLIError(f"{str(path)!r} holds {type(state).__name__}, not a state_dict")
     own = set(model.state_dict())
     foreign = [k for k in state if k not in own]
-    expanded = block_keys(foreign)
+    expanded = block_keys(foreign, own)
     if expanded:
         if args.rule is None or args.r is None:
             raise CLIError(f"{str(path)!r} is a checkpoint of an expanded model: pass the rule "

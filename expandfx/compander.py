@@ -241,8 +241,10 @@ def modified_adaptive(optimizer: torch.optim.Optimizer, model: nn.Module
     keep working): for every companded ``v`` the optimizer computes its step from the raw
     gradient ``∂L/∂Ψ(v)`` — Adam's moments see ``∂L/∂w`` — and the step is then scaled by
     ``Ψ'(v)``; every other parameter is stepped as usual. A ``closure`` is evaluated first
-    (with gradients), so it works too. Optimizer weight decay on ``v`` (learnable a, b with
-    :func:`decay_groups`) is part of the rescaled step.
+    (with gradients), so it works too (not for LBFGS, which re-evaluates it: refused).
+    Optimizer weight decay on ``v`` (learnable a, b with :func:`decay_groups`) is part of
+    the rescaled step. Only the ``v`` this optimizer owns are touched. The patch lives on
+    the optimizer object: re-apply it to a deep-copied or reloaded optimizer.
 
     Example::
 
@@ -250,12 +252,20 @@ def modified_adaptive(optimizer: torch.optim.Optimizer, model: nn.Module
         loss.backward()
         opt.step()   # v.grad is turned into ∂L/∂w in place before the inner step
     """
+    if getattr(optimizer, "_expandfx_modified_adaptive", False):
+        raise ConfigError(f"modified_adaptive: this {type(optimizer).__name__} is already "
+                          f"patched; apply modified_adaptive once per optimizer.")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ConfigError("modified_adaptive: LBFGS re-evaluates its closure inside step(), "
+                          "so its gradients cannot be rescaled; use an Adam-style optimizer.")
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
     targets = [(layer.parametrizations["weight"].original, comp)
-               for _, layer, comp in companded(model)]
+               for _, layer, comp in companded(model)
+               if id(layer.parametrizations["weight"].original) in owned]
     if not targets:
-        raise ConfigError(f"modified_adaptive: {type(model).__name__} has no companded "
-                          f"weights; call expandfx.compand(model) before building the "
-                          f"optimizer.")
+        raise ConfigError(f"modified_adaptive: the optimizer holds no companded weight of "
+                          f"{type(model).__name__}; call expandfx.compand(model) before "
+                          f"building the optimizer, and give it the model's parameters.")
     inner_step = optimizer.step
 
     def step(self: torch.optim.Optimizer,
@@ -279,6 +289,7 @@ def modified_adaptive(optimizer: torch.optim.Optimizer, model: nn.Module
         return loss
 
     optimizer.step = types.MethodType(step, optimizer)  # a bound method, as schedulers expect
+    optimizer._expandfx_modified_adaptive = True
     return optimizer
 
 

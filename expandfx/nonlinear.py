@@ -35,12 +35,22 @@ def nonlinear_counterpart(model: nn.Module, act: str | Callable[[], nn.Module] =
                           ) -> nn.Module:
     """Put a fresh ``act`` between the layers of every expanded block (in place)."""
     make = ACTIVATIONS.get(act) if isinstance(act, str) else act
-    if make is None or not callable(make):
-        raise ConfigError(f"nonlinear_counterpart: act must be one of {sorted(ACTIVATIONS)} or "
-                          f"a zero-argument callable returning an nn.Module, got {act!r}.")
+    hint = (f"act must be one of {sorted(ACTIVATIONS)} or a zero-argument callable returning "
+            f"an nn.Module (pass nn.ReLU, not nn.ReLU())")
+    if make is None or not callable(make) or isinstance(make, nn.Module):
+        raise ConfigError(f"nonlinear_counterpart: {hint}; got {act!r}.")
     found = _blocks(model, "nonlinear_counterpart")
     for block in found:
-        block.act = make()
+        try:
+            module = make()
+        except Exception as exc:
+            raise ConfigError(f"nonlinear_counterpart: calling {act!r} failed ({exc}); {hint}."
+                              ) from None
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"nonlinear_counterpart: {act!r} returned "
+                              f"{type(module).__name__}; {hint}.")
+        ref = block.layers[0].weight
+        block.act = module.to(device=ref.device, dtype=ref.dtype)
     return model
 
 

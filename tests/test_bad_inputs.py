@@ -362,3 +362,23 @@ def test_checkpoint_of_another_architecture(tmp_path):
     out = cli("export", "smallnet_7x7", "--weights", str(ckpt), "--out", str(tmp_path / "m.onnx"))
     assert out.returncode == 2 and "does not fit smallnet_7x7" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_modified_adaptive_twice_or_lbfgs_is_refused():
+    model = efx.compand(small_linear())
+    opt = efx.modified_adaptive(torch.optim.Adam(model.parameters()), model)
+    with pytest.raises(efx.ConfigError, match=r"already patched; apply modified_adaptive once"):
+        efx.modified_adaptive(opt, model)
+    with pytest.raises(efx.ConfigError, match=r"LBFGS.*Adam-style"):
+        efx.modified_adaptive(torch.optim.LBFGS(model.parameters()), model)
+    biases = torch.optim.SGD([model[0].bias], lr=0.1)
+    with pytest.raises(efx.ConfigError, match=r"holds no companded weight of Sequential"):
+        efx.modified_adaptive(biases, model)
+
+
+def test_nonlinear_counterpart_refuses_a_module_instance():
+    big = efx.expand(net(), "CL", r=2)
+    with pytest.raises(efx.ConfigError, match=r"pass nn.ReLU, not nn.ReLU\(\)"):
+        efx.nonlinear_counterpart(big, nn.ReLU())
+    with pytest.raises(efx.ConfigError, match=r"returned Tensor"):
+        efx.nonlinear_counterpart(big, lambda: torch.zeros(1))

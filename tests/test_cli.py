@@ -89,3 +89,33 @@ def test_demo_quick_writes_its_outputs(tmp_path):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["contract_rel_error"] <= 1e-5 and report["onnx"]["passed"]
     assert report["params_test"] < report["params_train"]
+
+
+def test_export_of_a_companded_compact_model_with_a_layers_submodule(tmp_path):
+    factory = tmp_path / "nets_with_layers.py"
+    factory.write_text(
+        "import torch.nn as nn\n"
+        "class Enc(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.layers = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())\n"
+        "    def forward(self, x):\n"
+        "        return self.layers(x)\n"
+        "def make():\n"
+        "    m = nn.Sequential()\n"
+        "    m.enc = Enc()\n"
+        "    return m\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets_with_layers", factory)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ckpt = tmp_path / "comp.pt"
+    torch.save(efx.compand(mod.make()).state_dict(), ckpt)
+    out = subprocess.run([sys.executable, "-m", "expandfx", "export", "nets_with_layers:make",
+                          "--weights", str(ckpt), "--input", "1,3,8,8", "--out",
+                          str(tmp_path / "c.onnx")], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env={**__import__("os").environ,
+                                                         "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "baked 1 companded weight(s)" in out.stdout
