@@ -1,8 +1,11 @@
-"""Cost estimates (MACs per forward) that let ``mode="auto"`` pick how a block runs.
+"""MACs (multiply-accumulates per forward) of layers and expanded blocks, computed from
+shapes alone: the plan's MAC columns and the cost model of ``mode="auto"``.
 
-Sequential: the MACs of every factor on the input. Collapsed: the MACs of the
-original layer plus those of composing the factors (independent of the batch).
-Backward costs about twice the forward in both modes, so forward MACs decide.
+A conv/linear layer costs output elements × weight fan-in (biases, norms and activations
+are not counted — the paper's convention for its complexity tables). Sequential: the MACs
+of every factor on the input. Collapsed: the MACs of the original layer plus those of
+composing the factors (independent of the batch). Backward costs about twice the forward in
+both modes, so forward MACs decide.
 
 Example::
 
@@ -38,13 +41,13 @@ def sequential_macs(block: ExpandedBlock, input_shape: Sequence[int]) -> int:
             shape[-1 - i] += block.pre_pad[2 * i] + block.pre_pad[2 * i + 1]
     total = 0
     for layer in block.layers:
-        shape, macs = _layer(layer, shape)
+        shape, macs = layer_macs(layer, shape)
         total += macs
     return total
 
 
 def collapsed_macs(block: ExpandedBlock, input_shape: Sequence[int]) -> int:
-    _, macs = _layer(block.template, list(input_shape))
+    _, macs = layer_macs(block.template, list(input_shape))
     return macs + compose_macs(block)
 
 
@@ -53,8 +56,9 @@ def compose_macs(block: ExpandedBlock) -> int:
     return chain_cost([tuple(layer.weight.shape) for layer in block.layers])
 
 
-def _layer(layer: nn.Module, shape: list[int]) -> tuple[list[int], int]:
-    """(output shape, MACs) of a conv/linear layer for an input shape."""
+def layer_macs(layer: nn.Module, shape: list[int]) -> tuple[list[int], int]:
+    """(output shape, MACs) of a conv/linear layer for an input shape: output elements ×
+    weight fan-in (``in/groups × kernel`` for a conv, ``in_features`` for a linear)."""
     if isinstance(layer, nn.Linear):
         out = [*shape[:-1], layer.out_features]
         return out, math.prod(out) * layer.in_features

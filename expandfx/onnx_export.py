@@ -144,20 +144,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     default it is rebuilt from the expanded blocks' original layers. Returns an
     :class:`ExportReport`; raises :class:`VerificationError` on any mismatch.
     """
-    inputs = _as_inputs(example_inputs)
-    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if meta:
-        raise ConfigError(f"export_onnx: '{meta[0]}' (and {len(meta) - 1} more) is on the meta "
-                          f"device and has no values to export. Materialize the model first "
-                          f"(model.to_empty(device='cpu') and load_state_dict).")
-    report = ExportReport(path=os.fspath(path))
-    deploy, report.transformed = deployable(model)
-    deploy.eval()
-    dtype = next((p.dtype for p in deploy.parameters()), torch.float32)
-    default_rtol, default_atol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-    report.rtol = default_rtol if rtol is None else rtol
-    report.atol = default_atol if atol is None else atol
-
+    inputs, deploy, report = _prepare(model, example_inputs, path, rtol, atol)
     t0 = time.perf_counter()
     _export(deploy, inputs, report.path, dynamic_batch, opset)
     report.timings["export"] = time.perf_counter() - t0
@@ -168,16 +155,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         onnx.checker.check_model(report.path, full_check=True)
     except Exception as exc:  # onnx raises ValidationError / InferenceError
         hint = (" ONNX has no bfloat16 Conv/Gemm: export a float32 copy (model.float())."
-                if dtype == torch.bfloat16 else "")
+                if _dtype(deploy) == torch.bfloat16 else "")
         raise ConfigError(f"export_onnx: onnx.checker rejected the exported "
                           f"{type(model).__name__}: {str(exc).splitlines()[0]}.{hint}") from exc
-    proto = onnx.load(report.path)
+    _describe(report, onnx.load(report.path))
     report.timings["check"] = time.perf_counter() - t0
-    report.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                        None)
-    report.inputs = [(i.name, _dims(i)) for i in proto.graph.input]
-    report.outputs = [(o.name, _dims(o)) for o in proto.graph.output]
-    report.op_histogram, report.parameter_count = graph_summary(proto)
 
     if reference is None and report.transformed and blocks(model):
         reference = compact_architecture(model)
@@ -189,9 +171,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             report.reference_op_histogram, report.reference_parameter_count = graph_summary(
                 onnx.load(ref_path))
     if verify:
-        original = copy.deepcopy(model).eval() if report.transformed else None
-        report.fold_tolerance = FOLD_TOLERANCES.get(dtype, 1e-5)
-        check_report(deploy, inputs, report, dynamic_batch, n_random, original)
+        check_report(deploy, inputs, report, dynamic_batch, n_random, _original(model, report))
     log.info("%s", report)
     return report
 
@@ -202,20 +182,48 @@ def verify_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     """Verify an existing ONNX file against the deployable form of ``model``."""
     import onnx
 
+    inputs, deploy, report = _prepare(model, example_inputs, path, rtol, atol)
+    _describe(report, onnx.load(report.path))
+    check_report(deploy, inputs, report, dynamic_batch, n_random, _original(model, report))
+    return report
+
+
+def _prepare(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
+             rtol: float | None, atol: float | None
+             ) -> tuple[tuple[torch.Tensor, ...], nn.Module, ExportReport]:
+    """Checked inputs, the deployable eval-mode copy, and a report with its tolerances."""
     inputs = _as_inputs(example_inputs)
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ConfigError(f"export_onnx: '{meta[0]}' (and {len(meta) - 1} more) is on the meta "
+                          f"device and has no values to export. Materialize the model first "
+                          f"(model.to_empty(device='cpu') and load_state_dict).")
     deploy, transformed = deployable(model)
     deploy.eval()
-    report = ExportReport(path=os.fspath(path), transformed=transformed)
-    dtype = next((p.dtype for p in deploy.parameters()), torch.float32)
+    dtype = _dtype(deploy)
     default_rtol, default_atol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-    report.rtol = default_rtol if rtol is None else rtol
-    report.atol = default_atol if atol is None else atol
-    proto = onnx.load(report.path)
+    report = ExportReport(path=os.fspath(path), transformed=transformed,
+                          rtol=default_rtol if rtol is None else rtol,
+                          atol=default_atol if atol is None else atol,
+                          fold_tolerance=FOLD_TOLERANCES.get(dtype, 1e-5))
+    return inputs, deploy, report
+
+
+def _describe(report: ExportReport, proto: Any) -> None:
+    report.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                        None)
     report.inputs = [(i.name, _dims(i)) for i in proto.graph.input]
     report.outputs = [(o.name, _dims(o)) for o in proto.graph.output]
     report.op_histogram, report.parameter_count = graph_summary(proto)
-    check_report(deploy, inputs, report, dynamic_batch, n_random)
-    return report
+
+
+def _original(model: nn.Module, report: ExportReport) -> nn.Module | None:
+    """An eval-mode copy of the given model, when the deployable copy was transformed."""
+    return copy.deepcopy(model).eval() if report.transformed else None
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters()), torch.float32)
 
 
 def check_report(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,

@@ -29,7 +29,8 @@ from torch.nn.utils import parametrize
 
 from . import rules
 from .block import LAYER_TYPES, ExpandedBlock, base_type, torch_layer_type
-from .counting import macs, param_count
+from .costs import layer_macs, sequential_macs
+from .counting import param_count
 from .errors import ConfigError
 from .tracing import GraphView, inspect
 
@@ -123,13 +124,12 @@ def plan(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
         row.params_before = row.params_after = param_count(row.module)
         shape = shapes.get(id(row.module))
         if shape is not None:
-            row.macs_before = row.macs_after = macs(row.module, shape)
+            row.macs_before = row.macs_after = layer_macs(row.module, list(shape))[1]
         if row.rule:
             meta_block = PASSES[row.rule].build(row.module, r, path=row.path, device="meta")
-            meta_block.mode = "sequential"  # count what the expansion costs, factor by factor
             row.params_after = param_count(meta_block)
             if shape is not None:
-                row.macs_after = macs(meta_block, shape)
+                row.macs_after = sequential_macs(meta_block, shape)
     notes = [f"functional call {c}: left alone" for c in view.functional_calls]
     return Plan(rows, view.traced, view.error, notes)
 

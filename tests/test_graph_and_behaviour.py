@@ -265,3 +265,22 @@ def test_contract_takes_requires_grad_from_the_trained_factors():
     big.requires_grad_(False)
     small = efx.contract(big)
     assert not any(p.requires_grad for p in small.parameters())
+
+
+@pytest.mark.parametrize(("name", "rule"), [("smallnet_7x7", "CL+FC"), ("smallnet_7x7", "CK"),
+                                            ("mobilenet_v1", "CL"), ("cnn1d", "CK+FC"),
+                                            ("tiny_unet", "CL")])
+def test_plan_macs_equal_torch_flop_counter(name, rule):
+    """The analytic MAC count (plan, auto mode) against torch's own counter (FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from expandfx.models import EXAMPLE_SHAPES, MODELS
+
+    model = MODELS[name]().eval()
+    x = torch.randn(EXAMPLE_SHAPES[name])
+    totals = efx.plan(model, rule, 2, example_inputs=(x,)).totals()
+    big = efx.set_mode(efx.expand(model, rule, r=2), "sequential").eval()
+    for counted, net in ((totals["macs_before"], model), (totals["macs_after"], big)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(x)
+        assert counted == counter.get_total_flops() // 2
