@@ -47,7 +47,6 @@ log = logging.getLogger("expandfx")
 # DESIGN.md §4 for float32; torch.testing's defaults for the other dtypes.
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-7),
               torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
-LEVELS = ("disabled", "all")
 # contract(model)(x) vs model(x): DESIGN.md §4 for float32, scaled for the other dtypes
 FOLD_TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3,
                    torch.bfloat16: 3e-2}

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import pytest
 import torch
 from torch import nn
@@ -50,16 +47,6 @@ SMALLNET_7X7_PARAMS = 66_186
 #   fc1 256->64: 16,448; fc2 64->10: 650
 #   total = 133,008 + 240 + 16,448 + 650 = 150,346
 SMALLNET_7X7_ABLATION_PARAMS = 150_346
-
-MODEL_MODULES = [
-    "expandfx.models",
-    "expandfx.models.smallnet",
-    "expandfx.models.mobilenet",
-    "expandfx.models.resnet",
-    "expandfx.models.unet",
-    "expandfx.models.cnn1d",
-]
-
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -142,11 +129,3 @@ def test_get_model_unknown_name_lists_known() -> None:
     message = str(excinfo.value)
     for name in EXPECTED_NAMES:
         assert name in message
-
-
-@pytest.mark.parametrize("module_name", MODEL_MODULES)
-def test_docstring_examples(module_name: str) -> None:
-    module = importlib.import_module(module_name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0
-    assert result.failed == 0
