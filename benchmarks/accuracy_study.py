@@ -1,26 +1,39 @@
-"""Accuracy study at CPU scale: do expansion and the compander help compact nets train?
+"""Accuracy study at CPU scale: does expansion (or the compander) help compact nets train?
 
 Two real data sets available offline — MNIST-1D (``mnist1d.make_dataset()``, 4000 train /
 1000 test) with the in-repo 1D CNN (5-wide kernels, so CK applies), and scikit-learn's 8×8
-digits with the paper's SmallNet shape adapted to 8×8 — and the variants compact, FC, CL,
-CK, CL+FC, CK+FC, CK+FC+Init, compander, compander+CK (r = 4, compander arctan a = 1,
-b = 0.7). Every variant uses the same optimizer, schedule and epochs, tuned for the compact
-network (as the paper does): SGD lr 0.05, momentum 0.9, weight decay 5e-4, cosine, batch 64.
-Seeds 0..4. Gradient confusion (min pairwise cosine of 8 mini-batch gradients) at the end
-of training for compact, CL and CK.
+digits with the paper's SmallNet shape adapted to 8×8 — and the variants of
+``benchmarks/variants.py`` (r = 4, compander arctan a = 1, b = 0.7). Two protocols:
 
-    python benchmarks/accuracy_study.py            # full run (~10 min), writes results/
-    python benchmarks/accuracy_study.py --quick    # 1 seed, 2 epochs, 512 images (tests)
+- ``sweep`` (the fair one): every variant, the compact net included, trains with SGD
+  (momentum 0.9, weight decay 5e-4, cosine, batch 64) and the learning rates of
+  ``expandfx.param_groups`` (lr/N per factor) at each lr of ``LRS``; 20 % of the training
+  set is held out for validation, and each variant's lr is chosen by its mean final
+  validation accuracy. Reported: final test accuracy at the chosen lr (best vs best),
+  with the count of divergent runs, and the whole lr × variant grid.
+- ``authors``: the ExpandNets authors' own recipe (their ``exp_cifar`` code): SGD lr 0.01
+  ÷10 after each third of training, momentum 0.9, no weight decay, default init, plain
+  SGD on every parameter (no per-factor rule), the same for every model.
+
+Seeds 0..4; every run at a fixed torch thread count with deterministic kernels, runs
+spread over worker processes (the result of a run does not depend on how many run beside
+it). Gradient confusion (min pairwise cosine of 8 mini-batch gradients) at the end of
+training for compact, CL and CK.
+
+    python benchmarks/accuracy_study.py              # full run, writes results/
+    python benchmarks/accuracy_study.py --quick      # 1 seed, 2 epochs, 1 lr (tests)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,19 +41,21 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from variants import VARIANTS, build_variant  # noqa: E402
+from variants import VARIANTS, build_variant, phases  # noqa: E402
 
 import expandfx as efx  # noqa: E402
 from expandfx.analysis import gradient_confusion  # noqa: E402
-from expandfx.demo import accuracy, digits, train  # noqa: E402
+from expandfx.demo import accuracy, digits, fit, reproducible  # noqa: E402
 from expandfx.models import CNN1D, smallnet_digits  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 R, A, B = 4.0, 1.0, 0.7
-# +Init as the paper runs it: train the nonlinear counterpart with the full schedule, then
-# remove the nonlinearities and train the ExpandNet with the full schedule again (2x epochs).
-PAPER_INIT = "CK+FC+Init(2x)"
-STUDY_VARIANTS = [*VARIANTS, PAPER_INIT]
+LRS = (0.01, 0.02, 0.05, 0.1)
+SEEDS = (0, 1, 2, 3, 4)
+PROTOCOLS = {  # name -> fit() keyword arguments (lr comes from the sweep or is fixed)
+    "sweep": {"weight_decay": 5e-4, "chain_lr": "1/N", "schedule": "cosine"},
+    "authors": {"lr": 0.01, "weight_decay": 0.0, "chain_lr": None, "schedule": "step"},
+}
 
 
 def mnist1d(seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -59,52 +74,99 @@ DATASETS: dict[str, tuple[Callable[[], tuple], Callable[[], nn.Module], int]] = 
     "MNIST-1D (CNN1D)": (mnist1d, CNN1D, 30),
     "digits 8x8 (SmallNet)": (digits, smallnet_digits, 40),
 }
+_DATA: dict[tuple[str, bool], tuple] = {}
 
 
-def run(quick: bool, out: Path) -> dict:
-    torch.set_num_threads(2)
-    seeds = [0] if quick else [0, 1, 2, 3, 4]
-    results: dict = {}
-    for dname, (load, factory, epochs) in DATASETS.items():
-        epochs = 2 if quick else epochs
-        data = load()
+def split(dname: str, quick: bool) -> tuple[tuple[torch.Tensor, ...], tuple]:
+    """(train, test) data and the validation split: the last 20 % of the training set."""
+    if (dname, quick) not in _DATA:
+        xtr, ytr, xte, yte = DATASETS[dname][0]()
         if quick:  # a smoke run: a slice of the data
-            data = (data[0][:512], data[1][:512], data[2][:256], data[3][:256])
-        xtr, ytr, xte, yte = data
-        results[dname] = {}
-        for variant in STUDY_VARIANTS:
-            runs = []
+            xtr, ytr, xte, yte = xtr[:640], ytr[:640], xte[:256], yte[:256]
+        cut = int(0.8 * len(ytr))
+        _DATA[(dname, quick)] = ((xtr[:cut], ytr[:cut], xte, yte), (xtr[cut:], ytr[cut:]))
+    return _DATA[(dname, quick)]
+
+
+def one_run(task: tuple) -> dict:
+    """Train one (protocol, data set, variant, lr, seed); the unit of work of a worker."""
+    protocol, dname, variant, lr, seed, epochs, quick, threads = task
+    with reproducible(threads):
+        data, val = split(dname, quick)
+        kwargs = {**PROTOCOLS[protocol], "lr": lr}
+        torch.manual_seed(1000 + seed)
+        model = build_variant(variant, DATASETS[dname][1], R, A, B)
+        t0 = time.perf_counter()
+        out = {"test": [], "val": [], "diverged": False}
+        for phase in range(phases(variant)):
+            if phase == 1:  # +Init: linearize the trained counterpart, calibrated
+                efx.linearize(model, calibrate=data[0][:512].split(64))
+            got = fit(model, data, epochs, seed + 100 * phase, f"{dname} {variant} "
+                      f"lr{lr} s{seed}", val=val, **kwargs)
+            out = {k: out[k] + got[k] for k in ("test", "val")} | {
+                "diverged": out["diverged"] or got["diverged"]}
+        rec = {"protocol": protocol, "data": dname, "variant": variant, "lr": lr,
+               "seed": seed, **out, "last": out["test"][-1], "val_last": out["val"][-1],
+               "seconds": time.perf_counter() - t0}
+        if not out["diverged"]:
+            deployed = efx.contract(model) if variant != "compact" else model
+            rec["deployed"] = accuracy(deployed, *data[2:])
+            if variant in ("compact", "CL", "CK") and protocol == "sweep":
+                gen = torch.Generator().manual_seed(seed)
+                idx = torch.randperm(len(data[1]), generator=gen)[:8 * 64].split(64)
+                model.eval()
+                rec["confusion"] = gradient_confusion(
+                    model, F.cross_entropy, [(data[0][i], data[1][i]) for i in idx])
+    return rec
+
+
+def tasks(quick: bool, threads: int) -> list[tuple]:
+    seeds, lrs = ((0,), (0.05,)) if quick else (SEEDS, LRS)
+    out = []
+    for dname, (_, _, epochs) in DATASETS.items():
+        epochs = 2 if quick else epochs
+        for variant in VARIANTS:
             for seed in seeds:
-                torch.manual_seed(1000 + seed)
-                t0 = time.perf_counter()
-                if variant == PAPER_INIT:  # the paper's protocol: two full trainings
-                    model, _ = build_variant("CK+FC+Init", factory, epochs, R, A, B)
-                    curve = train(model, data, epochs, seed, f"{dname} {variant} s{seed} 1/2")
-                    efx.linearize(model)
-                    curve += train(model, data, epochs, seed + 100,
-                                   f"{dname} {variant} s{seed} 2/2")
-                else:
-                    model, hook = build_variant(variant, factory, epochs, R, A, B)
-                    curve = train(model, data, epochs, seed, f"{dname} {variant} s{seed}",
-                                  on_epoch=hook)
-                seconds = time.perf_counter() - t0
-                train_acc = accuracy(model, xtr, ytr)
-                deployed = efx.contract(model) if variant != "compact" else model
-                run_rec = {"seed": seed, "curve": curve, "best": max(curve), "last": curve[-1],
-                           "train": train_acc, "gap": train_acc - curve[-1],
-                           "deployed": accuracy(deployed, xte, yte), "seconds": seconds}
-                if variant in ("compact", "CL", "CK"):
-                    gen = torch.Generator().manual_seed(seed)
-                    idx = torch.randperm(len(ytr), generator=gen)[:8 * 64].split(64)
-                    model.eval()
-                    run_rec["confusion"] = gradient_confusion(
-                        model, F.cross_entropy, [(xtr[i], ytr[i]) for i in idx])
-                runs.append(run_rec)
-            results[dname][variant] = runs
-            best = statistics.fmean(r["best"] for r in runs)
-            print(f"{dname:24} {variant:14} best {best:.4f}", flush=True)
-    write(results, seeds, out, quick)
-    return results
+                out += [("sweep", dname, variant, lr, seed, epochs, quick, threads)
+                        for lr in lrs]
+                out.append(("authors", dname, variant, PROTOCOLS["authors"]["lr"], seed,
+                            epochs, quick, threads))
+    return out
+
+
+def run(quick: bool, out: Path, jobs: int = 1, threads: int = 1) -> list[dict]:
+    todo = tasks(quick, threads)
+    t0 = time.perf_counter()
+    if jobs > 1:
+        spawn = multiprocessing.get_context("spawn")  # no fork of a threaded torch
+        with ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
+            records = list(pool.map(one_run, todo))
+    else:
+        records = [one_run(t) for t in todo]
+    with reproducible(threads) as setup:
+        pass
+    meta = {"setup": setup, "jobs": jobs, "quick": quick, "minutes":
+            (time.perf_counter() - t0) / 60, "date": time.strftime("%Y-%m-%d")}
+    write(records, meta, out)
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per protocol, data set and variant: the chosen lr and its test accuracy."""
+    cells: dict = {}
+    for r in records:
+        cells.setdefault((r["protocol"], r["data"], r["variant"]), {}).setdefault(
+            r["lr"], []).append(r)
+    table = {}
+    for key, by_lr in cells.items():
+        chosen = max(by_lr, key=lambda lr: statistics.fmean(r["val_last"] for r in by_lr[lr]))
+        runs = by_lr[chosen]
+        table[key] = {"lr": chosen, "runs": runs,
+                      "diverged": sum(r["diverged"] for r in runs),
+                      "diverged_any_lr": sum(r["diverged"] for v in by_lr.values() for r in v),
+                      "grid": {lr: ([r["last"] for r in v], sum(r["diverged"] for r in v))
+                               for lr, v in sorted(by_lr.items())}}
+    return table
 
 
 def _ms(values: list[float]) -> str:
@@ -113,57 +175,83 @@ def _ms(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def write(results: dict, seeds: list[int], out: Path, quick: bool) -> None:
+def write(records: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Accuracy study (CPU scale)\n\nMeasured {time.strftime('%Y-%m-%d')}, torch "
-             f"{torch.__version__}, seeds {seeds}{' (QUICK RUN)' if quick else ''} "
-             f"(`python benchmarks/accuracy_study.py`). Test accuracy in % (mean ± std over "
-             f"seeds) of the best and the last epoch; gap = train − test accuracy at the end; "
-             f"'deployed' = the contracted compact model, which equals the trained one. "
-             f"Gradient confusion = min pairwise cosine similarity of 8 mini-batch gradients "
-             f"at the end of training, model in eval mode so batch-norm statistics are not "
-             f"touched (higher is better). r = {R:g}; compander arctan a = {A:g}, b = {B:g}; "
-             f"same SGD schedule and epochs for every variant. +Init: the nonlinear "
-             f"counterpart (ReLU between the layers of every block) trains for the first "
-             f"half of the epochs, then the ReLUs are removed (weights kept) and it trains "
-             f"on as an ExpandNet, keeping the budget equal to the other variants; "
-             f"{PAPER_INIT} follows the paper: the counterpart trains with the full schedule, "
-             f"then the ExpandNet trains with the full schedule again (twice the epochs; its "
-             f"curve is twice as long).\n"]
-    for dname, variants in results.items():
-        lines += [f"\n## {dname}\n", "| variant | best | last | gap | deployed | confusion "
-                  "| s/run |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for variant, runs in variants.items():
-            conf = (f"{statistics.fmean(r['confusion'] for r in runs):.3f}"
-                    if "confusion" in runs[0] else "")
-            lines.append(f"| {variant} | {_ms([r['best'] for r in runs])} | "
-                         f"{_ms([r['last'] for r in runs])} | {_ms([r['gap'] for r in runs])} "
-                         f"| {_ms([r['deployed'] for r in runs])} | {conf} | "
-                         f"{statistics.fmean(r['seconds'] for r in runs):.1f} |")
+    table = summarize(records)
+    seeds = sorted({r["seed"] for r in records})
+    lines = [f"# Accuracy study (CPU scale)\n\nMeasured {meta['date']}, {meta['setup']} per "
+             f"run ({meta['jobs']} worker processes, {meta['minutes']:.0f} min), seeds "
+             f"{seeds}{' (QUICK RUN)' if meta['quick'] else ''} "
+             f"(`python benchmarks/accuracy_study.py`). r = {R:g}; compander arctan "
+             f"a = {A:g}, b = {B:g}. Final-epoch test accuracy in % (mean ± std over seeds); "
+             f"div = runs whose loss became non-finite (counted at chance accuracy); "
+             f"'deployed' = the contracted compact model (equals the trained one). "
+             f"CK+FC+Init trains twice (nonlinear counterpart, then ExpandNet), as the "
+             f"paper does.\n"]
+    for protocol, what in (("sweep", "**Protocol sweep** — SGD momentum 0.9, weight decay "
+                            "5e-4, cosine, `expandfx.param_groups` (lr/N per factor); lr "
+                            f"from {list(LRS)} chosen per variant on a 20 % validation split "
+                            "(best vs best)."),
+                           ("authors", "**Protocol authors** — the ExpandNets authors' recipe:"
+                            " SGD lr 0.01 ÷10 at 1/3 and 2/3 of training, momentum 0.9, no "
+                            "weight decay, plain SGD on every parameter.")):
+        rows = {k: v for k, v in table.items() if k[0] == protocol}
+        if not rows:
+            continue
+        lines.append(f"\n{what}\n")
+        for dname in DATASETS:
+            lines += [f"\n### {dname}\n", "| variant | lr | test acc | div | deployed "
+                      "| confusion | div at any lr |", "|---|---:|---:|---:|---:|---:|---:|"]
+            for (_, d, variant), cell in rows.items():
+                if d != dname:
+                    continue
+                runs = cell["runs"]
+                dep = [r["deployed"] for r in runs if "deployed" in r]
+                conf = [r["confusion"] for r in runs if "confusion" in r]
+                lines.append(
+                    f"| {variant} | {cell['lr']:g} | {_ms([r['last'] for r in runs])} | "
+                    f"{cell['diverged']} | {_ms(dep) if dep else '—'} | "
+                    f"{f'{statistics.fmean(conf):.3f}' if conf else ''} | "
+                    f"{cell['diverged_any_lr']} |")
+            if protocol == "sweep":
+                lrs = sorted({lr for (p, d, _), c in rows.items() if d == dname
+                              for lr in c["grid"]})
+                lines += ["", "Every lr (test acc % mean ± std, divergent runs):", "",
+                          "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+                          "|---|" + "---:|" * len(lrs)]
+                for (_, d, variant), cell in rows.items():
+                    if d == dname:
+                        lines.append(f"| {variant} | " + " | ".join(
+                            f"{_ms(cell['grid'][lr][0])} ({cell['grid'][lr][1]})"
+                            for lr in lrs) + " |")
     (out / "accuracy_study.md").write_text("\n".join(lines) + "\n")
-    (out / "accuracy_study.json").write_text(json.dumps(results))
-    plot(results, out / "accuracy_study.png")
+    (out / "accuracy_study.json").write_text(json.dumps({"meta": meta, "runs": records}))
+    plot(table, out / "accuracy_study.png")
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(table: dict, path: Path) -> None:
+    """Mean test-accuracy curves of each variant at its chosen lr (protocol sweep)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5))
-    for ax, (dname, variants) in zip(axes, results.items(), strict=True):
-        for variant, runs in variants.items():
-            mean = [statistics.fmean(v) for v in zip(*(r["curve"] for r in runs), strict=True)]
-            if len(mean) > len(next(iter(variants.values()))[0]["curve"]):
-                mean = mean[len(mean) // 2:]  # 2x protocol: plot its second (linear) phase
-            ax.plot(range(1, len(mean) + 1), mean, label=variant,
-                    linestyle="-" if "compander" not in variant else "--")
+    fig, axes = plt.subplots(1, len(DATASETS), figsize=(6 * len(DATASETS), 4.5))
+    for ax, dname in zip(axes, DATASETS, strict=True):
+        lows = []
+        for (protocol, d, variant), cell in table.items():
+            if protocol != "sweep" or d != dname:
+                continue
+            curves = [r["test"] for r in cell["runs"]]
+            mean = [statistics.fmean(v) for v in zip(*curves, strict=True)]
+            mean = mean[-len(mean) // phases(variant):]  # +Init: its linear phase
+            lows.append(min(mean[len(mean) // 2:]))
+            ax.plot(range(1, len(mean) + 1), mean, label=f"{variant} (lr {cell['lr']:g})",
+                    linestyle="--" if "compander" in variant else "-")
         ax.set_title(dname)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (mean over seeds)")
-        lows = [min(r["curve"][len(r["curve"]) // 2:]) for v in variants.values() for r in v]
-        ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+        ax.set_ylim(max(0.0, min(lows, default=0.0) - 0.05), 1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -173,10 +261,12 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, lr 0.05")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args(argv)
-    run(args.quick, args.out)
+    run(args.quick, args.out, args.jobs, args.threads)
     return 0
 
 

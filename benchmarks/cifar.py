@@ -3,7 +3,9 @@ variant (compact, FC, CL, CK, CL+FC, CK+FC, CK+FC+Init, compander, compander+CK)
 
 Uses torchvision's CIFAR datasets (downloaded on first use, elsewhere; this machine has no
 internet) and the paper's recipe by default: SGD momentum 0.9, weight decay 5e-4, lr 0.01
-divided by 10 at 1/3 and 2/3 of training, batch 128, random crop + flip. The trained
+divided by 10 at 1/3 and 2/3 of training, batch 128, random crop + flip, with the learning
+rates of ``expandfx.param_groups`` (lr/N for the factors of an N-factor block). ``+Init``
+trains twice (nonlinear counterpart, then ExpandNet), as the paper does. The trained
 expanded model is contracted, exported to ONNX and verified.
 
     python benchmarks/cifar.py --dataset cifar10 --model smallnet_7x7 --variant CK+FC \\
@@ -13,6 +15,7 @@ expanded model is contracted, exported to ONNX and verified.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from variants import VARIANTS, build_variant  # noqa: E402
+from variants import VARIANTS, build_variant, phases  # noqa: E402
 
 import expandfx as efx  # noqa: E402
 from expandfx.models import MobileNetV1, smallnet_3x3, smallnet_7x7  # noqa: E402
@@ -69,6 +72,30 @@ def evaluate(model: torch.nn.Module, loader, device: str) -> float:
     return correct / max(total, 1)
 
 
+def train_phase(model: torch.nn.Module, loader, test_loader, args: argparse.Namespace,
+                history: list[dict]) -> None:
+    """The paper's recipe, with the learning rates of :func:`expandfx.param_groups`."""
+    groups = efx.param_groups(model, args.lr, weight_decay=5e-4)
+    opt = torch.optim.SGD(groups, momentum=0.9)
+    milestones = [args.epochs // 3, 2 * args.epochs // 3]
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+    for epoch in range(args.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for step, (x, y) in enumerate(loader):
+            if args.max_steps is not None and step >= args.max_steps:
+                break
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x.to(args.device)), y.to(args.device))
+            (loss + groups.penalty()).backward()
+            opt.step()
+        sched.step()
+        acc = evaluate(model, test_loader, args.device)
+        history.append({"epoch": len(history) + 1, "test_acc": acc, "loss": loss.item(),
+                        "seconds": time.perf_counter() - t0})
+        print(f"epoch {epoch + 1}/{args.epochs}: test accuracy {acc:.4f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
@@ -95,31 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                                          num_workers=args.workers, drop_last=False)
     test_loader = torch.utils.data.DataLoader(test_set, 256, num_workers=args.workers)
     torch.manual_seed(0)
-    model, hook = build_variant(args.variant, lambda: MODELS[args.model](num_classes=classes),
-                                args.epochs, r=args.r)
-    model.to(args.device)
-    groups, penalty = efx.decay_groups(model, 5e-4)
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
-    milestones = [args.epochs // 3, 2 * args.epochs // 3]
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
-    history = []
-    for epoch in range(args.epochs):
-        if hook is not None:
-            hook(epoch)
-        model.train()
-        t0 = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
-            if args.max_steps is not None and step >= args.max_steps:
-                break
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x.to(args.device)), y.to(args.device)) + penalty()
-            loss.backward()
-            opt.step()
-        sched.step()
-        acc = evaluate(model, test_loader, args.device)
-        history.append({"epoch": epoch + 1, "test_acc": acc, "loss": loss.item(),
-                        "seconds": time.perf_counter() - t0})
-        print(f"epoch {epoch + 1}/{args.epochs}: test accuracy {acc:.4f}", flush=True)
+    model = build_variant(args.variant, lambda: MODELS[args.model](num_classes=classes),
+                          r=args.r).to(args.device)
+    history: list[dict] = []
+    for phase in range(phases(args.variant)):
+        if phase == 1:  # +Init: the counterpart is trained; linearize it, calibrated
+            batches = [x.to(args.device) for x, _ in itertools.islice(loader, 8)]
+            efx.linearize(model, calibrate=batches)
+        train_phase(model, loader, test_loader, args, history)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,20 +16,21 @@ from .compander import (
     bake,
     compand,
     companded,
-    decay_groups,
     modified_adaptive,
 )
 from .errors import ConfigError, ContractionError, ExpandFXError
 from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
+from .optim import ParamGroups, decay_groups, param_groups
 from .passes.contract import contract
 from .planning import LayerPlan, Plan, plan
 from .surgery import expand
 
 __all__ = [
     "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
-    "ExportReport", "LayerPlan", "Plan", "Psi", "VerificationError", "bake",
+    "ExportReport", "LayerPlan", "ParamGroups", "Plan", "Psi", "VerificationError", "bake",
     "compand", "companded", "contract", "decay_groups", "expand", "export_onnx", "frozen",
-    "linearize", "modified_adaptive", "nonlinear_counterpart", "plan", "set_mode", "verify_onnx",
+    "linearize", "modified_adaptive", "nonlinear_counterpart", "param_groups", "plan",
+    "set_mode", "verify_onnx",
 ]
 __version__ = "0.1.0"

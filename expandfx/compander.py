@@ -15,8 +15,8 @@ Example::
     >>> same = efx.compand(model, psi="arctan", a=1.0, b=0.6, inplace=False)
     >>> torch.allclose(same(x), model(x), atol=1e-6)
     True
-    >>> groups, penalty = efx.decay_groups(same, weight_decay=5e-4)
-    >>> opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    >>> groups = efx.param_groups(same, lr=0.1, weight_decay=5e-4)  # decay on Ψ(v)
+    >>> opt = torch.optim.SGD(groups, momentum=0.9)
     >>> list(efx.bake(same).state_dict()) == list(model.state_dict())
     True
 """
@@ -194,45 +194,6 @@ def summary(model: nn.Module) -> str:
                      for r in rows)
 
 
-def decay_groups(model: nn.Module, weight_decay: float
-                 ) -> tuple[list[dict[str, Any]], Callable[[], torch.Tensor]]:
-    """Optimizer parameter groups and a penalty that apply weight decay as the paper does.
-
-    - fixed ``a, b``: decay on ``w = Ψ(v)``, not on ``v``: ``v`` gets no optimizer decay and
-      ``penalty()`` returns ``weight_decay/2 · Σ‖Ψ(v)‖²`` to add to the loss (its gradient
-      is ``weight_decay · Ψ(v) · Ψ'(v)``, i.e. ordinary decay of ``w`` under the chain rule);
-    - learnable ``a, b``: decay on ``v`` (optimizer ``weight_decay``), never on ``a`` or ``b``;
-    - every other parameter (biases, norms, uncompanded layers): ordinary decay.
-
-    Works with any ``torch.optim`` optimizer: ``torch.optim.SGD(groups, lr=0.1)``.
-    """
-    fixed_v, learn_v, ab = [], [], []
-    fixed_companders = []
-    for _, layer, comp in companded(model):
-        original = layer.parametrizations["weight"].original
-        if comp.learnable:
-            learn_v.append(original)
-            ab += [comp.a, comp.b]
-        else:
-            fixed_v.append(original)
-            fixed_companders.append(layer)
-    special = {id(p) for p in fixed_v + learn_v + ab}
-    others = [p for p in model.parameters() if id(p) not in special]
-    groups = [{"params": others, "weight_decay": weight_decay},
-              {"params": fixed_v, "weight_decay": 0.0},
-              {"params": learn_v, "weight_decay": weight_decay},
-              {"params": _unique(ab), "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-
-    def penalty() -> torch.Tensor:
-        total = torch.zeros(())
-        for layer in fixed_companders:
-            total = total + layer.weight.pow(2).sum()
-        return 0.5 * weight_decay * total
-
-    return groups, penalty
-
-
 def modified_adaptive(optimizer: torch.optim.Optimizer, model: nn.Module
                       ) -> torch.optim.Optimizer:
     """The paper's "modified adaptive optimizer" (after Powerpropagation), on any optimizer.
@@ -242,7 +203,7 @@ def modified_adaptive(optimizer: torch.optim.Optimizer, model: nn.Module
     gradient ``∂L/∂Ψ(v)`` — Adam's moments see ``∂L/∂w`` — and the step is then scaled by
     ``Ψ'(v)``; every other parameter is stepped as usual. A ``closure`` is evaluated first
     (with gradients), so it works too (not for LBFGS, which re-evaluates it: refused).
-    Optimizer weight decay on ``v`` (learnable a, b with :func:`decay_groups`) is part of
+    Optimizer weight decay on ``v`` (learnable a, b with :func:`expandfx.param_groups`) is part of
     the rescaled step. Only the ``v`` this optimizer owns are touched. The patch lives on
     the optimizer object: re-apply it to a deep-copied or reloaded optimizer.
 

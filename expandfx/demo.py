@@ -2,18 +2,22 @@
 
 Data: scikit-learn's 8×8 handwritten digits (shipped with the package, no download).
 Model: the paper's SmallNet shape adapted to 8×8 inputs (5×5 kernels, so CK applies).
-Same optimizer, schedule and epochs for both (tuned for the compact net, as the paper
-does), several seeds. Writes the ONNX file, a JSON report and a PNG of the curves.
+Same recipe for both (SGD lr 0.05, momentum 0.9, cosine, several seeds), with the
+learning rates of :func:`expandfx.param_groups` (``lr/N`` for the factors of an N-factor
+block), one thread and deterministic kernels. Writes the ONNX file, a JSON report and a
+PNG of the curves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,7 @@ from torch import nn
 import expandfx as efx
 from expandfx.counting import param_count
 from expandfx.models import smallnet_digits
+from expandfx.optim import ChainLR
 
 
 def digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -43,22 +48,50 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def train(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int,
-          desc: str, *, lr: float = 0.05, weight_decay: float = 5e-4,
-          on_epoch: Callable[[int], None] | None = None) -> list[float]:
-    """SGD (momentum 0.9, cosine schedule, batch 64); test accuracy per epoch.
+@contextlib.contextmanager
+def reproducible(threads: int = 1) -> Iterator[str]:
+    """Inside: a fixed torch thread count and deterministic kernels (both restored after).
 
-    Weight decay follows :func:`expandfx.decay_groups` (the compander paper's rule for
-    companded weights; ordinary decay otherwise). ``on_epoch(e)`` runs before epoch ``e``.
+    Yields a one-line record to print beside the results. Seeds are set per run by the
+    callers. CPU float sums can differ in the last bits between thread counts, so results
+    are reported at one fixed count.
+    """
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+               f"deterministic algorithms on")
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+
+
+def fit(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int, desc: str,
+        *, lr: float = 0.05, weight_decay: float = 5e-4, chain_lr: ChainLR = "1/N",
+        schedule: str = "cosine", momentum: float = 0.9,
+        val: tuple[torch.Tensor, torch.Tensor] | None = None,
+        on_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """SGD (batch 64) with :func:`expandfx.param_groups`; accuracy after every epoch.
+
+    ``schedule="cosine"`` anneals ``lr`` to 0; ``"step"`` is the ExpandNets authors'
+    recipe (÷10 after each third of the epochs). A run whose loss becomes non-finite
+    stops and is marked ``diverged`` (its remaining epochs score chance accuracy).
+    Returns ``{"test": [...], "val": [...], "diverged": bool}``; ``on_epoch(e)`` runs
+    before epoch ``e``.
     """
     from tqdm import tqdm
 
     xtr, ytr, xte, yte = data
     gen = torch.Generator().manual_seed(seed)
-    groups, penalty = efx.decay_groups(model, weight_decay)
-    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    curve = []
+    groups = efx.param_groups(model, lr, weight_decay, chain_lr=chain_lr)
+    opt = torch.optim.SGD(groups, momentum=momentum)
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    else:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 3, 2 * epochs // 3], 0.1)
+    out: dict[str, Any] = {"test": [], "val": [], "diverged": False}
+    chance = 1.0 / int(ytr.max() + 1)
     bar = tqdm(range(epochs), desc=desc, leave=False, file=sys.stderr, ncols=80)
     for epoch in bar:
         if on_epoch is not None:
@@ -66,19 +99,44 @@ def train(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: i
         model.train()
         for idx in torch.randperm(len(ytr), generator=gen).split(64):
             opt.zero_grad()
-            (F.cross_entropy(model(xtr[idx]), ytr[idx]) + penalty()).backward()
+            loss = F.cross_entropy(model(xtr[idx]), ytr[idx]) + groups.penalty()
+            if not torch.isfinite(loss):
+                out["diverged"] = True
+                break
+            loss.backward()
             opt.step()
+        if out["diverged"]:
+            left = epochs - epoch
+            out["test"] += [chance] * left
+            out["val"] += [chance] * left if val is not None else []
+            break
         sched.step()
-        curve.append(accuracy(model, xte, yte))
-        bar.set_postfix(acc=f"{curve[-1]:.3f}")
-    return curve
+        out["test"].append(accuracy(model, xte, yte))
+        if val is not None:
+            out["val"].append(accuracy(model, *val))
+        bar.set_postfix(acc=f"{out['test'][-1]:.3f}")
+    return out
+
+
+def train(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int,
+          desc: str, **kwargs: Any) -> list[float]:
+    """:func:`fit`'s test accuracy per epoch."""
+    return fit(model, data, epochs, seed, desc, **kwargs)["test"]
 
 
 def run_demo(out: Path, rule: str = "CK", r: float = 4.0, epochs: int = 40, seeds: int = 5,
              quick: bool = False) -> int:
+    with reproducible(threads=1) as setup:
+        return _demo(out, rule, r, epochs, seeds, quick, setup)
+
+
+def _demo(out: Path, rule: str, r: float, epochs: int, seeds: int, quick: bool,
+          setup: str) -> int:
     if quick:
         epochs, seeds = min(epochs, 3), 1
     out.mkdir(parents=True, exist_ok=True)
+    print(f"setup: {setup}; seeds {list(range(seeds))}; SGD lr 0.05 with "
+          f"expandfx.param_groups (lr/N per factor of an N-factor block)")
     torch.manual_seed(0)
     data = digits()
     xtr, _, xte, yte = data

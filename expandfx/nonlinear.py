@@ -5,40 +5,70 @@ Train the expanded model first *with* a nonlinearity between the layers of every
 as an ExpandNet, and contract. ``contract`` refuses a block that still has its
 nonlinearity.
 
+The recipe that works (measured in ``benchmarks/accuracy_study.py``):
+
+1. ``nonlinear_counterpart(big, "relu")`` — factors re-initialized with He init
+   (``init="he"``, the default), which a counterpart without batch norm needs to train;
+2. train it with ``expandfx.param_groups(big, lr)`` (nonlinear blocks get the full ``lr``);
+3. ``linearize(big, calibrate=batches)`` — removes the nonlinearities and rescales every
+   block to the output scale it had *with* its nonlinearity on those batches (without it,
+   removing the ReLUs multiplies the logits' scale by 10 or more and training diverges),
+   then re-estimates batch-norm statistics;
+4. train on as an ExpandNet with a *fresh* ``expandfx.param_groups(big, lr)`` (now
+   ``lr/N`` per factor), and contract.
+
+The paper's rule (supplement A.1): use +Init only where the nonlinear counterpart trains
+to a better accuracy than the ExpandNet itself; otherwise train the ExpandNet directly.
+
 Example::
 
-    >>> import expandfx as efx
+    >>> import torch, expandfx as efx
     >>> from expandfx.models import smallnet_7x7
     >>> big = efx.nonlinear_counterpart(efx.expand(smallnet_7x7(), "CK+FC", r=4))
     >>> type(big.features[0].act).__name__
     'ReLU'
     >>> # ... train big ...
-    >>> big = efx.linearize(big)     # weights kept; now an ExpandNet again
+    >>> batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    >>> big = efx.linearize(big, calibrate=batches)   # weights rescaled; an ExpandNet again
     >>> small = efx.contract(big)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .block import ExpandedBlock
 from .errors import ConfigError
 
+__all__ = ["ACTIVATIONS", "linearize", "nonlinear_counterpart"]
+
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "tanh": nn.Tanh,
 }
+INITS = ("he", "keep")
 
 
-def nonlinear_counterpart(model: nn.Module, act: str | Callable[[], nn.Module] = "relu"
-                          ) -> nn.Module:
-    """Put a fresh ``act`` between the layers of every expanded block (in place)."""
+def nonlinear_counterpart(model: nn.Module, act: str | Callable[[], nn.Module] = "relu",
+                          init: str = "he") -> nn.Module:
+    """Put a fresh ``act`` between the layers of every expanded block (in place).
+
+    ``init="he"`` (default) re-initializes every factor with He (Kaiming) normal weights
+    for ``act`` and zero biases, so that a deep counterpart without batch norm trains;
+    ``init="keep"`` keeps the factors' current weights.
+    """
     make = ACTIVATIONS.get(act) if isinstance(act, str) else act
     hint = (f"act must be one of {sorted(ACTIVATIONS)} or a zero-argument callable returning "
             f"an nn.Module (pass nn.ReLU, not nn.ReLU())")
     if make is None or not callable(make) or isinstance(make, nn.Module):
         raise ConfigError(f"nonlinear_counterpart: {hint}; got {act!r}.")
+    if init not in INITS:
+        raise ConfigError(f"nonlinear_counterpart: init must be one of {INITS}, got {init!r}.")
     found = _blocks(model, "nonlinear_counterpart")
     for block in found:
         try:
@@ -51,13 +81,46 @@ def nonlinear_counterpart(model: nn.Module, act: str | Callable[[], nn.Module] =
                               f"{type(module).__name__}; {hint}.")
         ref = block.layers[0].weight
         block.act = module.to(device=ref.device, dtype=ref.dtype)
+        if init == "he":
+            _he_init(block, _gain(module))
     return model
 
 
-def linearize(model: nn.Module) -> nn.Module:
-    """Remove the nonlinearities of :func:`nonlinear_counterpart` (in place); weights stay."""
-    for block in _blocks(model, "linearize"):
+def linearize(model: nn.Module, calibrate: Iterable[Any] | None = None) -> nn.Module:
+    """Remove the nonlinearities of :func:`nonlinear_counterpart` (in place).
+
+    Without ``calibrate`` the weights stay as they are. With ``calibrate`` — an iterable of
+    inputs (tensors, or tuples/lists whose first element is the input, as data loaders
+    yield them) — every block, in forward order, is rescaled so that its output's root
+    mean square on those batches equals what it was with its nonlinearity (the last
+    factor's weight and bias are multiplied by one positive scalar, which scales the
+    block's output exactly), and every batch-norm layer's running statistics are then
+    re-estimated on the same batches (after each block, so the next block is measured on
+    its final input: two passes over the batches per block). Nothing else changes; the
+    model keeps its mode.
+    """
+    found = _blocks(model, "linearize")
+    if calibrate is None:
+        for block in found:
+            block.act = None
+        return model
+    batches = [_input(b) for b in calibrate]
+    if not batches:
+        raise ConfigError("linearize: calibrate is empty; pass a few input batches (e.g. "
+                          "[x for x, _ in itertools.islice(loader, 8)]).")
+    nonlinear = [b for b in found if b.act is not None]
+    target = _output_rms(model, nonlinear, batches)
+    for block in nonlinear:  # forward order: each block sees the already rescaled inputs
         block.act = None
+        current = _output_rms(model, [block], batches)[block]
+        if current > 0 and math.isfinite(current):
+            last = block.layers[-1]
+            scale = target[block] / current
+            with torch.no_grad():
+                _set_weight(last, last.weight * scale)
+                if last.bias is not None:
+                    last.bias.mul_(scale)
+        _reestimate_batchnorm(model, batches)  # so the next block sees its final input
     return model
 
 
@@ -67,3 +130,86 @@ def _blocks(model: nn.Module, caller: str) -> list[ExpandedBlock]:
         raise ConfigError(f"{caller}: {type(model).__name__} has no expanded blocks; call "
                           f"expandfx.expand(model, ...) first.")
     return found
+
+
+def _gain(act: nn.Module) -> float:
+    if isinstance(act, nn.LeakyReLU):
+        return nn.init.calculate_gain("leaky_relu", act.negative_slope)
+    if isinstance(act, nn.Tanh):
+        return nn.init.calculate_gain("tanh")
+    return nn.init.calculate_gain("relu")  # ReLU, GELU and unknown activations
+
+
+@torch.no_grad()
+def _he_init(block: ExpandedBlock, gain: float) -> None:
+    for layer in block.layers:
+        weight = layer.weight
+        fan_in = weight[0].numel()  # in_features, or in_channels/groups · kernel volume
+        _set_weight(layer, torch.randn_like(weight) * (gain / math.sqrt(fan_in)))
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
+def _set_weight(layer: nn.Module, value: torch.Tensor) -> None:
+    """Write ``value`` as the layer's weight (through ``Ψ⁻¹`` where it is companded)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        layer.weight = value
+    else:
+        layer.weight.copy_(value)
+
+
+def _input(batch: Any) -> torch.Tensor:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"linearize: calibrate must yield tensors or (input, ...) tuples, "
+                          f"got {type(x).__name__}.")
+    return x
+
+
+@torch.no_grad()
+def _output_rms(model: nn.Module, blocks: list[ExpandedBlock], batches: list[torch.Tensor]
+                ) -> dict[ExpandedBlock, float]:
+    """Root mean square of each block's output over ``batches`` (model in eval mode)."""
+    sums = {b: [0.0, 0] for b in blocks}
+
+    def record(block: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        acc = sums[block]
+        acc[0] += out.double().pow(2).sum().item()
+        acc[1] += out.numel()
+
+    handles = [b.register_forward_hook(record) for b in blocks]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return {b: math.sqrt(s / max(n, 1)) for b, (s, n) in sums.items()}
+
+
+@torch.no_grad()
+def _reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Running statistics of every batch norm, recomputed as a plain average over ``batches``."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return
+    modes = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in norms}
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+            m.train()
+        for x in batches:
+            model(x)
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        for m, mode in modes.items():
+            m.training = mode

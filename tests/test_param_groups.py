@@ -1,0 +1,117 @@
+"""efx.param_groups: per-factor learning rates (lr/N) and the compander's decay rules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import expandfx as efx
+from expandfx.models import smallnet_7x7
+
+
+def fc_model() -> nn.Module:
+    torch.manual_seed(0)
+    return efx.expand(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), "FC", r=2,
+                      include="0")
+
+
+def lr_of(opt: torch.optim.Optimizer) -> dict[int, float]:
+    return {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+
+
+def test_hand_computed_learning_rates():
+    model = fc_model()
+    block = model[0]
+    assert isinstance(block, efx.ExpandedBlock) and len(block.layers) == 3
+    opt = torch.optim.SGD(efx.param_groups(model, lr=0.3))
+    lrs = lr_of(opt)
+    for p in block.parameters():  # 3 factors: 0.3 / 3
+        assert lrs[id(p)] == pytest.approx(0.1)
+    for p in model[2].parameters():  # the compact output layer
+        assert lrs[id(p)] == 0.3
+    assert len(lrs) == len(list(model.parameters()))  # every parameter exactly once
+    assert len(opt.param_groups) == 2  # same lr and decay share a group
+    # other rules
+    no_rule = lr_of(torch.optim.SGD(efx.param_groups(model, lr=0.3, chain_lr=None)))
+    assert set(no_rule.values()) == {0.3}
+    const = lr_of(torch.optim.SGD(efx.param_groups(model, lr=0.3, chain_lr=0.5)))
+    assert const[id(block.layers[1].weight)] == pytest.approx(0.15)
+    custom = efx.param_groups(model, lr=0.3, chain_lr=lambda b: 1 / len(b.layers) ** 2)
+    assert lr_of(torch.optim.SGD(custom))[id(block.layers[0].bias)] == pytest.approx(0.3 / 9)
+
+
+def test_one_hand_computed_sgd_step_for_a_three_factor_block():
+    model = fc_model()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    lr, wd = 0.3, 0.01
+    groups = efx.param_groups(model, lr=lr, weight_decay=wd)
+    opt = torch.optim.SGD(groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = F.cross_entropy(model(x), y) + groups.penalty()
+    grads = dict(zip(before, torch.autograd.grad(loss, list(model.parameters())), strict=True))
+    loss = F.cross_entropy(model(x), y) + groups.penalty()
+    loss.backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        step = lr / 3 if name.startswith("0.layers.") else lr
+        expected = before[name] - step * (grads[name] + wd * before[name])
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7)
+    assert float(groups.penalty()) == 0.0  # no companded weights
+
+
+def test_companded_expanded_model_gets_both_rules():
+    torch.manual_seed(0)
+    big = efx.compand(efx.expand(smallnet_7x7(), "CL", r=2), a=1.0, b=0.7)
+    groups = efx.param_groups(big, lr=0.3, weight_decay=0.01)
+    opt = torch.optim.SGD(groups)
+    block = big.features[0]
+    v = block.layers[1].parametrizations.weight.original
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(v)]["lr"] == pytest.approx(0.1)  # lr/3 for a CL factor
+    assert by_param[id(v)]["weight_decay"] == 0.0  # fixed a, b: decay through the penalty
+    assert by_param[id(block.layers[1].bias)]["weight_decay"] == 0.01
+    expected = 0.5 * 0.01 * sum(layer.weight.pow(2).sum() for _, layer, _ in efx.companded(big))
+    torch.testing.assert_close(groups.penalty(), expected)
+    # decay_groups: the thin alias, with the optimizer's own lr and no per-factor rule
+    alias, penalty = efx.decay_groups(big, 0.01)
+    assert all("lr" not in g for g in alias)
+    torch.testing.assert_close(penalty(), expected)
+
+
+def test_learnable_compander_a_b_are_not_factors_and_never_decay():
+    big = efx.compand(efx.expand(smallnet_7x7(), "CL", r=2), a=1.0, b=0.7, learnable="global")
+    comp = efx.companded(big)[0][2]
+    by_param = {id(p): g for g in efx.param_groups(big, lr=0.3, weight_decay=0.01)
+                for p in g["params"]}
+    assert by_param[id(comp.a)]["lr"] == 0.3 and by_param[id(comp.a)]["weight_decay"] == 0.0
+    v = big.features[0].layers[0].parametrizations.weight.original
+    assert by_param[id(v)]["weight_decay"] == 0.01  # learnable a, b: decay on v
+
+
+def test_nonlinear_blocks_keep_the_full_lr_and_lr_is_rebuilt_after_linearize():
+    big = efx.nonlinear_counterpart(efx.expand(smallnet_7x7(), "CL", r=2))
+    assert {g["lr"] for g in efx.param_groups(big, lr=0.3)} == {0.3}
+    efx.linearize(big)
+    assert {round(g["lr"], 6) for g in efx.param_groups(big, lr=0.3)} == {0.3, 0.1}
+
+
+def test_a_copy_of_the_model_gets_its_own_groups():
+    model = fc_model()
+    other = copy.deepcopy(model)
+    ids = {id(p) for g in efx.param_groups(other, lr=0.1) for p in g["params"]}
+    assert ids == {id(p) for p in other.parameters()}
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"lr": 0}, r"lr must be a positive number, got lr=0"),
+    ({"lr": 0.1, "weight_decay": -1}, r"weight_decay must be a non-negative number"),
+    ({"lr": 0.1, "chain_lr": "1/M"}, r"chain_lr must be '1/N', None, a positive number"),
+    ({"lr": 0.1, "chain_lr": lambda b: -1.0}, r"chain_lr gave -1.0 for a FC block"),
+])
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(efx.ConfigError, match=match):
+        efx.param_groups(fc_model(), **kwargs)
