@@ -27,6 +27,7 @@ training for compact, CL and CK.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import statistics
@@ -99,8 +100,10 @@ def one_run(task: tuple) -> dict:
         t0 = time.perf_counter()
         out = {"test": [], "val": [], "diverged": False}
         for phase in range(phases(variant)):
-            if phase == 1:  # +Init: linearize the trained counterpart, calibrated
+            if phase == 1:  # +Init: linearize the trained counterpart, calibrated, and
                 efx.linearize(model, calibrate=data[0][:512].split(64))
+                if kwargs["chain_lr"]:  # size the factors' steps to their trained norms
+                    kwargs["chain_lr"] = "norm"
             got = fit(model, data, epochs, seed + 100 * phase, f"{dname} {variant} "
                       f"lr{lr} s{seed}", val=val, **kwargs)
             out = {k: out[k] + got[k] for k in ("test", "val")} | {
@@ -137,12 +140,18 @@ def tasks(quick: bool, threads: int) -> list[tuple]:
 def run(quick: bool, out: Path, jobs: int = 1, threads: int = 1) -> list[dict]:
     todo = tasks(quick, threads)
     t0 = time.perf_counter()
-    if jobs > 1:
-        spawn = multiprocessing.get_context("spawn")  # no fork of a threaded torch
-        with ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
-            records = list(pool.map(one_run, todo))
-    else:
-        records = [one_run(t) for t in todo]
+    records = []
+    with contextlib.ExitStack() as stack:
+        runs = map(one_run, todo)
+        if jobs > 1:
+            spawn = multiprocessing.get_context("spawn")  # no fork of a threaded torch
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=spawn))
+            runs = pool.map(one_run, todo)
+        for rec in runs:
+            records.append(rec)
+            print(f"{len(records)}/{len(todo)} {rec['protocol']} {rec['data']} {rec['variant']}"
+                  f" lr {rec['lr']:g} seed {rec['seed']}: {rec['last']:.4f}"
+                  f"{' DIVERGED' if rec['diverged'] else ''}", flush=True)
     with reproducible(threads) as setup:
         pass
     meta = {"setup": setup, "jobs": jobs, "quick": quick, "minutes":
@@ -186,8 +195,9 @@ def write(records: list[dict], meta: dict, out: Path) -> None:
              f"a = {A:g}, b = {B:g}. Final-epoch test accuracy in % (mean ± std over seeds); "
              f"div = runs whose loss became non-finite (counted at chance accuracy); "
              f"'deployed' = the contracted compact model (equals the trained one). "
-             f"CK+FC+Init trains twice (nonlinear counterpart, then ExpandNet), as the "
-             f"paper does.\n"]
+             f"CK+FC+Init trains twice (nonlinear counterpart with He init, then "
+             f"`linearize(calibrate=…)` and the ExpandNet with `chain_lr=\"norm\"` in the "
+             f"sweep protocol), as the paper does.\n"]
     for protocol, what in (("sweep", "**Protocol sweep** — SGD momentum 0.9, weight decay "
                             "5e-4, cosine, `expandfx.param_groups` (lr/N per factor); lr "
                             f"from {list(LRS)} chosen per variant on a 20 % validation split "

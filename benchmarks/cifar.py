@@ -73,9 +73,9 @@ def evaluate(model: torch.nn.Module, loader, device: str) -> float:
 
 
 def train_phase(model: torch.nn.Module, loader, test_loader, args: argparse.Namespace,
-                history: list[dict]) -> None:
+                history: list[dict], chain_lr: str) -> None:
     """The paper's recipe, with the learning rates of :func:`expandfx.param_groups`."""
-    groups = efx.param_groups(model, args.lr, weight_decay=5e-4)
+    groups = efx.param_groups(model, args.lr, weight_decay=5e-4, chain_lr=chain_lr)
     opt = torch.optim.SGD(groups, momentum=0.9)
     milestones = [args.epochs // 3, 2 * args.epochs // 3]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         if phase == 1:  # +Init: the counterpart is trained; linearize it, calibrated
             batches = [x.to(args.device) for x, _ in itertools.islice(loader, 8)]
             efx.linearize(model, calibrate=batches)
-        train_phase(model, loader, test_loader, args, history)
+        # +Init's second phase: factor steps sized to the trained factors' norms
+        train_phase(model, loader, test_loader, args, history, "norm" if phase else "1/N")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

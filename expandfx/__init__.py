@@ -21,16 +21,16 @@ from .compander import (
 from .errors import ConfigError, ContractionError, ExpandFXError
 from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
-from .optim import ParamGroups, decay_groups, param_groups
+from .optim import ChainLR, ParamGroups, chain_scale, decay_groups, param_groups
 from .passes.contract import contract
 from .planning import LayerPlan, Plan, plan
 from .surgery import expand
 
 __all__ = [
-    "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
+    "ChainLR", "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
     "ExportReport", "LayerPlan", "ParamGroups", "Plan", "Psi", "VerificationError", "bake",
-    "compand", "companded", "contract", "decay_groups", "expand", "export_onnx", "frozen",
-    "linearize", "modified_adaptive", "nonlinear_counterpart", "param_groups", "plan",
+    "chain_scale", "compand", "companded", "contract", "decay_groups", "expand", "export_onnx",
+    "frozen", "linearize", "modified_adaptive", "nonlinear_counterpart", "param_groups", "plan",
     "set_mode", "verify_onnx",
 ]
 __version__ = "0.1.0"

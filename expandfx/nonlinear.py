@@ -14,8 +14,10 @@ The recipe that works (measured in ``benchmarks/accuracy_study.py``):
    block to the output scale it had *with* its nonlinearity on those batches (without it,
    removing the ReLUs multiplies the logits' scale by 10 or more and training diverges),
    then re-estimates batch-norm statistics;
-4. train on as an ExpandNet with a *fresh* ``expandfx.param_groups(big, lr)`` (now
-   ``lr/N`` per factor), and contract.
+4. train on as an ExpandNet with *fresh* groups,
+   ``expandfx.param_groups(big, lr, chain_lr="norm")``: the trained factors are several
+   times larger than at init, and ``"norm"`` shrinks their steps accordingly (plain
+   ``lr/N`` diverged here on digits at lr 0.1); then contract.
 
 The paper's rule (supplement A.1): use +Init only where the nonlinear counterpart trains
 to a better accuracy than the ExpandNet itself; otherwise train the ExpandNet directly.
@@ -92,9 +94,9 @@ def linearize(model: nn.Module, calibrate: Iterable[Any] | None = None) -> nn.Mo
     Without ``calibrate`` the weights stay as they are. With ``calibrate`` — an iterable of
     inputs (tensors, or tuples/lists whose first element is the input, as data loaders
     yield them) — every block, in forward order, is rescaled so that its output's root
-    mean square on those batches equals what it was with its nonlinearity (the last
-    factor's weight and bias are multiplied by one positive scalar, which scales the
-    block's output exactly), and every batch-norm layer's running statistics are then
+    mean square on those batches equals what it was with its nonlinearity (one positive
+    scalar, spread evenly over the factors, which scales the block's output exactly), and
+    every batch-norm layer's running statistics are then
     re-estimated on the same batches (after each block, so the next block is measured on
     its final input: two passes over the batches per block). Nothing else changes; the
     model keeps its mode.
@@ -114,12 +116,7 @@ def linearize(model: nn.Module, calibrate: Iterable[Any] | None = None) -> nn.Mo
         block.act = None
         current = _output_rms(model, [block], batches)[block]
         if current > 0 and math.isfinite(current):
-            last = block.layers[-1]
-            scale = target[block] / current
-            with torch.no_grad():
-                _set_weight(last, last.weight * scale)
-                if last.bias is not None:
-                    last.bias.mul_(scale)
+            _scale_evenly(block, target[block] / current)
         _reestimate_batchnorm(model, batches)  # so the next block sees its final input
     return model
 
@@ -148,6 +145,23 @@ def _he_init(block: ExpandedBlock, gain: float) -> None:
         _set_weight(layer, torch.randn_like(weight) * (gain / math.sqrt(fan_in)))
         if layer.bias is not None:
             layer.bias.zero_()
+
+
+@torch.no_grad()
+def _scale_evenly(block: ExpandedBlock, scale: float) -> None:
+    """Multiply the block's output by ``scale``, spread evenly over its N factors.
+
+    Factor ``i`` (1-based) gets its weight times ``c = scale^(1/N)`` and its bias times
+    ``c^i`` — exact, since the bias of factor ``i`` passes through factors ``i+1…N``.
+    Spreading keeps the factors' norms balanced; putting all of ``scale`` on one factor
+    would leave the others large, and under SGD the step of the folded weight grows with
+    the norms of the factors (see :mod:`expandfx.optim`).
+    """
+    c = scale ** (1.0 / len(block.layers))
+    for i, layer in enumerate(block.layers, start=1):
+        _set_weight(layer, layer.weight * c)
+        if layer.bias is not None:
+            layer.bias.mul_(c**i)
 
 
 def _set_weight(layer: nn.Module, value: torch.Tensor) -> None:

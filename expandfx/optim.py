@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,13 @@ class ParamGroups(list):
 def chain_scale(block: ExpandedBlock, chain_lr: ChainLR = "1/N") -> float:
     """The learning-rate factor of ``block``'s factors under rule ``chain_lr``.
 
+    ``"1/N"``: ``1/N`` for N factors. ``"norm"``: ``1 / Σ_i Π_{j≠i} g_j²``, where
+    ``g_j = ‖W_j‖_F / E‖W_j‖_F`` is factor j's growth over PyTorch's default init
+    (``E‖W‖_F² = numel / (3·fan_in)``): equal to ``1/N`` at init, and smaller as the other
+    factors grow, so that the folded weight's first-order step stays at the compact
+    layer's scale. Use it for chains whose factors did not start at the default init
+    (after :func:`expandfx.linearize`, or when fine-tuning a trained ExpandNet).
+
     >>> import torch.nn as nn
     >>> from expandfx.passes import expand_fc
     >>> chain_scale(expand_fc.build(nn.Linear(4, 2), r=2))
@@ -74,15 +82,26 @@ def chain_scale(block: ExpandedBlock, chain_lr: ChainLR = "1/N") -> float:
     if chain_lr is None or getattr(block, "act", None) is not None:
         return 1.0
     if isinstance(chain_lr, str):
-        if chain_lr.replace(" ", "").upper() != "1/N":
-            raise ConfigError(f"param_groups: chain_lr must be '1/N', None, a positive number "
-                              f"or a callable (block) -> scale; got {chain_lr!r}.")
-        return 1.0 / len(block.layers)
+        rule = chain_lr.replace(" ", "").upper()
+        if rule == "1/N":
+            return 1.0 / len(block.layers)
+        if rule == "NORM":
+            growth = [_growth(layer.weight) ** 2 for layer in block.layers]
+            return 1.0 / sum(math.prod(growth[:i] + growth[i + 1:])
+                             for i in range(len(growth)))
+        raise ConfigError(f"param_groups: chain_lr must be '1/N', 'norm', None, a positive "
+                          f"number or a callable (block) -> scale; got {chain_lr!r}.")
     scale = chain_lr(block) if callable(chain_lr) else chain_lr
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ConfigError(f"param_groups: chain_lr gave {scale!r} for a {block.rule} block; "
                           f"a learning-rate scale must be a positive number.")
     return float(scale)
+
+
+def _growth(weight: torch.Tensor) -> float:
+    """‖W‖_F over its expectation under PyTorch's default init, U(±1/√fan_in)."""
+    fan_in = weight[0].numel()
+    return weight.detach().norm().item() * math.sqrt(3 * fan_in / weight.numel())
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
@@ -95,6 +114,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
         weight_decay: ordinary L2 decay, applied to companded weights as the compander
             paper says (see the module docstring).
         chain_lr: ``"1/N"`` (default: each factor of an N-factor block gets ``lr / N``),
+            ``"norm"`` (``lr/N`` corrected for how much the factors have grown, see
+            :func:`chain_scale`; for linearized +Init models and fine-tuning),
             ``None`` (every parameter gets ``lr``), a number (every factor gets
             ``lr · chain_lr``) or a callable ``(block) -> scale``.
 

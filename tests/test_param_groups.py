@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -63,6 +64,19 @@ def test_one_hand_computed_sgd_step_for_a_three_factor_block():
     assert float(groups.penalty()) == 0.0  # no companded weights
 
 
+def test_norm_rule_is_one_over_n_at_init_and_shrinks_as_factors_grow():
+    torch.manual_seed(0)
+    block = efx.expand(nn.Sequential(nn.Linear(256, 256), nn.ReLU()), "FC", r=2)[0]
+    at_init = efx.chain_scale(block, "norm")
+    assert at_init == pytest.approx(1 / 3, rel=0.05)  # g_j ≈ 1 at PyTorch's default init
+    with torch.no_grad():
+        block.layers[0].weight.mul_(2.0)  # factor 0 grows 2x: the other two terms x4
+        block.layers[2].weight.mul_(3.0)
+    g = [2.0, 1.0, 3.0]  # expected Σ_i Π_{j≠i} g_j², with the measured g at init folded in
+    expected = 1 / sum(math.prod(x**2 for j, x in enumerate(g) if j != i) for i in range(3))
+    assert efx.chain_scale(block, "norm") == pytest.approx(expected, rel=0.1)
+
+
 def test_companded_expanded_model_gets_both_rules():
     torch.manual_seed(0)
     big = efx.compand(efx.expand(smallnet_7x7(), "CL", r=2), a=1.0, b=0.7)
@@ -109,7 +123,7 @@ def test_a_copy_of_the_model_gets_its_own_groups():
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"lr": 0}, r"lr must be a positive number, got lr=0"),
     ({"lr": 0.1, "weight_decay": -1}, r"weight_decay must be a non-negative number"),
-    ({"lr": 0.1, "chain_lr": "1/M"}, r"chain_lr must be '1/N', None, a positive number"),
+    ({"lr": 0.1, "chain_lr": "1/M"}, r"chain_lr must be '1/N', 'norm', None, a positive"),
     ({"lr": 0.1, "chain_lr": lambda b: -1.0}, r"chain_lr gave -1.0 for a FC block"),
 ])
 def test_bad_arguments_are_refused(kwargs, match):
