@@ -44,10 +44,10 @@ from .surgery import blocks, replace
 
 log = logging.getLogger("expandfx")
 
-# DESIGN.md §4 for float32; torch.testing's defaults for the other dtypes.
+# docs/design.md §4 for float32; torch.testing's defaults for the other dtypes.
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-7),
               torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
-# contract(model)(x) vs model(x): DESIGN.md §4 for float32, scaled for the other dtypes
+# contract(model)(x) vs model(x): docs/design.md §4 for float32, scaled for the other dtypes
 FOLD_TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3,
                    torch.bfloat16: 3e-2}
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with headroom

@@ -19,7 +19,7 @@ def randomize(model: nn.Module, seed: int = 0) -> None:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |a| — the measure of DESIGN.md §4."""
+    """max |a - b| / max |a| — the measure of docs/design.md §4."""
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
 
 

@@ -1,4 +1,4 @@
-"""The catalogue of bad inputs (DESIGN.md §5) across expand, contract, compand, bake,
+"""The catalogue of bad inputs (docs/design.md §5) across expand, contract, compand, bake,
 export_onnx and the command line: each asserts the exception type, that the message names
 the offending module or argument, and what to do. None returns a NaN-filled or silently
 wrong model."""

@@ -151,7 +151,7 @@ def test_plan_counts_and_table():
     model = smallnet_7x7()
     p = efx.plan(model, "CL", 4, example_inputs=(torch.randn(1, 3, 32, 32),))
     conv1 = p.rows[0]
-    # 1x1 3->12, 7x7 12->32, 1x1 32->8, all with bias (DESIGN.md §3)
+    # 1x1 3->12, 7x7 12->32, 1x1 32->8, all with bias (docs/design.md §3)
     assert conv1.params_after == (3 * 12 + 12) + (12 * 32 * 49 + 32) + (32 * 8 + 8)
     assert conv1.macs_before == 32 * 32 * 8 * 3 * 49
     # the padding sits on the first 1x1 layer, so its output map is 38x38 (as in the paper)

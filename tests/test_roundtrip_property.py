@@ -2,7 +2,7 @@
 
 Random layers over every hyperparameter the core pass supports; the expanded
 weights are randomized after expansion, so the check is on trained-like factors,
-not on an identity init. Tolerance: DESIGN.md §4 (1e-5 of the max output, fp32).
+not on an identity init. Tolerance: docs/design.md §4 (1e-5 of the max output, fp32).
 """
 
 from __future__ import annotations

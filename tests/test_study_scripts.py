@@ -30,7 +30,8 @@ def test_accuracy_study_quick_run(tmp_path):
     study = load("accuracy_study")
     records = study.run(quick=True, out=tmp_path)
     variants = study.VARIANTS
-    assert len(records) == len(study.DATASETS) * len(variants) * 2  # sweep + authors
+    per_data = len(variants) + len(study.AUTHORS_VARIANTS)  # sweep (1 lr when quick) + authors
+    assert len(records) == len(study.DATASETS) * per_data
     for r in records:
         assert 0.0 <= r["last"] <= 1.0 and 0.0 <= r["val_last"] <= 1.0
         assert len(r["test"]) == len(r["val"]) == (4 if r["variant"].endswith("+Init") else 2)
