@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ def mnist1d(seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 
 DATASETS: dict[str, tuple[Callable[[], tuple], Callable[[], nn.Module], int]] = {
-    "MNIST-1D (CNN1D)": (mnist1d, CNN1D, 30),
+    "MNIST-1D (CNN1D)": (mnist1d, CNN1D, 20),
     "digits 8x8 (SmallNet)": (digits, smallnet_digits, 40),
 }
 _DATA: dict[tuple[str, bool], tuple] = {}
@@ -111,7 +112,8 @@ def one_run(task: tuple) -> dict:
             out = {k: out[k] + got[k] for k in ("test", "val")} | {
                 "diverged": out["diverged"] or got["diverged"]}
         rec = {"protocol": protocol, "data": dname, "variant": variant, "lr": lr,
-               "seed": seed, **out, "last": out["test"][-1], "val_last": out["val"][-1],
+               "seed": seed, "epochs": epochs, "quick": quick, "threads": threads, **out,
+               "last": out["test"][-1], "val_last": out["val"][-1],
                "seconds": time.perf_counter() - t0}
         if not out["diverged"]:
             deployed = efx.contract(model) if variant != "compact" else model
@@ -125,25 +127,39 @@ def one_run(task: tuple) -> dict:
     return rec
 
 
-def tasks(quick: bool, threads: int) -> list[tuple]:
-    seeds, lrs = ((0,), (0.05,)) if quick else (SEEDS, LRS)
+def tasks(quick: bool, threads: int, variants: list[str] | None = None,
+          lrs: list[float] | None = None, protocols: list[str] | None = None) -> list[tuple]:
+    seeds, lrs = ((0,), (0.05,)) if quick else (SEEDS, lrs or LRS)
+    protocols = protocols or list(PROTOCOLS)
     out = []
     for dname, (_, _, epochs) in DATASETS.items():
         epochs = 2 if quick else epochs
-        for variant in VARIANTS:
+        for variant in variants or VARIANTS:
             for seed in seeds:
-                out += [("sweep", dname, variant, lr, seed, epochs, quick, threads)
-                        for lr in lrs]
-                if variant in AUTHORS_VARIANTS:
+                if "sweep" in protocols:
+                    out += [("sweep", dname, variant, lr, seed, epochs, quick, threads)
+                            for lr in lrs]
+                if "authors" in protocols and variant in AUTHORS_VARIANTS:
                     out.append(("authors", dname, variant, PROTOCOLS["authors"]["lr"], seed,
                                 epochs, quick, threads))
     return out
 
 
-def run(quick: bool, out: Path, jobs: int = 1, threads: int = 1) -> list[dict]:
-    todo = tasks(quick, threads)
+def run(quick: bool, out: Path, jobs: int = 1, threads: int = 1, **subset: Any) -> list[dict]:
+    """Train every task (or the ``variants``/``lrs``/``protocols`` subset) and write results."""
+    todo = tasks(quick, threads, **subset)
+    with reproducible(threads) as setup:
+        print(f"{len(todo)} runs, {jobs} worker processes, each: {setup}", flush=True)
     t0 = time.perf_counter()
-    records = []
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "accuracy_study.partial.jsonl"  # one line per finished run: resumable
+    done = [json.loads(line) for line in partial.read_text().splitlines()] \
+        if partial.exists() else []
+    total = len(todo)
+    records = [r for r in done if _key(r) in {_task_key(t) for t in todo}]
+    todo = [t for t in todo if _task_key(t) not in {_key(r) for r in records}]
+    if records:
+        print(f"resuming: {len(records)} runs already in {partial}", flush=True)
     with contextlib.ExitStack() as stack:
         runs = map(one_run, todo)
         if jobs > 1:
@@ -152,7 +168,9 @@ def run(quick: bool, out: Path, jobs: int = 1, threads: int = 1) -> list[dict]:
             runs = pool.map(one_run, todo)
         for rec in runs:
             records.append(rec)
-            print(f"{len(records)}/{len(todo)} {rec['protocol']} {rec['data']} {rec['variant']}"
+            with partial.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"{len(records)}/{total} {rec['protocol']} {rec['data']} {rec['variant']}"
                   f" lr {rec['lr']:g} seed {rec['seed']}: {rec['last']:.4f}"
                   f"{' DIVERGED' if rec['diverged'] else ''}", flush=True)
     with reproducible(threads) as setup:
@@ -161,6 +179,16 @@ def run(quick: bool, out: Path, jobs: int = 1, threads: int = 1) -> list[dict]:
             (time.perf_counter() - t0) / 60, "date": time.strftime("%Y-%m-%d")}
     write(records, meta, out)
     return records
+
+
+def _task_key(task: tuple) -> tuple:
+    protocol, dname, variant, lr, seed, epochs, quick, threads = task
+    return (protocol, dname, variant, lr, seed, epochs, quick, threads)
+
+
+def _key(rec: dict) -> tuple:
+    return (rec["protocol"], rec["data"], rec["variant"], rec["lr"], rec["seed"],
+            rec["epochs"], rec["quick"], rec["threads"])
 
 
 def summarize(records: list[dict]) -> dict:
@@ -278,8 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--variants", type=lambda t: t.split(","), help="e.g. FC,CK+FC")
+    parser.add_argument("--lrs", type=lambda t: [float(v) for v in t.split(",")])
+    parser.add_argument("--protocols", type=lambda t: t.split(","), help="sweep,authors")
     args = parser.parse_args(argv)
-    run(args.quick, args.out, args.jobs, args.threads)
+    run(args.quick, args.out, args.jobs, args.threads, variants=args.variants, lrs=args.lrs,
+        protocols=args.protocols)
     return 0
 
 

@@ -1,0 +1,52 @@
+"""Do the accuracy study's conclusions depend on the torch thread count?
+
+CPU kernels sum in a different order with another thread count, so single runs differ in
+the last bits and, in an unstable recipe, a seed can diverge at one count and not at the
+other. This script reruns a subset of the study at another thread count and compares it
+cell by cell (data set × variant × lr: mean final test accuracy and divergent runs).
+
+    python benchmarks/accuracy_study.py --threads 2 --jobs 1 --protocols sweep \\
+        --variants compact,FC,CK,CK+FC,CL+FC --lrs 0.05,0.1 --out /tmp/threads2
+    python benchmarks/thread_check.py results/accuracy_study.json /tmp/threads2/accuracy_study.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cells(path: Path) -> tuple[str, dict]:
+    data = json.loads(path.read_text())
+    out: dict = {}
+    for r in data["runs"]:
+        if r["protocol"] == "sweep":
+            out.setdefault((r["data"], r["variant"], r["lr"]), []).append(r)
+    return data["meta"]["setup"], out
+
+
+def main(argv: list[str]) -> int:
+    (setup_a, a), (setup_b, b) = cells(Path(argv[0])), cells(Path(argv[1]))
+    lines = ["# Thread-count check of the accuracy study\n",
+             f"A: {setup_a}. B: {setup_b}. Final test accuracy in % (mean over the same "
+             f"seeds), divergent runs in brackets; Δ = B − A.\n",
+             "| data set | variant | lr | A | B | Δ |", "|---|---|---:|---:|---:|---:|"]
+    worst = 0.0
+    for key in sorted(set(a) & set(b)):
+        ma, mb = (statistics.fmean(r["last"] for r in x[key]) for x in (a, b))
+        da, db = (sum(r["diverged"] for r in x[key]) for x in (a, b))
+        worst = max(worst, abs(mb - ma))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | {100 * ma:.2f} ({da}) | "
+                     f"{100 * mb:.2f} ({db}) | {100 * (mb - ma):+.2f} |")
+    lines.append(f"\nLargest |Δ|: {100 * worst:.2f} points over {len(set(a) & set(b))} cells.")
+    (RESULTS / "thread_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
