@@ -56,6 +56,8 @@ R, A, B = 4.0, 1.0, 0.7
 LRS = (0.05, 0.1, 0.2)  # brackets the best lr of every variant here (0.01-0.02 undertrain)
 AUTHORS_VARIANTS = ("compact", "FC", "CL", "CK", "CL+FC", "CK+FC")  # as in their code
 SEEDS = (0, 1, 2, 3, 4)
+PRIORITY = ["compact", "FC", "CK+FC", "CL+FC", "CK+FC+Init", "CK", "CL", "compander",
+            "compander+CK"]
 PROTOCOLS = {  # name -> fit() keyword arguments (lr comes from the sweep or is fixed)
     "sweep": {"weight_decay": 5e-4, "chain_lr": "1/N", "schedule": "cosine"},
     "authors": {"lr": 0.01, "weight_decay": 0.0, "chain_lr": None, "schedule": "step"},
@@ -132,9 +134,10 @@ def tasks(quick: bool, threads: int, variants: list[str] | None = None,
     seeds, lrs = ((0,), (0.05,)) if quick else (SEEDS, lrs or LRS)
     protocols = protocols or list(PROTOCOLS)
     out = []
-    for dname, (_, _, epochs) in DATASETS.items():
-        epochs = 2 if quick else epochs
-        for variant in variants or VARIANTS:
+    order = sorted(variants or VARIANTS, key=lambda v: PRIORITY.index(v))  # most needed first
+    for variant in order:
+        for dname, (_, _, epochs) in DATASETS.items():
+            epochs = 2 if quick else epochs
             for seed in seeds:
                 if "sweep" in protocols:
                     out += [("sweep", dname, variant, lr, seed, epochs, quick, threads)
@@ -191,6 +194,11 @@ def _key(rec: dict) -> tuple:
             rec["epochs"], rec["quick"], rec["threads"])
 
 
+def failed(run: dict) -> bool:
+    """Diverged (non-finite loss) or collapsed: ended within 1.5x of chance accuracy."""
+    return run["diverged"] or run["last"] <= 1.5 / 10  # both data sets have 10 classes
+
+
 def summarize(records: list[dict]) -> dict:
     """Per protocol, data set and variant: the chosen lr and its test accuracy."""
     cells: dict = {}
@@ -202,9 +210,9 @@ def summarize(records: list[dict]) -> dict:
         chosen = max(by_lr, key=lambda lr: statistics.fmean(r["val_last"] for r in by_lr[lr]))
         runs = by_lr[chosen]
         table[key] = {"lr": chosen, "runs": runs,
-                      "diverged": sum(r["diverged"] for r in runs),
-                      "diverged_any_lr": sum(r["diverged"] for v in by_lr.values() for r in v),
-                      "grid": {lr: ([r["last"] for r in v], sum(r["diverged"] for r in v))
+                      "diverged": sum(map(failed, runs)),
+                      "diverged_any_lr": sum(failed(r) for v in by_lr.values() for r in v),
+                      "grid": {lr: ([r["last"] for r in v], sum(map(failed, v)))
                                for lr, v in sorted(by_lr.items())}}
     return table
 
@@ -223,8 +231,9 @@ def write(records: list[dict], meta: dict, out: Path) -> None:
              f"run ({meta['jobs']} worker processes, {meta['minutes']:.0f} min), seeds "
              f"{seeds}{' (QUICK RUN)' if meta['quick'] else ''} "
              f"(`python benchmarks/accuracy_study.py`). r = {R:g}; compander arctan "
-             f"a = {A:g}, b = {B:g}. Final-epoch test accuracy in % (mean ± std over seeds); "
-             f"div = runs whose loss became non-finite (counted at chance accuracy); "
+             f"a = {A:g}, b = {B:g}. Final-epoch test accuracy in % (mean ± std over seeds, n "
+             f"runs); div = failed runs: loss became non-finite (counted at chance accuracy) "
+             f"or training collapsed (final accuracy ≤ 15 %, chance is 10 %); "
              f"'deployed' = the contracted compact model (equals the trained one). "
              f"CK+FC+Init trains twice (nonlinear counterpart with He init, then "
              f"`linearize(calibrate=…)` and the ExpandNet with `chain_lr=\"norm\"` in the "
@@ -241,8 +250,8 @@ def write(records: list[dict], meta: dict, out: Path) -> None:
             continue
         lines.append(f"\n{what}\n")
         for dname in DATASETS:
-            lines += [f"\n### {dname}\n", "| variant | lr | test acc | div | deployed "
-                      "| confusion | div at any lr |", "|---|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"\n### {dname}\n", "| variant | lr | test acc | n | div | deployed "
+                      "| confusion | div at any lr |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for (_, d, variant), cell in rows.items():
                 if d != dname:
                     continue
@@ -251,7 +260,7 @@ def write(records: list[dict], meta: dict, out: Path) -> None:
                 conf = [r["confusion"] for r in runs if "confusion" in r]
                 lines.append(
                     f"| {variant} | {cell['lr']:g} | {_ms([r['last'] for r in runs])} | "
-                    f"{cell['diverged']} | {_ms(dep) if dep else '—'} | "
+                    f"{len(runs)} | {cell['diverged']} | {_ms(dep) if dep else '—'} | "
                     f"{f'{statistics.fmean(conf):.3f}' if conf else ''} | "
                     f"{cell['diverged_any_lr']} |")
             if protocol == "sweep":
