@@ -52,8 +52,10 @@ def roundtrip_record(model: nn.Module, rule: Any, r: float, x: torch.Tensor,
         expand_s = time.perf_counter() - t0
     randomize_factors(big, seed)
     inputs: dict[int, torch.Tensor] = {}
-    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.setdefault(id(m), a[0]))
-             for b, _ in blocks(big).values()]
+    def record(module: nn.Module, args: tuple) -> None:  # returns None: the input stays
+        inputs.setdefault(id(module), args[0])
+
+    hooks = [b.register_forward_pre_hook(record) for b, _ in blocks(big).values()]
     with torch.no_grad():
         y_big = big(x)
     for h in hooks:

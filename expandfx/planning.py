@@ -32,6 +32,7 @@ from .block import LAYER_TYPES, ExpandedBlock, base_type, torch_layer_type
 from .costs import layer_macs, sequential_macs
 from .counting import param_count
 from .errors import ConfigError
+from .snapshot import preserved
 from .tracing import GraphView, inspect
 
 Patterns = str | Sequence[str] | None
@@ -215,16 +216,13 @@ def input_shapes(model: nn.Module, example_inputs: Any,
         shapes.setdefault(id(layer), tuple(args[0].shape))
 
     handles = [layer.register_forward_pre_hook(record) for layer in set(layers)]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved(model), torch.no_grad():  # restores training flags and any cache
+            model.eval()
             model(*inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return shapes
 
 

@@ -6,7 +6,6 @@ every path a shared layer is registered under), so user methods keep working.
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from typing import Any
@@ -15,6 +14,7 @@ from torch import nn
 
 from . import rules
 from .block import LAYER_TYPES, ExpandedBlock, check_mode
+from .copying import copy_model
 from .errors import ConfigError
 from .planning import INITS, Patterns, check_r, decide
 from .tracing import inspect
@@ -76,7 +76,7 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
             f"is called as a module (a layer whose weight is read directly, e.g. by "
             f"F.conv2d(x, self.conv.weight), would break), and the call-site counts of shared "
             f"layers. The expansion itself is exact.", stacklevel=2)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model, "expand")
     swapped = []
     for row in rows:
         if row.rule:

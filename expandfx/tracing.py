@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .block import LAYER_TYPES, ExpandedBlock
+from .snapshot import preserved
 
 _FUNCTIONAL = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d,
                F.conv_transpose2d, F.conv_transpose3d}
@@ -54,7 +55,8 @@ class GraphView:
 def inspect(model: nn.Module) -> GraphView:
     """Trace ``model`` and collect call sites, direct parameter uses and functional calls."""
     try:
-        graph = _LayerLeafTracer().trace(model)
+        with preserved(model):  # a forward that caches would keep FX proxies
+            graph = _LayerLeafTracer().trace(model)
     except Exception as exc:  # FX raises many types; the message says what was lost
         return GraphView(model, traced=False, error=f"{type(exc).__name__}: {exc}".strip())
     view = GraphView(model, traced=True)
