@@ -24,12 +24,14 @@ from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
 from .passes.contract import contract
 from .planning import LayerPlan, Plan, plan
+from .registry import register_layer, unregister_layer
 from .surgery import expand
 
 __all__ = [
     "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
     "ExportReport", "LayerPlan", "Plan", "Psi", "VerificationError", "bake",
     "compand", "companded", "contract", "decay_groups", "expand", "export_onnx", "frozen",
-    "linearize", "modified_adaptive", "nonlinear_counterpart", "plan", "set_mode", "verify_onnx",
+    "linearize", "modified_adaptive", "nonlinear_counterpart", "plan", "register_layer", "set_mode",
+    "unregister_layer", "verify_onnx",
 ]
 __version__ = "0.1.0"

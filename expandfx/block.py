@@ -301,7 +301,9 @@ class ExpandedBlock(nn.Module):
         if layer.bias is not None:
             layer.bias = _like(bias, ref, any(f.bias.requires_grad for f in self.layers))
         layer.train(self.training)
-        return layer
+        from .registry import restore  # a registered class (e.g. transformers' Conv1D)
+
+        return restore(self, layer, path)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         error_msgs: list[str] = args[-1]
