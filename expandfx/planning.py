@@ -370,9 +370,9 @@ def _unusable(path: str, module: nn.Module, explicit: bool) -> str | None:
         names = ", ".join(f"{name} ({', '.join(type(p).__name__ for p in plist)})"
                           for name, plist in module.parametrizations.items())
         what = f"already has parametrizations on {names}"
-        fix = ("Expand the plain model first and parametrize (e.g. expandfx.compand) "
-               "afterwards, or remove them with torch.nn.utils.parametrize."
-               "remove_parametrizations")
+        fix = ("Make the weight plain first (torch.nn.utils.parametrize."
+               "remove_parametrizations(layer, 'weight') keeps its current value), or, for "
+               "expandfx.compand, expand before compand")
     elif not isinstance(module._parameters.get("weight"), nn.Parameter):
         what = ("has no weight parameter of its own (its weight is computed by a hook, as "
                 "torch.nn.utils.prune and the old torch.nn.utils.weight_norm do)")
