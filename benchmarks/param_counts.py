@@ -120,6 +120,7 @@ def ptflops_convention_macs(model: nn.Module) -> int:
         elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
             total += inputs[0].numel()
 
+    model = expandfx.set_mode(model, "sequential")  # hooks must see every factor layer
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
         model.eval()
