@@ -184,8 +184,11 @@ class ExpandedBlock(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The chain's effective weight (differentiable): what ``contract`` will fold to."""
-        return self.weight_bias()[0]
+        """The chain's effective weight (differentiable): what ``contract`` will fold to, in
+        the original layer's layout (``[in, out]`` for transformers' Conv1D)."""
+        from .registry import original_layout
+
+        return original_layout(self, self.weight_bias()[0])
 
     @property
     def bias(self) -> torch.Tensor | None:

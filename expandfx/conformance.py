@@ -197,6 +197,23 @@ def detection_probe(model: nn.Module, inputs: tuple) -> list[Any]:
     return out
 
 
+def raft_after_training_step() -> nn.Module:
+    """torchvision's RAFT (small) after one training forward: its correlation block keeps
+    that pass's pyramid, tensors of the autograd graph, which ``copy.deepcopy`` refuses."""
+    import torchvision
+
+    model = torchvision.models.optical_flow.raft_small(weights=None)
+    gen = torch.Generator().manual_seed(1)
+    model.train()(*(torch.randn(1, 3, 128, 128, generator=gen) for _ in range(2)),
+                  num_flow_updates=2)
+    return model
+
+
+def raft_probe(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    """RAFT's final flow estimate after two refinement steps (the default 12 cost 6x)."""
+    return model(*inputs, num_flow_updates=2)[-1]
+
+
 def _ids(*shape: int) -> Callable[[], tuple]:
     return lambda: (torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(0)),)
 
@@ -238,4 +255,7 @@ FAMILIES: dict[str, Family] = {
         ("CL", "CK"), detection_probe),
     "tv/mc3_18 (video, Conv3d)": Family(_tv("mc3_18", num_classes=5),
                                         _randn(1, 3, 4, 32, 32)),
+    "tv/raft_small (after a training forward)": Family(
+        raft_after_training_step, lambda: (torch.randn(1, 3, 128, 128),
+                                           torch.randn(1, 3, 128, 128)), ("CL",), raft_probe),
 }

@@ -24,6 +24,9 @@ Example::
     >>> big = efx.expand(model, "FC", r=2, include=["0", "2"])
     >>> type(efx.contract(big)[0]).__name__, efx.contract(big)[0].weight.shape
     ('XW', torch.Size([4, 8]))
+    >>> big[0].weight.shape                         # a block answers in the class's layout
+    torch.Size([4, 8])
+    >>> efx.unregister_layer(XW)
 """
 
 from __future__ import annotations
@@ -172,6 +175,15 @@ def attach(block: nn.Module, original: nn.Module, torch_layer: nn.Module) -> Non
 def original_template(block: nn.Module) -> nn.Module:
     """The parameter-free layer a block contracts to, in its own class."""
     return block.__dict__.get("origin") or block.template
+
+
+def original_layout(block: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A block's torch-layout ``weight`` in its original class's layout (differentiable)."""
+    origin = block.__dict__.get("origin")
+    found = lookup(origin) if origin is not None else None
+    if found is None or found[1].weight_from is None:
+        return weight
+    return found[1].weight_from(weight)
 
 
 def restore(block: nn.Module, layer: nn.Module, path: str = "") -> nn.Module:

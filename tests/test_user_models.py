@@ -265,3 +265,14 @@ def test_untraceable_model_gets_call_site_checks_from_a_recorded_forward():
     assert rel_err(big(x), efx.contract(big)(x)) <= 1e-5
     with pytest.warns(UserWarning, match=r"module walk.*pass example_inputs"):
         efx.expand(model, "CL", r=2)
+
+
+def test_registered_block_answers_its_weight_in_the_class_layout():
+    efx.register_layer(XW, kind="linear", weight_to=torch.t, weight_from=torch.t)
+    try:
+        model = nn.Sequential(XW(6, 12), nn.Tanh(), nn.Linear(12, 3))
+        big = efx.expand(model, "FC", r=2)
+        assert big[0].weight.shape == (6, 12)  # user code reading .weight sees [in, out]
+        torch.testing.assert_close(big[0].weight, efx.contract(big)[0].weight)
+    finally:
+        efx.unregister_layer(XW)
