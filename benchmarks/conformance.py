@@ -12,6 +12,7 @@ relative error, per layer and end to end, after randomizing the expanded factors
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -82,7 +83,8 @@ def main() -> int:
     import transformers
 
     header = (f"# Conformance: torchvision, timm and Hugging Face models\n\nMeasured "
-              f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, transformers "
+              f"{time.strftime('%Y-%m-%d')} (load average {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} cores), torch {torch.__version__}, transformers "
               f"{transformers.__version__}, r = 2, eval mode, factors randomized after "
               f"expansion (`python benchmarks/conformance.py`). Classifiers: input "
               f"{list(ZOO_INPUT)}. `hf/*`: transformers models built from tiny configs "
