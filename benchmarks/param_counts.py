@@ -18,8 +18,9 @@ the published ones.
   element). Re-implemented here with forward hooks, no extra dependency. This is
   the convention that reproduces the paper's MAC figures.
 
-FC expands ``classifier.0`` (256 -> 64) only: the logit layer ``classifier.2`` is
-excluded, as the paper's FC parameter counts require. CL and CK expand the four
+FC expands ``classifier.0`` (256 -> 64) only: the logit layer ``classifier.2`` is the
+model's output layer, which ``expand``'s FC rule leaves alone by default, as the paper's
+FC parameter counts require (no ``exclude=`` needed). CL and CK expand the four
 convolutions (the rules do not apply to Linear layers).
 
 Run: ``python benchmarks/param_counts.py``; writes ``benchmarks/results/param_counts.md``
@@ -45,7 +46,6 @@ INPUT_SHAPE = (1, 3, 32, 32)
 RATES = (2, 4, 8)
 RULES = ("FC", "CL", "CK")
 LOGIT_LAYER = "classifier.2"
-EXCLUDE = {"FC": LOGIT_LAYER, "CL": None, "CK": None}
 BASELINE_PARAMS = 150_346
 
 # Table 6 of the paper, verbatim (as printed, units K/M): (params, MACs).
@@ -80,7 +80,7 @@ def build(rule: str, r: int) -> nn.Module:
     model = smallnet_7x7_ablation()
     if rule == "baseline":
         return model
-    return expandfx.expand(model, rule, r, exclude=EXCLUDE[rule])
+    return expandfx.expand(model, rule, r)
 
 
 def count_params(rule: str, r: int) -> int:
@@ -88,8 +88,9 @@ def count_params(rule: str, r: int) -> int:
 
 
 def count_params_fc_all(r: int) -> int:
-    """FC with the logit layer expanded too (not the paper's setting; for the note)."""
-    return sum(p.numel() for p in expandfx.expand(smallnet_7x7_ablation(), "FC", r).parameters())
+    """FC with the logit layer expanded too (asked for by its exact path; not the paper's)."""
+    big = expandfx.expand(smallnet_7x7_ablation(), "FC", r, include=["*", LOGIT_LAYER])
+    return sum(p.numel() for p in big.parameters())
 
 
 def plan_macs(rule: str, r: int) -> int:
@@ -98,7 +99,7 @@ def plan_macs(rule: str, r: int) -> int:
     x = torch.zeros(INPUT_SHAPE)
     if rule == "baseline":
         return expandfx.plan(model, "CL", 2, example_inputs=(x,)).totals()["macs_before"]
-    totals = expandfx.plan(model, rule, r, exclude=EXCLUDE[rule], example_inputs=(x,)).totals()
+    totals = expandfx.plan(model, rule, r, example_inputs=(x,)).totals()
     return totals["macs_after"]
 
 
@@ -119,6 +120,7 @@ def ptflops_convention_macs(model: nn.Module) -> int:
         elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
             total += inputs[0].numel()
 
+    model = expandfx.set_mode(model, "sequential")  # hooks must see every factor layer
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
         model.eval()
@@ -157,7 +159,6 @@ def measure() -> list[dict]:
         fc_macs = flop_counter_macs(model)
         rows.append({
             "rule": rule, "r": r if rule != "baseline" else None,
-            "exclude": EXCLUDE.get(rule),
             "params": params, "paper_params": PAPER[rule, r][0],
             "paper_params_value": paper_params, "params_rel_diff": rel(params, paper_params),
             "params_within_rounding": abs(params - paper_params) <= params_tol,
@@ -229,9 +230,10 @@ Measured {meta['date']} with torch {meta['torch']}, expandfx {meta['expandfx']}
 
 - Model: `expandfx.models.smallnet_7x7_ablation()` (150,346 parameters),
   input {meta['input_shape']}.
-- **FC: only `classifier.0` (256→64) is expanded; the logit layer `classifier.2` is
-  excluded** (`exclude="classifier.2"`): the paper's FC figures are reproduced only
-  that way (expanding it too gives {fc_all} parameters at r = 2 / 4 / 8).
+- **FC: only `classifier.0` (256→64) is expanded; the logit layer `classifier.2`, the
+  model's output layer, is left alone by `expand`'s default FC rule** (as the authors'
+  code does): the paper's FC figures are reproduced only that way (expanding it too,
+  `include=["*", "classifier.2"]`, gives {fc_all} parameters at r = 2 / 4 / 8).
   CL and CK expand the four convolutions; those rules leave Linear layers alone.
 - Params: `sum(p.numel() for p in expand(...).parameters())` (all parameters,
   BatchNorm included). Δ = (ours − paper) / paper; the paper's figures are rounded
@@ -267,7 +269,7 @@ def main() -> None:
         "expandfx": expandfx.__version__,
         "input_shape": list(INPUT_SHAPE),
         "model": "expandfx.models.smallnet_7x7_ablation",
-        "fc_excludes": LOGIT_LAYER,
+        "fc_leaves_alone": LOGIT_LAYER + " (the output layer, by default)",
         "params": "sum(p.numel() for p in expand(...).parameters())",
         "macs": "plan(...).totals()['macs_after']: conv/linear only, output elements x fan-in",
         "macs_ptflops_convention": "conv/linear weights + bias outputs + 2x BN inputs "

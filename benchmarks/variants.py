@@ -52,9 +52,7 @@ def fc_rule(model: nn.Module, rule: str) -> str | dict[str, str | None]:
     if "FC" not in rule.split("+"):
         return rule
     rest = "+".join(p for p in rule.split("+") if p != "FC") or None
-    if len(linears) == 1:
-        return {linears[0]: "FC", "*": rest}
-    return {linears[-1]: rest, "*": rule}  # the output layer alone (FC's default)
+    return {linears[0]: "FC", "*": rest} if len(linears) == 1 else rule
 
 
 def phases(variant: str) -> int:

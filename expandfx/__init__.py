@@ -24,6 +24,7 @@ from .onnx_export import ExportReport, VerificationError, export_onnx, verify_on
 from .optim import ChainLR, ParamGroups, chain_scale, decay_groups, param_groups
 from .passes.contract import contract
 from .planning import LayerPlan, Plan, plan
+from .registry import register_layer, unregister_layer
 from .surgery import expand
 
 __all__ = [
@@ -31,6 +32,6 @@ __all__ = [
     "ExportReport", "LayerPlan", "ParamGroups", "Plan", "Psi", "VerificationError", "bake",
     "chain_scale", "compand", "companded", "contract", "decay_groups", "expand", "export_onnx",
     "frozen", "linearize", "modified_adaptive", "nonlinear_counterpart", "param_groups", "plan",
-    "set_mode", "verify_onnx",
+    "register_layer", "set_mode", "unregister_layer", "verify_onnx",
 ]
 __version__ = "0.1.0"

@@ -184,8 +184,11 @@ class ExpandedBlock(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The chain's effective weight (differentiable): what ``contract`` will fold to."""
-        return self.weight_bias()[0]
+        """The chain's effective weight (differentiable): what ``contract`` will fold to, in
+        the original layer's layout (``[in, out]`` for transformers' Conv1D)."""
+        from .registry import original_layout
+
+        return original_layout(self, self.weight_bias()[0])
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -301,7 +304,9 @@ class ExpandedBlock(nn.Module):
         if layer.bias is not None:
             layer.bias = _like(bias, ref, any(f.bias.requires_grad for f in self.layers))
         layer.train(self.training)
-        return layer
+        from .registry import restore  # a registered class (e.g. transformers' Conv1D)
+
+        return restore(self, layer, path)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         error_msgs: list[str] = args[-1]

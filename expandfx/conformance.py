@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,36 +42,51 @@ def randomize_factors(model: nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) * scale)
 
 
-def roundtrip_record(model: nn.Module, rule: Any, r: float, x: torch.Tensor,
-                     seed: int = 0) -> dict[str, Any]:
-    """Expand ``model`` (eval mode), randomize the factors, contract; errors and timings."""
+Probe = Callable[[nn.Module, tuple], Any]
+
+
+def roundtrip_record(model: nn.Module, rule: Any, r: float, x: torch.Tensor | tuple,
+                     seed: int = 0, probe: Probe | None = None) -> dict[str, Any]:
+    """Expand ``model`` (eval mode), randomize the factors, contract; errors and timings.
+
+    ``x`` is the input tensor or the tuple of positional inputs. ``probe(model, inputs)``
+    replaces the forward where the full one cannot be compared (detection models: post-NMS
+    outputs reorder on ties), e.g. backbone and head outputs; without a probe the inputs are
+    also the ``example_inputs`` of plan and expand (call sites recorded if FX fails).
+    """
     model = model.eval()
+    inputs = x if isinstance(x, tuple) else (x,)
+    example = None if probe is not None else inputs
+    run = probe or (lambda m, args: m(*args))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        the_plan = plan(model, rule, r)
+        the_plan = plan(model, rule, r, example_inputs=example)
         t0 = time.perf_counter()
-        big = expand(model, rule, r).eval()
+        big = expand(model, rule, r, example_inputs=example).eval()
         expand_s = time.perf_counter() - t0
     randomize_factors(big, seed)
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.setdefault(id(m), a[0]))
-             for b, _ in blocks(big).values()]
+    seen: dict[int, torch.Tensor] = {}
+    def record(module: nn.Module, args: tuple) -> None:  # returns None: the input stays
+        seen.setdefault(id(module), args[0])
+
+    hooks = [b.register_forward_pre_hook(record) for b, _ in blocks(big).values()]
     with torch.no_grad():
-        y_big = big(x)
+        y_big = run(big, inputs)
     for h in hooks:
         h.remove()
     t0 = time.perf_counter()
     small = contract(big)
     contract_s = time.perf_counter() - t0
-    layer_error = 0.0
+    layer_error, checked = 0.0, 0
     with torch.no_grad():
-        y_small = small(x)
+        y_small = run(small, inputs)
         for block, paths in blocks(big).values():
-            if id(block) in inputs:
-                x_in = inputs[id(block)]
+            if id(block) in seen:
+                x_in = seen[id(block)]
                 ref = block(x_in)
                 got = small.get_submodule(paths[0])(x_in)
                 layer_error = max(layer_error, _rel(ref, got))
+                checked += 1
     skipped = {row.path: row.reason for row in the_plan.skipped}
     return {
         "expanded": len(the_plan.expanded),
@@ -80,6 +97,7 @@ def roundtrip_record(model: nn.Module, rule: Any, r: float, x: torch.Tensor,
         "contract_s": contract_s,
         "output_error": _rel(y_big, y_small),
         "layer_error": layer_error,
+        "layers_checked": checked,
         "keys_equal": list(small.state_dict()) == list(model.state_dict()),
         "class_equal": type(small) is type(model),
         "blocks_left": sum(isinstance(m, ExpandedBlock) for m in small.modules()),
@@ -87,9 +105,14 @@ def roundtrip_record(model: nn.Module, rule: Any, r: float, x: torch.Tensor,
     }
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def _rel(a: Any, b: Any) -> float:
+    """Largest relative error over every tensor of (nested) outputs, dicts included."""
+    if isinstance(a, dict):  # also transformers' ModelOutput
+        return max((_rel(a[k], b[k]) for k in a), default=0.0)
     if isinstance(a, (tuple, list)):
-        return max(_rel(x, y) for x, y in zip(a, b, strict=True))
+        return max((_rel(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+        return 0.0 if not isinstance(a, torch.Tensor) else float(not torch.equal(a, b))
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
 
 
@@ -131,3 +154,108 @@ def applicable_rules(model: nn.Module) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return [rule for rule in ("CL", "CK", "FC") if plan(model, rule, 2).expanded]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model of the wider zoo: a builder, its inputs, what to compare, which rules."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], tuple]
+    rules: tuple[str, ...] = ("CL", "CK", "FC")
+    probe: Probe | None = None
+
+
+def _hf(model: str, config: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    """A transformers model from a small config (random weights, nothing downloaded)."""
+    def build() -> nn.Module:
+        import importlib
+
+        module_name, _, cls = model.rpartition(".")
+        config_obj = getattr(importlib.import_module("transformers"), config)(**kwargs)
+        return getattr(importlib.import_module(module_name or "transformers"), cls)(config_obj)
+    return build
+
+
+def _tv(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    return build
+
+
+def detection_probe(model: nn.Module, inputs: tuple) -> list[Any]:
+    """Backbone features and head outputs of a torchvision detector (no NMS, no sorting);
+    for two-stage detectors also the box head and predictor on pooled features."""
+    features = list(model.backbone(inputs[0]).values())
+    head = model.rpn.head if hasattr(model, "rpn") else model.head
+    out = [features, head(features)]
+    if hasattr(model, "roi_heads"):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(features[0], 7)
+        out.append(model.roi_heads.box_predictor(model.roi_heads.box_head(pooled)))
+    return out
+
+
+def raft_after_training_step() -> nn.Module:
+    """torchvision's RAFT (small) after one training forward: its correlation block keeps
+    that pass's pyramid, tensors of the autograd graph, which ``copy.deepcopy`` refuses."""
+    import torchvision
+
+    model = torchvision.models.optical_flow.raft_small(weights=None)
+    gen = torch.Generator().manual_seed(1)
+    model.train()(*(torch.randn(1, 3, 128, 128, generator=gen) for _ in range(2)),
+                  num_flow_updates=2)
+    return model
+
+
+def raft_probe(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    """RAFT's final flow estimate after two refinement steps (the default 12 cost 6x)."""
+    return model(*inputs, num_flow_updates=2)[-1]
+
+
+def _ids(*shape: int) -> Callable[[], tuple]:
+    return lambda: (torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(0)),)
+
+
+def _randn(*shape: int) -> Callable[[], tuple]:
+    return lambda: (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
+
+
+_TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "intermediate_size": 64}
+_DETECTION = {"weights_backbone": None, "num_classes": 5}
+# Hugging Face transformers (tiny configs), torchvision detection and video.
+FAMILIES: dict[str, Family] = {
+    "hf/bert": Family(_hf("BertForSequenceClassification", "BertConfig", vocab_size=64,
+                          max_position_embeddings=32, num_labels=3, **_TINY), _ids(2, 8),
+                      ("FC",)),
+    "hf/gpt2": Family(_hf("GPT2LMHeadModel", "GPT2Config", n_layer=2, n_embd=32, n_head=2,
+                          vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0),
+                      _ids(2, 8), ("FC",)),
+    "hf/vit": Family(_hf("ViTForImageClassification", "ViTConfig", image_size=32,
+                         patch_size=8, num_labels=5, **_TINY), _randn(2, 3, 32, 32),
+                     ("CL", "FC")),
+    "hf/whisper_encoder": Family(
+        _hf("transformers.models.whisper.modeling_whisper.WhisperEncoder", "WhisperConfig",
+            d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+            num_mel_bins=16, max_source_positions=16, vocab_size=64),
+        _randn(2, 16, 32), ("CL", "FC")),
+    "hf/wav2vec2": Family(_hf("Wav2Vec2Model", "Wav2Vec2Config", conv_dim=(16, 16),
+                              conv_stride=(5, 2), conv_kernel=(10, 3), vocab_size=32,
+                              num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                              **_TINY), _randn(2, 400), ("CL", "FC")),
+    "tv/fasterrcnn_mobilenet_v3_large_fpn": Family(
+        _tv("fasterrcnn_mobilenet_v3_large_fpn", **_DETECTION), _randn(2, 3, 64, 64),
+        ("CL", "CK"), detection_probe),
+    "tv/retinanet_resnet50_fpn": Family(_tv("retinanet_resnet50_fpn", **_DETECTION),
+                                        _randn(2, 3, 64, 64), ("CL", "CK"), detection_probe),
+    "tv/ssdlite320_mobilenet_v3_large": Family(
+        _tv("ssdlite320_mobilenet_v3_large", **_DETECTION), _randn(2, 3, 64, 64),
+        ("CL", "CK"), detection_probe),
+    "tv/mc3_18 (video, Conv3d)": Family(_tv("mc3_18", num_classes=5),
+                                        _randn(1, 3, 4, 32, 32)),
+    "tv/raft_small (after a training forward)": Family(
+        raft_after_training_step, lambda: (torch.randn(1, 3, 128, 128),
+                                           torch.randn(1, 3, 128, 128)), ("CL",), raft_probe),
+}

@@ -40,6 +40,7 @@ from torch import nn
 
 from .compander import bake, companded
 from .errors import ConfigError, ExpandFXError
+from .registry import original_template
 from .surgery import blocks, replace
 
 log = logging.getLogger("expandfx")
@@ -265,7 +266,7 @@ def compact_architecture(model: nn.Module) -> nn.Module:
     """The original compact model rebuilt from the blocks' original layers (fresh weights)."""
     arch = bake(model)
     for block, paths in blocks(arch).values():
-        layer = copy.deepcopy(block.template)
+        layer = copy.deepcopy(original_template(block))  # registered classes: their own
         layer.to_empty(device=block.layers[0].weight.device)
         layer.to(block.layers[0].weight.dtype)
         with torch.no_grad():

@@ -18,7 +18,7 @@ import math
 import numbers
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -27,12 +27,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import rules
+from . import registry, rules
 from .block import LAYER_TYPES, ExpandedBlock, base_type, torch_layer_type
 from .costs import layer_macs, sequential_macs
 from .counting import param_count
 from .errors import ConfigError
-from .tracing import GraphView, inspect
+from .snapshot import preserved
+from .tracing import GraphView, inspect, positional
 
 Patterns = str | Sequence[str] | None
 INITS = ("default", "preserve")
@@ -63,6 +64,7 @@ class Plan:
     traced: bool
     trace_error: str | None = None
     notes: list[str] = field(default_factory=list)
+    recorded: bool = False
 
     @property
     def expanded(self) -> list[LayerPlan]:
@@ -99,10 +101,14 @@ class Plan:
         out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                for line in lines]
         out.insert(1, "  ".join("-" * w for w in widths))
-        if not self.traced:
+        if self.recorded:
+            out.append(f"FX could not trace the model ({self.trace_error}); call sites and "
+                       f"direct weight reads were recorded from one forward pass on "
+                       f"example_inputs (code paths those inputs do not take were not seen).")
+        elif not self.traced:
             out.append(f"FX could not trace the model ({self.trace_error}); layers were found "
                        f"by a module walk: call sites, shared calls and functional uses of "
-                       f"weights were not checked.")
+                       f"weights were not checked (pass example_inputs to record them).")
         out.extend(f"note: {n}" for n in self.notes)
         return "\n".join(out)
 
@@ -113,73 +119,150 @@ def plan(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
     """Decide, layer by layer, what ``expand`` would do; never changes ``model``.
 
     MACs are those of one call per layer on ``example_inputs`` (a layer called at
-    several sites costs that much per call).
+    several sites costs that much per call). When FX cannot trace the model, call sites
+    are recorded from a forward pass on ``example_inputs`` (see :mod:`expandfx.tracing`).
     """
     r = check_r(r)
-    rows, view = decide(model, rule, r, include=include, exclude=exclude)
+    rows, view = decide(model, rule, r, include=include, exclude=exclude,
+                        example_inputs=example_inputs)
     from .passes import PASSES  # late import: passes build on this package
 
     shapes = input_shapes(model, example_inputs, [row.module for row in rows])
     for row in rows:
+        layer = registry.as_torch(row.module, device="meta", path=row.path)
         row.params_before = row.params_after = param_count(row.module)
         shape = shapes.get(id(row.module))
         if shape is not None:
-            row.macs_before = row.macs_after = layer_macs(row.module, list(shape))[1]
+            row.macs_before = row.macs_after = layer_macs(layer, list(shape))[1]
         if row.rule:
-            meta_block = PASSES[row.rule].build(row.module, r, path=row.path, device="meta")
+            meta_block = PASSES[row.rule].build(layer, r, path=row.path, device="meta")
             row.params_after = param_count(meta_block)
             if shape is not None:
                 row.macs_after = sequential_macs(meta_block, shape)
     notes = [f"functional call {c}: left alone" for c in view.functional_calls]
-    return Plan(rows, view.traced, view.error, notes)
+    return Plan(rows, view.traced, view.error, notes, recorded=view.recorded)
+
+
+@dataclass
+class _Context:
+    """What every layer's decision needs to know about the whole model."""
+
+    view: GraphView
+    rule: rules.RuleSpec
+    include: list[str] | None
+    exclude: list[str]
+    inside_block: dict[int, str]
+    opaque: dict[int, str]
+    owners: dict[int, set[str]]
+    output: set[int]
 
 
 def decide(model: nn.Module, rule: rules.RuleSpec, r: float, *, include: Patterns = None,
-           exclude: Patterns = None) -> tuple[list[LayerPlan], GraphView]:
+           exclude: Patterns = None, example_inputs: Any = None
+           ) -> tuple[list[LayerPlan], GraphView]:
     """The rule or skip reason of every conv/linear layer, with its module paths."""
     check_r(r)
     rules.check_spec(rule)
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
-    view = inspect(model)
+    view = inspect(model, example_inputs)
     paths: dict[int, list[str]] = defaultdict(list)
     modules: dict[int, nn.Module] = {}
+    owners: dict[int, set[str]] = defaultdict(set)
     for name, module in model.named_modules(remove_duplicate=False):
         paths[id(module)].append(name)
         modules.setdefault(id(module), module)
-    inside_block = {id(m): path for path, b in model.named_modules()
-                    if isinstance(b, ExpandedBlock) for m in b.modules()}
-    opaque = _opaque_children(model)
-    owners: dict[int, set[str]] = defaultdict(set)
-    for name, module in model.named_modules(remove_duplicate=False):
         for pname, param in module._parameters.items():
             if param is not None:
                 owners[id(param)].add(f"{name}.{pname}" if name else pname)
-
+    inside_block = {id(m): path for path, b in model.named_modules()
+                    if isinstance(b, ExpandedBlock) for m in b.modules()}
+    layers = [(key, m) for key, m in modules.items()
+              if registry.is_layer(m) or _is_parametrized_layer(m)]
+    output = view.output_layers if view.checked else _last_linear(layers, inside_block)
+    ctx = _Context(view, rule, include, exclude, inside_block, _opaque_children(model),
+                   owners, output)
     rows = []
-    for key, module in modules.items():
-        if not isinstance(module, LAYER_TYPES) and not _is_parametrized_layer(module):
-            continue
+    for key, module in layers:
         path = paths[key][0]
-        _reject_unusable(path, module)
+        _reject_lazy(path, module)
         row = LayerPlan(path=path, layer=describe(module), rule=None,
                         aliases=sorted(set(paths[key][1:])), module=module,
-                        call_sites=view.call_sites[key] if view.traced else None)
-        row.reason = (_skip_reason(path, module, view, inside_block, opaque, include, exclude)
-                      or _tied(module, paths[key], owners))
-        if row.reason is None:
-            row.rule, row.reason = rules.pick(rule, path, module)
-        if row.rule:
-            from .passes import PASSES
-
-            row.reason = PASSES[row.rule].skip_reason(module)
-            if row.reason:
-                row.rule = None
+                        call_sites=view.call_sites[key] if view.checked else None)
+        row.rule, row.reason = _choose(paths[key], module, ctx)
         rows.append(row)
     return rows, view
 
 
+def _choose(paths: list[str], module: nn.Module, ctx: _Context
+            ) -> tuple[str | None, str | None]:
+    """``(rule, None)`` or ``(None, reason)`` for one layer, in the order a user asks why."""
+    path = paths[0]
+    if id(module) in ctx.inside_block:
+        return None, f"already part of the expanded block '{ctx.inside_block[id(module)]}'"
+    if ctx.include is not None and not any(fnmatchcase(path, p) for p in ctx.include):
+        return None, "not matched by include"
+    hit = next((p for p in ctx.exclude if fnmatchcase(path, p)), None)
+    if hit:
+        return None, f"excluded by {hit!r}"
+    rule, reason = rules.pick(ctx.rule, path, module)
+    if rule is None:
+        return None, reason
+    explicit = requested_explicitly(paths, ctx.include, ctx.rule)
+    reason = (_unusable(path, module, explicit) or _not_plain(path, module)
+              or _tied(module, paths, ctx.owners) or _graph_reason(module, ctx))
+    if reason:
+        return None, reason
+    from .passes import PASSES
+
+    reason = PASSES[rule].skip_reason(registry.as_torch(module, device="meta", path=path))
+    if reason:
+        return None, reason
+    if rule == "FC" and id(module) in ctx.output and not explicit:
+        return None, _output_reason(path, ctx.view)
+    return rule, None
+
+
+def requested_explicitly(paths: list[str], include: list[str] | None,
+                         rule: rules.RuleSpec) -> bool:
+    """Whether the user named this very layer: its exact path in ``include=``, or as the
+    pattern of the rule mapping that matches it (a glob that matches it is not a request).
+
+    >>> requested_explicitly(["fc"], ["*", "fc"], "FC"), requested_explicitly(["fc"], ["*"], "FC")
+    (True, False)
+    >>> requested_explicitly(["fc"], None, {"fc": "FC"})
+    True
+    >>> requested_explicitly(["fc"], None, {"f*": "FC"})
+    False
+    """
+    if include is not None and any(p in include for p in paths):
+        return True
+    spec = dict([rule]) if isinstance(rule, tuple) else rule
+    if isinstance(spec, Mapping):
+        matched = next((p for p in spec if fnmatchcase(paths[0], p)), None)
+        return matched is not None and matched in paths
+    return False
+
+
+def _output_reason(path: str, view: GraphView) -> str:
+    how = ("its result is the model's output" if view.checked else
+           "the last linear layer in module order, taken as the output layer because the "
+           "model could not be traced")
+    mapping = "{" + repr(path) + ": 'FC', ...}"
+    return (f"the model's output layer ({how}); the FC rule leaves it alone, as the paper's "
+            f"authors do. To expand it, name it exactly: include=['*', {path!r}] or a rule "
+            f"mapping {mapping}")
+
+
+def _last_linear(layers: list[tuple[int, nn.Module]], inside_block: dict[int, str]) -> set[int]:
+    linear = [key for key, m in layers if registry.is_linear(m) and key not in inside_block]
+    return set(linear[-1:])
+
+
 def describe(layer: nn.Module) -> str:
     """``Conv2d(3→8, k7, s1, p3)`` — a short one-line description."""
+    torch_layer = registry.as_torch(layer, device="meta")
+    if torch_layer is not layer:  # a registered class: Conv1D(32→96)
+        return type(layer).__name__ + "(" + describe(torch_layer).partition("(")[2]
     kind = base_type(layer)
     if issubclass(kind, nn.Linear):
         return f"Linear({layer.in_features}→{layer.out_features})"
@@ -203,28 +286,20 @@ def input_shapes(model: nn.Module, example_inputs: Any,
     """
     if example_inputs is None:
         return {}
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    bad = [type(x).__name__ for x in inputs if not isinstance(x, torch.Tensor)]
-    if bad:
-        raise ConfigError(f"example_inputs must be a tensor or a tuple of tensors (the "
-                          f"positional arguments of forward); got {bad}. Wrap keyword inputs "
-                          f"in a small module or pass tensors.")
+    inputs = positional(example_inputs)
     shapes: dict[int, tuple[int, ...]] = {}
 
     def record(layer: nn.Module, args: tuple) -> None:
         shapes.setdefault(id(layer), tuple(args[0].shape))
 
     handles = [layer.register_forward_pre_hook(record) for layer in set(layers)]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved(model), torch.no_grad():  # restores training flags and any cache
+            model.eval()
             model(*inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return shapes
 
 
@@ -239,12 +314,9 @@ def check_r(r: Any) -> float:
     return value
 
 
-def _skip_reason(path: str, module: nn.Module, view: GraphView, inside_block: dict[int, str],
-                 opaque: dict[int, str], include: list[str] | None, exclude: list[str]
-                 ) -> str | None:
-    if id(module) in inside_block:
-        return f"already part of the expanded block '{inside_block[id(module)]}'"
-    base = torch_layer_type(module)
+def _not_plain(path: str, module: nn.Module) -> str | None:
+    """Why a subclass or a hooked layer may compute something else (warned and reported)."""
+    base = _plain_base(module)
     cls, torch_cls = _name(type(module)), _name(base)
     custom = _custom_methods(module, base)
     extra = sorted(set(module._parameters) - {"weight", "bias"} | set(module._buffers))
@@ -253,7 +325,8 @@ def _skip_reason(path: str, module: nn.Module, view: GraphView, inside_block: di
     if custom:
         reason = (f"{cls} subclasses {torch_cls} and overrides {', '.join(custom)}, so it is "
                   f"not a plain {torch_cls}: left alone")
-        fix = f"Expand it by hand, or use a plain {torch_cls} if it computes the same"
+        fix = (f"Expand it by hand, or use a plain {torch_cls} (or expandfx.register_layer "
+               f"the class) if it computes the same")
     elif extra:
         reason = (f"{cls} has tensors besides weight and bias "
                   f"({', '.join(extra)}) that an expanded block would not carry: left alone")
@@ -262,50 +335,66 @@ def _skip_reason(path: str, module: nn.Module, view: GraphView, inside_block: di
         reason = "has forward hooks, which an expanded block would silently drop: left alone"
         fix = "Remove the hooks (handle.remove()) to expand it, and re-register them after"
     if reason:
-        warnings.warn(f"expand: '{path}': {reason}. {fix}.", stacklevel=4)
-        return reason
-    if include is not None and not any(fnmatchcase(path, p) for p in include):
-        return "not matched by include"
-    hit = next((p for p in exclude if fnmatchcase(path, p)), None)
-    if hit:
-        return f"excluded by {hit!r}"
-    if view.traced:
-        if view.direct_uses.get(id(module)):
+        warnings.warn(f"expand: '{path}': {reason}. {fix}.", stacklevel=5)
+    return reason
+
+
+def _graph_reason(module: nn.Module, ctx: _Context) -> str | None:
+    """Why the traced or recorded forward says the layer cannot be swapped."""
+    view, key = ctx.view, id(module)
+    if view.checked:
+        if view.direct_uses.get(key):
             return (f"its parameters are used directly in forward "
-                    f"({'; '.join(view.direct_uses[id(module)])}): expanding would break that use")
-        if view.call_sites[id(module)] == 0:
-            where = opaque.get(id(module))
-            return ("never called as a module in the traced forward"
-                    + (f" ({where} reads its weights directly)" if where else ""))
-    elif id(module) in opaque:
-        return f"inside {opaque[id(module)]}, which reads its weights directly"
+                    f"({'; '.join(view.direct_uses[key])}): expanding would break that use")
+        if view.call_sites[key] == 0:
+            inside = ctx.opaque.get(key)
+            where = "traced" if view.traced else "recorded"
+            return (f"never called as a module in the {where} forward"
+                    + (f" ({inside} reads its weights directly)" if inside else ""))
+    elif key in ctx.opaque:
+        return f"inside {ctx.opaque[key]}, which reads its weights directly"
     return None
 
 
-def _reject_unusable(path: str, module: nn.Module) -> None:
-    if not isinstance(module._parameters.get("weight"), nn.Parameter) \
-            and not _is_parametrized_layer(module):
-        raise ConfigError(f"expand: '{path}' has no weight parameter of its own (its weight is "
-                          f"computed by a hook, as torch.nn.utils.prune and the old "
-                          f"torch.nn.utils.weight_norm do). Make it permanent first "
-                          f"(prune.remove(module, 'weight'), "
-                          f"torch.nn.utils.remove_weight_norm), then expand.")
+def _reject_lazy(path: str, module: nn.Module) -> None:
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise ConfigError(f"expand: '{path}' ({type(module).__name__}) is a lazy module that has "
                           f"not been initialized. Run one forward pass with a real input first "
                           f"(or pass example_inputs and call the model once), then expand.")
+
+
+def _unusable(path: str, module: nn.Module, explicit: bool) -> str | None:
+    """A layer whose weight is computed (pruning, weight norm): skipped with the reason, or
+    a ConfigError when the user asked for this very layer."""
     if _is_parametrized_layer(module):
-        names = ", ".join(module.parametrizations.keys())
-        raise ConfigError(f"expand: '{path}' already has parametrizations on {names} "
-                          f"({type(module).__name__}). Expand the plain model first and "
-                          f"parametrize (e.g. expandfx.compand) afterwards, or remove them with "
-                          f"torch.nn.utils.parametrize.remove_parametrizations.")
+        names = ", ".join(f"{name} ({', '.join(type(p).__name__ for p in plist)})"
+                          for name, plist in module.parametrizations.items())
+        what = f"already has parametrizations on {names}"
+        fix = ("Make the weight plain first (torch.nn.utils.parametrize."
+               "remove_parametrizations(layer, 'weight') keeps its current value), or, for "
+               "expandfx.compand, expand before compand")
+    elif not isinstance(module._parameters.get("weight"), nn.Parameter):
+        what = ("has no weight parameter of its own (its weight is computed by a hook, as "
+                "torch.nn.utils.prune and the old torch.nn.utils.weight_norm do)")
+        fix = ("Make it permanent first (prune.remove(module, 'weight'), "
+               "torch.nn.utils.remove_weight_norm), then expand")
+    else:
+        return None
+    if explicit:
+        raise ConfigError(f"expand: '{path}' {what}. {fix}.")
+    return f"{what}: left alone. {fix} to expand it"
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 # Methods a subclass may override without changing what the layer computes.
 _HARMLESS = {"__init__", "extra_repr", "__repr__", "reset_parameters", "__setstate__",
              "__getstate__", "_get_name"}
+
+
+def _plain_base(module: nn.Module) -> type[nn.Module]:
+    """The class a layer must not override: its registered class, else the torch layer."""
+    found = registry.lookup(module)
+    return found[0] if found else torch_layer_type(module)
 
 
 def _custom_methods(module: nn.Module, base: type[nn.Module]) -> list[str]:
@@ -340,7 +429,8 @@ def _tied(module: nn.Module, paths: list[str], owners: dict[int, set[str]]) -> s
 
 
 def _is_parametrized_layer(module: nn.Module) -> bool:
-    return parametrize.is_parametrized(module) and issubclass(base_type(module), LAYER_TYPES)
+    return parametrize.is_parametrized(module) and (
+        issubclass(base_type(module), LAYER_TYPES) or registry.lookup(module) is not None)
 
 
 def _opaque_children(model: nn.Module) -> dict[int, str]:
@@ -349,7 +439,7 @@ def _opaque_children(model: nn.Module) -> dict[int, str]:
     for path, module in model.named_modules():
         builtin = type(module).__module__.startswith("torch.nn")
         container = isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-        if builtin and not container and not isinstance(module, LAYER_TYPES):
+        if builtin and not container and not registry.is_layer(module):
             for child in module.modules():
                 if child is not module:
                     opaque.setdefault(id(child), f"'{path}' ({type(module).__name__})")

@@ -20,6 +20,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from . import registry
 from .errors import ConfigError
 
 RULES = ("CL", "CK", "FC")
@@ -74,7 +75,7 @@ def pick(spec: RuleSpec | tuple[str, str], name: str, module: nn.Module
     if rule is None:
         return None, f"{where} gives None"
     parts = parse(rule, where=f"{where} for '{name}'")
-    is_linear = isinstance(module, nn.Linear)
+    is_linear = registry.is_linear(module)
     chosen = [p for p in parts if (p == "FC") == is_linear]
     if not chosen:
         return None, f"rule {rule} does not apply to {type(module).__name__}"

@@ -6,25 +6,27 @@ every path a shared layer is registered under), so user methods keep working.
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
+from collections import Counter
 from typing import Any
 
 from torch import nn
 
-from . import rules
-from .block import LAYER_TYPES, ExpandedBlock, check_mode
+from . import registry, rules
+from .block import ExpandedBlock, check_mode
+from .copying import copy_model
 from .errors import ConfigError
-from .planning import INITS, Patterns, check_r, decide
-from .tracing import inspect
+from .planning import INITS, LayerPlan, Patterns, check_r, decide
+from .tracing import GraphView, inspect
 
 log = logging.getLogger("expandfx")
 
 
 def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
            include: Patterns = None, exclude: Patterns = None, example_inputs: Any = None,
-           init: str = "default", mode: str = "auto", inplace: bool = False) -> nn.Module:
+           init: str = "default", mode: str = "auto", inplace: bool = False,
+           strict: bool = False) -> nn.Module:
     """Over-parameterize ``model``: each conv/linear layer becomes a linear chain.
 
     Args:
@@ -33,8 +35,12 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
             mapping ``{glob: rule or None}`` (first match wins) or a callable
             ``(name, module) -> rule | None``.
         r: expansion rate (> 0); widths ``r·m`` and ``r·n`` round to multiples of groups.
-        include, exclude: module-name glob patterns.
-        example_inputs: optional positional inputs of ``forward``, for MACs in the log.
+        include, exclude: module-name glob patterns. A layer named by its exact path in
+            ``include`` (or as the pattern of a rule mapping) is an explicit request: FC
+            then expands it even if it is the model's output layer, and a layer that
+            cannot be expanded raises instead of being skipped.
+        example_inputs: optional positional inputs of ``forward``: MACs in the log, and the
+            call-site checks of a model that FX cannot trace (recorded on one forward).
         init: ``"default"`` (PyTorch's init, the paper's setting) or ``"preserve"``
             (the expanded model computes exactly what ``model`` computes; CL and FC).
         mode: how blocks run while training: ``"auto"`` (default: per block and input
@@ -43,6 +49,8 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
             ``"sequential"`` (the layers one after another, as in the paper).
             ``expandfx.set_mode`` switches later.
         inplace: modify ``model`` itself.
+        strict: raise a ConfigError when no layer is expanded (by default: a warning with
+            the most common skip reasons).
 
     Example::
 
@@ -54,7 +62,7 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
     """
     if init not in INITS:
         raise ConfigError(f"expand: init must be one of {INITS}, got {init!r}.")
-    if isinstance(model, LAYER_TYPES):
+    if registry.is_layer(model):
         raise ConfigError(f"expand: the model is a single layer ({type(model).__name__}); expand "
                           f"cannot return the same class for it. Wrap it in a module, e.g. "
                           f"nn.Sequential(layer), or build an ExpandedBlock with "
@@ -68,45 +76,73 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
     if log.isEnabledFor(logging.INFO):
         summary = make_plan(model, rule, r, include=include, exclude=exclude,
                             example_inputs=example_inputs)
-    rows, view = decide(model, rule, r, include=include, exclude=exclude)  # the given model
+    rows, view = decide(model, rule, r, include=include, exclude=exclude,
+                        example_inputs=example_inputs)  # the given model
     if not view.traced:
-        warnings.warn(
-            f"expand: torch.fx could not trace {type(model).__name__} ({view.error}); its "
-            f"layers were expanded by a module walk instead. Lost: the check that each layer "
-            f"is called as a module (a layer whose weight is read directly, e.g. by "
-            f"F.conv2d(x, self.conv.weight), would break), and the call-site counts of shared "
-            f"layers. The expansion itself is exact.", stacklevel=2)
-    target = model if inplace else copy.deepcopy(model)
+        warnings.warn(_untraced_message(model, view), stacklevel=2)
+    if not any(row.rule for row in rows):
+        _nothing_expanded(model, rule, rows, strict)
+    target = model if inplace else copy_model(model, "expand")
     swapped = []
     for row in rows:
         if row.rule:
             layer = target.get_submodule(row.path)
-            block = PASSES[row.rule].build(layer, r, init, path=row.path)
+            torch_layer = registry.as_torch(layer, path=row.path)
+            block = PASSES[row.rule].build(torch_layer, r, init, path=row.path)
+            registry.attach(block, layer, torch_layer)
             block.mode = mode
             paths = [row.path, *row.aliases]
             replace(target, paths, block)
             swapped.append((paths, layer, block, row.call_sites))
-    if view.traced:
-        _check_calls(target, swapped)
+    if view.checked and swapped:
+        _check_calls(target, swapped, example_inputs if view.recorded else None)
     if summary is not None:
         log.info("expand(rule=%r, r=%g):\n%s", rule, r, summary)
     return target
 
 
-def _check_calls(target: nn.Module, swapped: list) -> None:
+def _untraced_message(model: nn.Module, view: GraphView) -> str:
+    head = f"expand: torch.fx could not trace {type(model).__name__} ({view.error}); "
+    if view.recorded:
+        return head + ("call sites were recorded from one forward pass on example_inputs "
+                       "instead. Checked on that pass: each layer is called as a module, how "
+                       "often (shared layers), and that no layer's weight or bias is read "
+                       "outside its own call. Not seen: code paths those inputs do not take "
+                       "(other branches, training-only code). The expansion itself is exact.")
+    return head + ("its layers were expanded by a module walk instead. Lost: the check that "
+                   "each layer is called as a module (a layer whose weight is read directly, "
+                   "e.g. by F.conv2d(x, self.conv.weight), would break), and the call-site "
+                   "counts of shared layers; pass example_inputs to check them on a recorded "
+                   "forward pass. The expansion itself is exact.")
+
+
+def _nothing_expanded(model: nn.Module, rule: rules.RuleSpec, rows: list[LayerPlan],
+                      strict: bool) -> None:
+    """Warn (or raise with ``strict=True``) that no layer matched, naming the top reasons."""
+    reasons = Counter(row.reason for row in rows)
+    top = "; ".join(f"{n} × {reason}" for reason, n in reasons.most_common(3))
+    message = (f"expand: rule {rule!r} expanded no layer of {type(model).__name__} "
+               f"({len(rows)} conv/linear layers{': ' + top if top else ''}). Check the rule, "
+               f"include= and exclude= (expandfx.plan lists every layer's reason)")
+    if strict:
+        raise ConfigError(message + ".")
+    warnings.warn(message + "; pass strict=True to raise instead.", stacklevel=3)
+
+
+def _check_calls(target: nn.Module, swapped: list, example_inputs: Any = None) -> None:
     """The recipe's check: every block is called where its layer was; else undo and raise.
 
     Catches layers also referenced outside the module tree (a plain Python list, a
     closure), whose old copy would keep running untrained while the block is ignored.
     """
-    after = inspect(target)
+    after = inspect(target, example_inputs)
     wrong = [paths[0] for paths, _, block, sites in swapped
-             if not after.traced or after.call_sites[id(block)] != sites]
+             if not after.checked or after.call_sites[id(block)] != sites]
     if not wrong:
         return
     for paths, layer, _, _ in swapped:  # leave an in-place model as it was
         replace(target, paths, layer)
-    why = (f"FX can no longer trace the model ({after.error})" if not after.traced else
+    why = (f"FX can no longer trace the model ({after.error})" if not after.checked else
            "their blocks are not called where the layers were")
     raise ConfigError(
         f"expand: after swapping in the expanded blocks, {why}: {wrong[:5]}. A layer is "

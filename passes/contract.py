@@ -17,18 +17,18 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 from torch import nn
 
 from expandfx.compander import bake, companded
+from expandfx.copying import copy_model
 from expandfx.surgery import blocks, replace
 
 
 def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Bake companded weights, then fold every expanded block; a copy unless ``inplace=True``."""
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model, "contract")
     baked = len(companded(target))
     bake(target, inplace=True)  # Ψ(v) → plain weights first, everywhere
     found = blocks(target)

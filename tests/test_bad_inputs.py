@@ -52,8 +52,11 @@ def test_already_parametrized_weight():
 
     model = net()
     parametrize.register_parametrization(model[2], "weight", Scale())
-    with pytest.raises(efx.ConfigError, match=r"'2' already has parametrizations on weight"):
-        efx.expand(model)
+    row = efx.plan(model).rows[1]  # one such layer does not block the others: skipped
+    assert row.rule is None and "already has parametrizations on weight (Scale)" in row.reason
+    with pytest.raises(efx.ConfigError, match=r"'2' already has parametrizations on weight "
+                                              r"\(Scale\).*remove_parametrizations"):
+        efx.expand(model, include=["2"])  # asked for by its exact path: refused
 
 
 def test_conv_subclass_with_own_forward_is_left_alone_and_reported():
@@ -204,7 +207,10 @@ def test_pruned_layer_names_path_and_fix():
     model = net()
     prune.l1_unstructured(model[2], "weight", 0.5)
     with pytest.raises(efx.ConfigError, match=r"'2' has no weight parameter.*prune.remove"):
-        efx.expand(model, r=2)
+        efx.expand(model, {"2": "CL", "*": "CL"}, r=2)
+    assert "has no weight parameter" in efx.plan(model).rows[1].reason  # skipped, not raised
+    big = efx.expand(model, r=2)
+    assert isinstance(big[0], efx.ExpandedBlock) and not isinstance(big[2], efx.ExpandedBlock)
 
 
 @pytest.mark.parametrize(("rule", "match"), [
@@ -259,6 +265,8 @@ def test_compand_twice_is_refused():
 def test_expand_after_compand_is_refused():
     model = efx.compand(small_linear())
     with pytest.raises(efx.ConfigError, match=r"'0' already has parametrizations.*compand"):
+        efx.expand(model, "FC", r=2, include=["0"])
+    with pytest.warns(UserWarning, match=r"expanded no layer.*already has parametrizations"):
         efx.expand(model, "FC", r=2)
 
 

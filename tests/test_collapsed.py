@@ -57,7 +57,9 @@ def test_collapsed_equals_sequential_on_random_layers(case, r, rule, seed):
     ("tiny_unet", "CL"), ("cnn1d", "CK+FC"), ("cnn1d", "CL+FC")])
 def test_training_in_each_mode_gives_the_same_model(name, rule):
     torch.manual_seed(0)
-    big = efx.expand(MODELS[name](), rule, r=2)
+    model = MODELS[name]()
+    outputs = [r.path for r in efx.plan(model, rule, 2).rows if "output layer" in (r.reason or "")]
+    big = efx.expand(model, rule, r=2, include=["*", *outputs])  # the logit layer too
     x = torch.randn(EXAMPLE_SHAPES[name])
     seq = efx.set_mode(copy.deepcopy(big), "sequential")
     col = efx.set_mode(copy.deepcopy(big), "collapsed")

@@ -91,7 +91,7 @@ def test_untraceable_model_is_expanded_by_module_walk_with_warning():
     torch.manual_seed(0)
     model = Untraceable()
     with pytest.warns(UserWarning, match=r"could not trace Untraceable.*module walk.*Lost"):
-        big = efx.expand(model, "CK+FC", r=2)
+        big = efx.expand(model, "CK+FC", r=2, include=["*", "fc"])  # fc: the output layer
     assert isinstance(big.a, efx.ExpandedBlock) and isinstance(big.fc, efx.ExpandedBlock)
     assert type(big.b) is nn.Conv2d  # 3x3: CK leaves it alone
     x = torch.rand(2, 3, 8, 8)
@@ -117,7 +117,8 @@ def test_layers_inside_torch_builtin_modules_are_left_alone():
     p = efx.plan(model, "FC", 2)
     row = next(r for r in p.rows if r.path == "attn.out_proj")
     assert row.rule is None and "'attn' (MultiheadAttention)" in row.reason
-    big = efx.expand(model, "FC", r=2).eval()
+    big = efx.expand(model, "FC", r=2, include=["*", "proj"]).eval()
+    assert isinstance(big.proj, efx.ExpandedBlock)
     x = torch.randn(2, 5, 8)
     randomize(big)
     assert rel_err(big(x), efx.contract(big)(x)) <= 1e-5

@@ -57,7 +57,11 @@ def test_timm_conv_subclasses_are_reported_and_left_alone():
         assert torch.allclose(efx.contract(big)(x), big(x), atol=1e-5)
 
 
-def test_timm_linear_subclass_is_named_unambiguously():
-    model = build_zoo_model("timm/mobilenetv3_small_100")
+def test_timm_linear_head_is_a_linear_left_alone_as_the_output_layer():
+    model = build_zoo_model("timm/mobilenetv3_small_100").eval()
     row = next(r for r in efx.plan(model, "FC", 2).rows if r.path == "classifier")
-    assert row.rule is None and "timm.layers.linear.Linear subclasses Linear" in row.reason
+    assert row.rule is None and "the model's output layer" in row.reason
+    big = efx.expand(model, "FC", 2, include=["classifier"])  # named exactly: expanded
+    assert isinstance(big.classifier, efx.ExpandedBlock)
+    small = efx.contract(big)
+    assert type(small.classifier) is type(model.classifier)  # timm's Linear again

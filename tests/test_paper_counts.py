@@ -3,7 +3,7 @@
 The published figures live in ``benchmarks/param_counts.py`` (imported by path:
 ``benchmarks/`` is not a package). Each figure is rounded to its printed digits,
 so ours must lie within half a unit of the last digit (339.40K: ±5; 2.17M: ±5,000).
-FC leaves the logit layer ``classifier.2`` unexpanded, as the paper does.
+FC leaves the logit layer ``classifier.2`` unexpanded by default, as the paper does.
 """
 
 from __future__ import annotations
@@ -35,7 +35,18 @@ def test_baseline_is_exact():
 
 def test_table_covers_every_rule_and_rate():
     assert sorted(CELLS) == sorted((rule, r) for rule in ("FC", "CL", "CK") for r in (2, 4, 8))
-    assert bench.EXCLUDE["FC"] == "classifier.2"
+
+
+
+def test_default_fc_plan_leaves_the_logit_layer_alone():
+    """docs/design.md §3: the default FC plan is the paper's (the output layer stays compact)."""
+    import expandfx as efx
+    from expandfx.models import smallnet_7x7_ablation
+
+    rows = {row.path: row for row in efx.plan(smallnet_7x7_ablation(), "FC", 2).rows}
+    assert rows["classifier.0"].rule == "FC" and rows["classifier.2"].rule is None
+    assert "the model's output layer" in rows[bench.LOGIT_LAYER].reason
+    assert "include=['*', 'classifier.2']" in rows[bench.LOGIT_LAYER].reason
 
 
 @pytest.mark.parametrize(("text", "value", "tol"), [

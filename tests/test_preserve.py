@@ -43,7 +43,8 @@ def test_preserve_depthwise_with_channel_multiplier():
 
 def test_preserve_refuses_shrinking_widths():
     with pytest.raises(efx.ConfigError, match=r"'0'.*r=0.5.*r >= 1"):
-        efx.expand(nn.Sequential(nn.Linear(8, 8)), "FC", r=0.5, init="preserve")
+        efx.expand(nn.Sequential(nn.Linear(8, 8)), "FC", r=0.5, init="preserve",
+                   include=["0"])
 
 
 def test_preserve_with_ck_is_refused_clearly():

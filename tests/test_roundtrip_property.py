@@ -73,7 +73,7 @@ def roundtrip(layer: nn.Module, shape, rule: str, r: float, seed: int):
     model = nn.Sequential(layer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        big = efx.expand(model, rule=rule, r=r)
+        big = efx.expand(model, rule=rule, r=r, include=["0"])  # "0": also the output
     randomize(big, seed)
     small = efx.contract(big) if isinstance(big[0], efx.ExpandedBlock) else None
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))

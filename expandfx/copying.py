@@ -1,0 +1,87 @@
+"""Copying a model for ``expand`` / ``contract``, also when it holds non-leaf tensors.
+
+``copy.deepcopy`` refuses tensors that are part of an autograd graph (torchvision's RAFT
+keeps the correlation pyramid of its last training forward in a plain list). Such tensors
+are stale activations, not state: the copy gets their detached values. Anything else that
+cannot be copied is named (module path and attribute) in a one-line error that says to
+pass ``inplace=True``.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> class Keeps(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.conv, self.last = nn.Conv2d(3, 4, 3), []
+    ...     def forward(self, x):
+    ...         self.last = [self.conv(x) * 2]        # part of the autograd graph
+    ...         return self.last[0]
+    >>> model = Keeps()
+    >>> _ = model(torch.randn(1, 3, 8, 8))
+    >>> copy_model(model).last[0].grad_fn is None
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+def copy_model(model: nn.Module, who: str = "expand") -> nn.Module:
+    """A deep copy of ``model``; non-leaf tensors are copied detached."""
+    memo: dict[int, Any] = {}
+    for _, value in _attributes(model):
+        for tensor in _non_leaf(value):
+            memo.setdefault(id(tensor), tensor.detach().clone())
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # deepcopy raises many types; name the attribute
+        where = _culprit(model)
+        raise ConfigError(
+            f"{who}: cannot copy {type(model).__name__}"
+            f"{f': attribute {where!r}' if where else ''} fails to deep-copy "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Pass "
+            f"inplace=True to {who} the model itself, or delete that attribute first."
+        ) from exc
+
+
+def _attributes(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """``(path.attr, value)`` for every non-module attribute of every module."""
+    for path, module in model.named_modules():
+        for name, value in vars(module).items():
+            if name != "_modules":
+                yield (f"{path}.{name}" if path else name), value
+
+
+def _non_leaf(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None:
+            yield value
+    elif depth < 4 and isinstance(value, dict):
+        for v in value.values():
+            yield from _non_leaf(v, depth + 1)
+    elif depth < 4 and isinstance(value, (list, tuple, set)):
+        for v in value:
+            yield from _non_leaf(v, depth + 1)
+
+
+def _culprit(model: nn.Module) -> str | None:
+    """The first attribute (``path.name``, parameters and buffers included) that fails."""
+    for path, module in model.named_modules():
+        for name, value in vars(module).items():
+            if name == "_modules":
+                continue
+            entries = value.items() if name in ("_parameters", "_buffers") else [(name, value)]
+            for key, item in entries:
+                try:
+                    copy.deepcopy(item)
+                except Exception:
+                    return f"{path}.{key}" if path else key
+    return None
