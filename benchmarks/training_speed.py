@@ -47,7 +47,8 @@ THREADS = 2
 class Case:
     label: str
     model: nn.Module
-    foreach: bool | None = None  # SGD(foreach=...); None is torch's default (a for-loop on CPU)
+    sgd: str = ""  # "", "foreach" or "fused": SGD's implementation ("" = torch's default,
+    # a for-loop over the parameters on CPU)
     rule: str = ""
     r: float = 0.0
     mode: str = "compact"
@@ -76,11 +77,11 @@ def depthwise_only(name: str, module: nn.Module) -> str | None:
 
 
 def expanded(compact: nn.Module, rule, r: float, mode: str = "auto", label: str = "",
-             foreach: bool | None = None) -> Case:
+             sgd: str = "") -> Case:
     big = efx.expand(copy.deepcopy(compact), rule, r=r, mode=mode)
     name = rule if isinstance(rule, str) else "CL (depthwise)"
     suffix = "" if mode == "auto" else f" {mode}"
-    return Case(label or f"{name} r={r:g}{suffix}", big, foreach, name, r, mode)
+    return Case(label or f"{name} r={r:g}{suffix}", big, sgd, name, r, mode)
 
 
 def torchvision_model(name: str) -> nn.Module:
@@ -101,11 +102,11 @@ def groups(quick: bool) -> Iterator[Group]:
     grid = [expanded(net, rule, r) for rule in ("CL", "CK", "FC") for r in (2, 4, 8)]
     extra = [expanded(net, rule, 4, mode) for rule in ("CL", "CK", "FC")
              for mode in ("collapsed", "sequential")]
-    foreach = [Case("compact, SGD foreach", net, True)] + [
-        expanded(net, rule, 4, label=f"{rule} r=4, SGD foreach", foreach=True)
-        for rule in ("CL", "CK", "FC")]
+    sgd = [Case(f"compact, SGD {kind}", net, kind) for kind in ("foreach", "fused")] + [
+        expanded(net, rule, 4, label=f"{rule} r=4, SGD {kind}", sgd=kind)
+        for kind in ("foreach", "fused") for rule in ("CL", "CK", "FC")]
     yield (Group("SmallNet 7x7 ablation", 128, 32,
-                     [Case("compact", net), *grid, *extra, *foreach], repeats=9, limits=True))
+                 [Case("compact", net), *grid, *extra, *sgd], repeats=7, limits=True))
     yield (Group("SmallNet 7x7 ablation", 512, 32, [
         Case("compact", net), *[copy.deepcopy(c) for c in grid],
         expanded(net, "CK", 4, "collapsed")], repeats=5, limits=True))
@@ -130,8 +131,13 @@ def groups(quick: bool) -> Iterator[Group]:
                              [copy.deepcopy(c) for c in cases], repeats=2, limits=True))
 
 
+def sgd(model: nn.Module, kind: str = "") -> torch.optim.SGD:
+    flags = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(kind, {})
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, **flags)
+
+
 def step_fn(case: Case, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    opt = torch.optim.SGD(case.model.parameters(), lr=1e-3, momentum=0.9, foreach=case.foreach)
+    opt = sgd(case.model, case.sgd)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -155,10 +161,10 @@ def compose_fn(model: nn.Module) -> Callable[[], None]:
     return compose
 
 
-def optimizer_fn(model: nn.Module, foreach: bool | None) -> Callable[[], None]:
-    """The optimizer step alone (gradients of one step in place)."""
+def optimizer_fn(model: nn.Module) -> Callable[[], None]:
+    """The (default) optimizer step alone, gradients in place."""
     model = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=foreach)
+    opt = sgd(model)
     for p in model.parameters():
         p.grad = torch.full_like(p, 1e-3)
     opt.step()
@@ -211,11 +217,11 @@ def run_group(group: Group) -> list[dict]:
     extra: dict[str, tuple[int, int]] = {}  # label -> (index of compose fn, of optimizer fn)
     if group.limits:
         compact = cases[0].model
-        fns.append(optimizer_fn(compact, None))
+        fns.append(optimizer_fn(compact))
         for case in cases[1:]:
-            if case.mode == "auto" and case.foreach is None:
+            if case.mode == "auto" and not case.sgd:
                 extra[case.label] = (len(fns), len(fns) + 1)
-                fns += [compose_fn(case.model), optimizer_fn(case.model, None)]
+                fns += [compose_fn(case.model), optimizer_fn(case.model)]
     times = timed_rounds(fns, group.repeats)
     base = times[0]
     rows = []
@@ -228,7 +234,7 @@ def run_group(group: Group) -> list[dict]:
             base_mem, base_params = mem, params
         row = {"group": group.name, "batch": group.batch, "input": group.size,
                "case": case.label, "rule": case.rule, "r": case.r, "mode": case.mode,
-               "foreach": case.foreach, "params": params,
+               "sgd": case.sgd or "default", "params": params,
                "step_ms": 1e3 * statistics.median(times[i]),
                "time_ratio": statistics.median(ratios), "memory_MiB": mem / 2**20,
                "memory_ratio": mem / base_mem, "auto": decisions(case.model),
@@ -364,6 +370,24 @@ def report(env: dict, rows: list[dict], cross: list[dict]) -> str:
         lines.append(f"- {rule} r=4: collapsed wins at every measured batch ≥ {above}"
                      if above is not None else f"- {rule} r=4: sequential wins at every "
                      "measured batch")
+
+    lines += ["", "## SGD implementation (ablation net, batch 128, r = 4, default mode)", "",
+              "Step time over the compact network with torch's default SGD (a for-loop on CPU); "
+              "in brackets, over the compact network with the same SGD implementation.", "",
+              "| expansion | default | foreach | fused |", "|---|---:|---:|---:|"]
+    for rule in ("compact", "CL", "CK", "FC"):
+        cells = []
+        for kind in ("", "foreach", "fused"):
+            label = ("compact" if rule == "compact" else f"{rule} r=4") + (
+                f", SGD {kind}" if kind else "")
+            row = find(rows, abl, 128, label)
+            own = find(rows, abl, 128, "compact" + (f", SGD {kind}" if kind else ""))
+            if row is None or own is None:
+                cells.append("—")
+                continue
+            cells.append(f"{row['time_ratio']:.2f}× ({row['time_ratio'] / own['time_ratio']:.2f}×)")
+        lines.append(f"| {rule if rule == 'compact' else rule + ' r=4'} | " + " | ".join(cells)
+                     + " |")
 
     lines += ["", "## Every case", "",
               "| model | input, batch | case | params | step (ms) | × compact | limit "
