@@ -236,7 +236,8 @@ def run_group(group: Group) -> list[dict]:
                "case": case.label, "rule": case.rule, "r": case.r, "mode": case.mode,
                "sgd": case.sgd or "default", "params": params,
                "step_ms": 1e3 * statistics.median(times[i]),
-               "time_ratio": statistics.median(ratios), "memory_MiB": mem / 2**20,
+               "time_ratio": statistics.median(ratios),
+               "min_ratio": min(times[i]) / min(base), "memory_MiB": mem / 2**20,
                "memory_ratio": mem / base_mem, "auto": decisions(case.model),
                "repeats": group.repeats}
         if case.label in extra:
@@ -296,17 +297,20 @@ def report(env: dict, rows: list[dict], cross: list[dict]) -> str:
         f"`python benchmarks/training_speed.py` ({env['seconds']} s). One step = forward, "
         "backward, `torch.optim.SGD(momentum=0.9)` step. `× compact`: median over "
         "round-robin rounds of the case's step time over the compact network's in the same "
-        "round. Memory: parameters + gradients + SGD momentum + unique storages saved for "
-        "backward. *Limit*: compact step + composing the factors (forward + backward, timed "
-        "alone) + the optimizer's extra time on the extra parameters (timed alone) — what no "
+        "round; *fastest*: the case's fastest step over the compact network's fastest (robust "
+        "when other jobs share the cores). Memory: parameters + gradients + SGD momentum + "
+        "unique storages saved for backward. *Limit*: compact step + composing the factors "
+        "(forward + backward, timed alone) + the optimizer's extra time on the extra "
+        "parameters (timed alone) — what no "
         "execution of the expanded net avoids; memory limit: compact + parameters, gradients "
         "and momentum of the extra parameters. `auto` is the default mode (measured choice per "
         "block); the shared 2-core machine makes single figures noisy by several percent.",
         "",
         "## Targets (issue 12)",
         "",
-        "| target | measured | limit | met? |",
-        "|---|---:|---:|---|",
+        "| target | measured (median ratio) | ratio of fastest steps | limit | met? (median; "
+        "fastest) |",
+        "|---|---:|---:|---:|---|",
     ]
 
     def target(text: str, row: dict | None, key: str, bound: float, limit_key: str,
@@ -314,12 +318,17 @@ def report(env: dict, rows: list[dict], cross: list[dict]) -> str:
         if row is None:
             return
         value, limit = row[key], row.get(limit_key)
-        met = value <= bound
-        note = "met" if met else f"missed by {value - bound:.2f}"
-        if limit is not None and not met and limit > bound:
-            note += f" (the limit itself is {limit:.2f}×)"
+        fastest = row["min_ratio"] if key == "time_ratio" else value
+
+        def verdict(v: float) -> str:
+            return "met" if v <= bound else f"missed by {v - bound:.2f}"
+
+        note = verdict(value) + ("" if key != "time_ratio" else f"; {verdict(fastest)}")
+        if limit is not None and limit > bound:
+            note += f" — the limit itself is above {bound}×"
         lim = "—" if limit is None else f"{limit:.2f}×"
-        lines.append(f"| {text} | {value:.2f}× | {lim} | {note}{extra} |")
+        fast = f"{fastest:.2f}×" if key == "time_ratio" else "—"
+        lines.append(f"| {text} | {value:.2f}× | {fast} | {lim} | {note}{extra} |")
 
     for rule, bound in (("CL", 1.15), ("CK", 1.25), ("FC", 1.05)):
         row = find(rows, abl, 128, f"{rule} r=4")
@@ -364,6 +373,8 @@ def report(env: dict, rows: list[dict], cross: list[dict]) -> str:
     lines.append("")
     for rule in ("CL", "CK", "FC"):
         mine = [row for row in cross if row["rule"] == rule]
+        if not mine:
+            continue
         wins = [row["batch"] for row in mine if row["collapsed_over_sequential"] < 1]
         above = next((b for b in sorted(wins) if all(
             row["collapsed_over_sequential"] < 1 for row in mine if row["batch"] >= b)), None)
@@ -390,14 +401,15 @@ def report(env: dict, rows: list[dict], cross: list[dict]) -> str:
                      + " |")
 
     lines += ["", "## Every case", "",
-              "| model | input, batch | case | params | step (ms) | × compact | limit "
-              "| memory (MiB) | × compact | auto chose |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+              "| model | input, batch | case | params | step (ms) | × compact | × (fastest) "
+              "| limit | memory (MiB) | × compact | auto chose |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         lim = f"{row['limit_ratio']:.2f}×" if "limit_ratio" in row else ""
         lines.append(
             f"| {row['group']} | {row['input']}², {row['batch']} | {row['case']} | "
-            f"{row['params']:,} | {row['step_ms']:.1f} | {row['time_ratio']:.2f} | {lim} | "
+            f"{row['params']:,} | {row['step_ms']:.1f} | {row['time_ratio']:.2f} | "
+            f"{row['min_ratio']:.2f} | {lim} | "
             f"{row['memory_MiB']:.1f} | {row['memory_ratio']:.2f} | {row['auto']} |")
     return "\n".join(lines) + "\n"
 

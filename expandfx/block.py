@@ -247,8 +247,10 @@ class ExpandedBlock(nn.Module):
         and caches the choice. Given a tensor in ordinary eager execution it *measures*:
         both executions run on detached copies of the input and of the factor weights
         (forward, plus backward through ``torch.autograd.grad`` when gradients are needed;
-        a warm-up and up to three interleaved repeats, median), so no autograd graph,
-        ``.grad``, hook or RNG state of the caller is touched. It falls back to the MAC
+        a warm-up round, then one timed round, or three interleaved ones when the two are
+        within 3×; median), so no autograd graph, ``.grad``, hook or RNG state of the caller
+        is touched. A block whose warm-up takes over a second is not timed further (the MAC
+        model decides). It falls back to the MAC
         model of :mod:`expandfx.costs` (and does not cache) under ``torch.compile``, FX or
         JIT tracing, functorch transforms, CUDA graph capture, for meta/fake/subclass
         tensors, when given a shape only, and when measuring is switched off
@@ -327,12 +329,15 @@ class ExpandedBlock(nn.Module):
         runs = {"sequential": sequential, "collapsed": collapsed}
         # identity hooks on top: the caller's saved-tensor hooks (checkpointing) never see ours
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            warm = {name: _timed(run, leaves, x.device) for name, run in runs.items()}
+            if max(warm.values()) > 1.0:  # too slow to time twice: the MAC model decides
+                return self._model_choice(tuple(x.shape))
             first = {name: _timed(run, leaves, x.device) for name, run in runs.items()}
             if max(first.values()) > 3 * min(first.values()):  # plain after the warm-up
                 return min(first, key=first.__getitem__)
-            # interleaved repeats; a slow block gets one (deciding must stay cheap)
-            times: dict[str, list[float]] = {name: [] for name in runs}
-            for _ in range(1 if max(first.values()) > 0.1 else 3):
+            # two more interleaved rounds unless slow (deciding must stay cheap)
+            times = {name: [t] for name, t in first.items()}
+            for _ in range(0 if max(first.values()) > 0.1 else 2):
                 for name, run in runs.items():
                     times[name].append(_timed(run, leaves, x.device))
         return min(times, key=lambda name: statistics.median(times[name]))
