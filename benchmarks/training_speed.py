@@ -1,14 +1,20 @@
-"""Training-step time and memory of expanded models: sequential vs collapsed vs auto vs compact.
+"""Training-step time and memory of expanded models against their compact networks.
 
-Per training step (forward, backward, SGD step), torch threads = 2. Every case is
-timed round-robin against the others in the same run (this machine is shared and
-noisy), ``--repeats`` times, and reported as the median ratio to the compact
-network's step. Memory is counted exactly, not sampled: parameters + gradients +
-optimizer state (SGD momentum) + the tensors autograd saves for backward (unique
-storages), i.e. what a training step holds at its peak between forward and backward.
+Per training step (forward, backward, ``torch.optim.SGD(momentum=0.9)`` step), torch threads
+= 2 (the thread count and torch version are printed and recorded). This machine is shared
+and noisy, so every group of cases is timed round-robin in one process: each round times one
+step of every case, ``×compact`` is the median over rounds of the case's time divided by the
+compact network's time *in the same round*. Memory is counted exactly, not sampled:
+parameters + gradients + optimizer state (SGD momentum) + the unique storages autograd saves
+for backward — what a step holds at its peak between forward and backward.
 
-    python benchmarks/training_speed.py            # writes benchmarks/results/training_speed.md
-    python benchmarks/training_speed.py --quick    # a smoke run
+The *limit* of an expansion is what no execution can avoid: the compact step, plus composing
+the factors (forward + backward, measured alone), plus the optimizer's extra work on the
+extra parameters (measured alone); for memory, the compact figure plus parameters, gradients
+and momentum of the extra parameters.
+
+    python benchmarks/training_speed.py          # writes results/training_speed.{md,json}
+    python benchmarks/training_speed.py --quick  # a smoke run (nothing written)
 """
 
 from __future__ import annotations
@@ -17,27 +23,52 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import expandfx as efx
-from expandfx.models import MobileNetV1, smallnet_7x7
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+import conftest  # noqa: E402,F401  (torchvision import workaround of this machine)
+
+import expandfx as efx  # noqa: E402
+from expandfx.models import MobileNetV1, smallnet_7x7, smallnet_7x7_ablation  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+THREADS = 2
 
 
 @dataclass
 class Case:
-    group: str
     label: str
     model: nn.Module
-    x: torch.Tensor
-    y: torch.Tensor
+    sgd: str = ""  # "", "foreach" or "fused": SGD's implementation ("" = torch's default,
+    # a for-loop over the parameters on CPU)
+    rule: str = ""
+    r: float = 0.0
+    mode: str = "compact"
+
+
+@dataclass
+class Group:
+    name: str
+    batch: int
+    size: int
+    cases: list[Case]
+    repeats: int
+    limits: bool = False  # also measure composition and optimizer alone (the limit)
+    x: torch.Tensor = field(init=False)
+    y: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(self.batch, 3, self.size, self.size, generator=gen)
+        self.y = torch.randint(0, 10, (self.batch,), generator=gen)
 
 
 def depthwise_only(name: str, module: nn.Module) -> str | None:
@@ -45,41 +76,102 @@ def depthwise_only(name: str, module: nn.Module) -> str | None:
     return "CL" if isinstance(module, nn.Conv2d) and module.groups > 1 else None
 
 
-def cases(quick: bool) -> list[Case]:
+def expanded(compact: nn.Module, rule, r: float, mode: str = "auto", label: str = "",
+             sgd: str = "") -> Case:
+    big = efx.expand(copy.deepcopy(compact), rule, r=r, mode=mode)
+    name = rule if isinstance(rule, str) else "CL (depthwise)"
+    suffix = "" if mode == "auto" else f" {mode}"
+    return Case(label or f"{name} r={r:g}{suffix}", big, sgd, name, r, mode)
+
+
+def torchvision_model(name: str) -> nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, name)(num_classes=10)
+
+
+def groups(quick: bool) -> Iterator[Group]:
     torch.manual_seed(0)
-    batch = 16 if quick else 128
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    out = [Case(f"SmallNet 7x7, 32x32, batch {batch}", "compact", smallnet_7x7(), x, y)]
-    configs = [("CL", 4), ("CK", 4), ("FC", 4), ("CL", 8)]
-    for rule, r in configs[:2] if quick else configs:
-        big = efx.expand(smallnet_7x7(), rule, r=r)
-        for mode in ("sequential", "collapsed", "auto"):
-            out.append(Case(out[0].group, f"{rule} r={r} {mode}",
-                            efx.set_mode(copy.deepcopy(big), mode), x, y))
-    batch, size = (8, 64) if quick else (64, 64)
-    group = f"MobileNetV1-style (width 0.5), {size}x{size}, batch {batch}"
-    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    compact = MobileNetV1(width_mult=0.5)
-    out.append(Case(group, "compact", compact, x, y))
-    big = efx.expand(compact, depthwise_only, r=4)
-    for mode in ("sequential", "collapsed", "auto"):
-        out.append(Case(group, f"CL r=4 (depthwise) {mode}",
-                        efx.set_mode(copy.deepcopy(big), mode), x, y))
-    return out
+    if quick:
+        net = smallnet_7x7_ablation()
+        yield Group("SmallNet 7x7 ablation (smoke)", 8, 32, [
+            Case("compact", net), expanded(net, "CL", 2), expanded(net, "CK", 2),
+            expanded(net, "FC", 2)], repeats=2, limits=True)
+        return
+    net = smallnet_7x7_ablation()
+    grid = [expanded(net, rule, r) for rule in ("CL", "CK", "FC") for r in (2, 4, 8)]
+    extra = [expanded(net, rule, 4, mode) for rule in ("CL", "CK", "FC")
+             for mode in ("collapsed", "sequential")]
+    sgd = [Case(f"compact, SGD {kind}", net, kind) for kind in ("foreach", "fused")] + [
+        expanded(net, rule, 4, label=f"{rule} r=4, SGD {kind}", sgd=kind)
+        for kind in ("foreach", "fused") for rule in ("CL", "CK", "FC")]
+    yield (Group("SmallNet 7x7 ablation", 128, 32,
+                 [Case("compact", net), *grid, *extra, *sgd], repeats=7, limits=True))
+    yield (Group("SmallNet 7x7 ablation", 512, 32, [
+        Case("compact", net), *[copy.deepcopy(c) for c in grid],
+        expanded(net, "CK", 4, "collapsed")], repeats=5, limits=True))
+    yield (Group("SmallNet 7x7 ablation", 32, 32,
+                     [Case("compact", net), *[copy.deepcopy(c) for c in grid]], repeats=9,
+                     limits=True))
+    small = smallnet_7x7()
+    yield (Group("SmallNet 7x7", 128, 32, [
+        Case("compact", small), *[expanded(small, rule, 4) for rule in ("CL", "CK", "FC")],
+        expanded(small, "CL", 8)], repeats=7))
+    mobile = MobileNetV1(width_mult=0.5)
+    yield (Group("MobileNetV1 (width 0.5)", 64, 64, [
+        Case("compact", mobile), expanded(mobile, depthwise_only, 4),
+        expanded(mobile, "CL", 4)], repeats=5))
+    for name in ("resnet18", "mobilenet_v2"):
+        model = torchvision_model(name)
+        cases = [Case("compact", model), expanded(model, "CL", 4)]
+        if name == "mobilenet_v2":
+            cases.append(expanded(model, depthwise_only, 4))
+        for size in (32, 64):
+            yield (Group(f"torchvision {name}", 32, size,
+                             [copy.deepcopy(c) for c in cases], repeats=2, limits=True))
 
 
-def step_fn(case: Case):
-    opt = torch.optim.SGD(case.model.parameters(), lr=1e-3, momentum=0.9)
+def sgd(model: nn.Module, kind: str = "") -> torch.optim.SGD:
+    flags = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(kind, {})
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, **flags)
+
+
+def step_fn(case: Case, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = sgd(case.model, case.sgd)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(case.model(case.x), case.y).backward()
+        F.cross_entropy(case.model(x), y).backward()
         opt.step()
 
     return step
 
 
-def training_bytes(case: Case) -> int:
+def compose_fn(model: nn.Module) -> Callable[[], None]:
+    """Composing every block's factors, forward and backward (the collapsed mode's overhead)."""
+    found = [m for m in model.modules() if isinstance(m, efx.ExpandedBlock)]
+    params = [p for m in found for p in m.parameters()]
+
+    def compose() -> None:
+        for p in params:
+            p.grad = None
+        outs = [t for m in found for t in m.weight_bias() if t is not None]
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+
+    return compose
+
+
+def optimizer_fn(model: nn.Module) -> Callable[[], None]:
+    """The (default) optimizer step alone, gradients in place."""
+    model = copy.deepcopy(model)
+    opt = sgd(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    return opt.step
+
+
+def training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Parameters + gradients + optimizer state (SGD momentum) + unique storages saved for
     backward in one step: what a training step holds between forward and backward."""
     saved: dict[int, int] = {}
@@ -89,73 +181,268 @@ def training_bytes(case: Case) -> int:
         saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    params = sum(p.numel() * p.element_size() for p in case.model.parameters())
-    model = copy.deepcopy(case.model)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(case.x), case.y)
+        loss = F.cross_entropy(model(x), y)
     loss.backward()
-    opt.step()
-    state = sum(t.numel() * t.element_size() for st in opt.state.values()
-                for t in st.values() if torch.is_tensor(t))
-    return 2 * params + state + sum(saved.values())
+    model.zero_grad(set_to_none=True)
+    return 3 * params + sum(saved.values())  # params + grads + momentum + saved
 
 
-def measure(all_cases: list[Case], repeats: int, steps: int) -> dict[str, dict]:
-    steps_fns = [step_fn(c) for c in all_cases]
-    for fn in steps_fns:  # warm-up (and the first forward of "auto" decides its modes)
+def timed_rounds(fns: list[Callable[[], None]], repeats: int) -> list[list[float]]:
+    for fn in fns:  # warm-up; the first forward of "auto" decides its modes
         fn()
         fn()
-    times: list[list[float]] = [[] for _ in all_cases]
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):  # round-robin: drift of the machine hits every case alike
-        for i, fn in enumerate(steps_fns):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[i].append((time.perf_counter() - t0) / steps)
-    return {f"{c.group} | {c.label}": {"seconds": statistics.median(t), "all": t}
-            for c, t in zip(all_cases, times, strict=True)}
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def decisions(model: nn.Module, batch: int) -> str:
+    """What ``auto`` chose for inputs of this batch size (a model copied from another group
+    also carries that group's decisions)."""
+    chosen = [c for m in model.modules() if isinstance(m, efx.ExpandedBlock)
+              for key, c in m._auto.items() if key[0][0] == batch]
+    if not chosen:
+        return ""
+    return ", ".join(f"{chosen.count(c)} {c}" for c in ("collapsed", "sequential")
+                     if chosen.count(c))
+
+
+def run_group(group: Group) -> list[dict]:
+    cases = group.cases
+    fns = [step_fn(c, group.x, group.y) for c in cases]
+    extra: dict[str, tuple[int, int]] = {}  # label -> (index of compose fn, of optimizer fn)
+    if group.limits:
+        compact = cases[0].model
+        fns.append(optimizer_fn(compact))
+        for case in cases[1:]:
+            if case.mode == "auto" and not case.sgd:
+                extra[case.label] = (len(fns), len(fns) + 1)
+                fns += [compose_fn(case.model), optimizer_fn(case.model)]
+    times = timed_rounds(fns, group.repeats)
+    base = times[0]
+    rows = []
+    base_mem = None
+    for i, case in enumerate(cases):
+        ratios = [t / b for t, b in zip(times[i], base, strict=True)]
+        mem = training_bytes(case.model, group.x, group.y)
+        params = sum(p.numel() for p in case.model.parameters())
+        if base_mem is None:
+            base_mem, base_params = mem, params
+        row = {"group": group.name, "batch": group.batch, "input": group.size,
+               "case": case.label, "rule": case.rule, "r": case.r, "mode": case.mode,
+               "sgd": case.sgd or "default", "params": params,
+               "step_ms": 1e3 * statistics.median(times[i]),
+               "time_ratio": statistics.median(ratios),
+               "min_ratio": min(times[i]) / min(base), "memory_MiB": mem / 2**20,
+               "memory_ratio": mem / base_mem, "auto": decisions(case.model, group.batch),
+               "repeats": group.repeats}
+        if case.label in extra:
+            c_i, o_i = extra[case.label]
+            limit = [(b + c + o - ob) / b for b, c, o, ob in zip(
+                base, times[c_i], times[o_i], times[len(cases)], strict=True)]
+            row |= {"compose_ms": 1e3 * statistics.median(times[c_i]),
+                    "optimizer_extra_ms": 1e3 * (statistics.median(times[o_i])
+                                                 - statistics.median(times[len(cases)])),
+                    "limit_ratio": statistics.median(limit),
+                    "memory_limit_ratio": (base_mem + 12 * (params - base_params)) / base_mem}
+        rows.append(row)
+        print(f"{group.name}, {group.size}x{group.size}, batch {group.batch} | {case.label}: "
+              f"{row['step_ms']:.1f} ms, {row['time_ratio']:.2f}x"
+              + (f" (limit {row['limit_ratio']:.2f}x)" if "limit_ratio" in row else "")
+              + f", memory {row['memory_ratio']:.2f}x {row['auto']}", flush=True)
+    return rows
+
+
+def crossover(quick: bool) -> list[dict]:
+    """Collapsed vs sequential step time against the batch size (ablation net, r = 4)."""
+    net = smallnet_7x7_ablation()
+    batches = (1, 8) if quick else (1, 2, 4, 8, 16, 32)
+    rows = []
+    for rule in ("CL", "CK", "FC"):
+        cases = [expanded(net, rule, 4, mode) for mode in ("sequential", "collapsed", "auto")]
+        for batch in batches:
+            group = Group("crossover", batch, 32, cases, repeats=2 if quick else 5)
+            times = timed_rounds([step_fn(c, group.x, group.y) for c in cases], group.repeats)
+            seq, col, auto = (statistics.median(t) for t in times)
+            ratio = statistics.median([c / s for s, c in zip(times[0], times[1], strict=True)])
+            rows.append({"rule": rule, "r": 4, "batch": batch, "sequential_ms": 1e3 * seq,
+                         "collapsed_ms": 1e3 * col, "auto_ms": 1e3 * auto,
+                         "collapsed_over_sequential": ratio,
+                         "auto": decisions(cases[2].model, batch)})
+            for c in cases:
+                efx.set_mode(c.model, c.mode)  # a fresh decision at the next batch size
+            print(f"crossover {rule} r=4 batch {batch}: sequential {1e3 * seq:.1f} ms, "
+                  f"collapsed {1e3 * col:.1f} ms, auto {1e3 * auto:.1f} ms "
+                  f"({rows[-1]['auto']})", flush=True)
+    return rows
+
+
+def find(rows: list[dict], group: str, batch: int, label: str, size: int = 32) -> dict | None:
+    for row in rows:
+        if (row["group"], row["batch"], row["case"], row["input"]) == (group, batch, label, size):
+            return row
+    return None
+
+
+def report(env: dict, rows: list[dict], cross: list[dict]) -> str:
+    abl = "SmallNet 7x7 ablation"
+    lines = [
+        "# Training step of expanded networks vs their compact networks",
+        "",
+        f"Measured {env['date']} with torch {env['torch']}, **{env['threads']} threads**, "
+        f"`python benchmarks/training_speed.py` ({env['seconds']} s). One step = forward, "
+        "backward, `torch.optim.SGD(momentum=0.9)` step. `× compact`: median over "
+        "round-robin rounds of the case's step time over the compact network's in the same "
+        "round; *fastest*: the case's fastest step over the compact network's fastest (robust "
+        "when other jobs share the cores). Memory: parameters + gradients + SGD momentum + "
+        "unique storages saved for backward. *Limit*: compact step + composing the factors "
+        "(forward + backward, timed alone) + the optimizer's extra time on the extra "
+        "parameters (timed alone) — what no "
+        "execution of the expanded net avoids; memory limit: compact + parameters, gradients "
+        "and momentum of the extra parameters. Where `auto` runs some blocks sequentially "
+        "(the torchvision rows), the time limit, which composes every block, is no lower "
+        "bound; the optimizer's extra time alone is. `auto` is the default mode (measured "
+        "choice per block); the shared 2-core machine makes single figures noisy by several "
+        "percent.",
+        "",
+        "## Targets (issue 12)",
+        "",
+        "| target | measured (median ratio) | ratio of fastest steps | limit | met? (median; "
+        "fastest) |",
+        "|---|---:|---:|---:|---|",
+    ]
+
+    def target(text: str, row: dict | None, key: str, bound: float, limit_key: str,
+               extra: str = "") -> None:
+        if row is None:
+            return
+        value, limit = row[key], row.get(limit_key)
+        fastest = row["min_ratio"] if key == "time_ratio" else value
+
+        def verdict(v: float) -> str:
+            return "met" if v <= bound else f"missed by {v - bound:.2f}"
+
+        note = verdict(value) + ("" if key != "time_ratio" else f"; {verdict(fastest)}")
+        if limit is not None and limit > bound:
+            note += f" — the limit itself is above {bound}×"
+        lim = "—" if limit is None else f"{limit:.2f}×"
+        fast = f"{fastest:.2f}×" if key == "time_ratio" else "—"
+        lines.append(f"| {text} | {value:.2f}× | {fast} | {lim} | {note}{extra} |")
+
+    for rule, bound in (("CL", 1.15), ("CK", 1.25), ("FC", 1.05)):
+        row = find(rows, abl, 128, f"{rule} r=4")
+        extra = ""
+        if rule == "CK" and row is not None:
+            gap = row["time_ratio"] / row["limit_ratio"] - 1
+            extra = f"; {100 * gap:+.0f} % from the limit (target ≤ +5 %: " + (
+                "met)" if gap <= 0.05 else "missed)")
+        target(f"ablation, batch 128, {rule} r=4: time ≤ {bound}×", row, "time_ratio",
+               bound, "limit_ratio", extra)
+    target("ablation, batch 512, CK r=4: time ≤ 1.10×", find(rows, abl, 512, "CK r=4"),
+           "time_ratio", 1.10, "limit_ratio")
+    for rule in ("CL", "CK"):
+        target(f"ablation, batch 128, {rule} r=4: memory ≤ 1.3×", find(rows, abl, 128,
+               f"{rule} r=4"), "memory_ratio", 1.3, "memory_limit_ratio")
+    for name in ("resnet18", "mobilenet_v2"):
+        for size in (32, 64):
+            row = find(rows, f"torchvision {name}", 32, "CL r=4", size)
+            base = find(rows, f"torchvision {name}", 32, "compact", size)
+            extra = ""
+            if row is not None and base is not None and "optimizer_extra_ms" in row:
+                bound = 1 + row["optimizer_extra_ms"] / base["step_ms"]
+                extra = (f"; the optimizer's extra work alone makes ≥ {bound:.2f}× "
+                         f"({row['params'] / base['params']:.0f}× the parameters)")
+            target(f"torchvision {name}, {size}×{size}, batch 32, CL r=4: time ≤ 1.15×",
+                   row, "time_ratio", 1.15, "limit_ratio", extra)
+
+    lines += ["", "## Scaling with batch size and r (ablation net, 32×32, default mode)", "",
+              "| expansion | batch 32 | batch 128 | batch 512 | limit at 128 |",
+              "|---|---:|---:|---:|---:|"]
+    for rule in ("CL", "CK", "FC"):
+        for r in (2, 4, 8):
+            cells = []
+            for batch in (32, 128, 512):
+                row = find(rows, abl, batch, f"{rule} r={r}")
+                cells.append("—" if row is None else f"{row['time_ratio']:.2f}×")
+            row = find(rows, abl, 128, f"{rule} r={r}")
+            lim = "—" if row is None or "limit_ratio" not in row else f"{row['limit_ratio']:.2f}×"
+            lines.append(f"| {rule} r={r} | " + " | ".join(cells) + f" | {lim} |")
+
+    lines += ["", "## Collapsed vs sequential against the batch size (ablation net, r = 4)", "",
+              "| expansion | batch | sequential (ms) | collapsed (ms) | collapsed / sequential "
+              "| auto (ms) | auto chose |", "|---|---:|---:|---:|---:|---:|---|"]
+    for row in cross:
+        lines.append(f"| {row['rule']} r=4 | {row['batch']} | {row['sequential_ms']:.1f} | "
+                     f"{row['collapsed_ms']:.1f} | {row['collapsed_over_sequential']:.2f} | "
+                     f"{row['auto_ms']:.1f} | {row['auto']} |")
+    lines.append("")
+    for rule in ("CL", "CK", "FC"):
+        mine = [row for row in cross if row["rule"] == rule]
+        if not mine:
+            continue
+        wins = [row["batch"] for row in mine if row["collapsed_over_sequential"] < 1]
+        above = next((b for b in sorted(wins) if all(
+            row["collapsed_over_sequential"] < 1 for row in mine if row["batch"] >= b)), None)
+        lines.append(f"- {rule} r=4: collapsed wins at every measured batch ≥ {above}"
+                     if above is not None else f"- {rule} r=4: sequential wins at every "
+                     "measured batch")
+
+    lines += ["", "## SGD implementation (ablation net, batch 128, r = 4, default mode)", "",
+              "Step time over the compact network with torch's default SGD (a for-loop on CPU); "
+              "in brackets, over the compact network with the same SGD implementation.", "",
+              "| expansion | default | foreach | fused |", "|---|---:|---:|---:|"]
+    for rule in ("compact", "CL", "CK", "FC"):
+        cells = []
+        for kind in ("", "foreach", "fused"):
+            label = ("compact" if rule == "compact" else f"{rule} r=4") + (
+                f", SGD {kind}" if kind else "")
+            row = find(rows, abl, 128, label)
+            own = find(rows, abl, 128, "compact" + (f", SGD {kind}" if kind else ""))
+            if row is None or own is None:
+                cells.append("—")
+                continue
+            cells.append(f"{row['time_ratio']:.2f}× ({row['time_ratio'] / own['time_ratio']:.2f}×)")
+        lines.append(f"| {rule if rule == 'compact' else rule + ' r=4'} | " + " | ".join(cells)
+                     + " |")
+
+    lines += ["", "## Every case", "",
+              "| model | input, batch | case | params | step (ms) | × compact | × (fastest) "
+              "| limit | memory (MiB) | × compact | auto chose |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        lim = f"{row['limit_ratio']:.2f}×" if "limit_ratio" in row else ""
+        lines.append(
+            f"| {row['group']} | {row['input']}², {row['batch']} | {row['case']} | "
+            f"{row['params']:,} | {row['step_ms']:.1f} | {row['time_ratio']:.2f} | "
+            f"{row['min_ratio']:.2f} | {lim} | "
+            f"{row['memory_MiB']:.1f} | {row['memory_ratio']:.2f} | {row['auto']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small batches, few repeats")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="a smoke run, nothing written")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    repeats = args.repeats or (2 if args.quick else 5)
-    all_cases = cases(args.quick)
-    timing = measure(all_cases, repeats, steps=1)
-    rows, compact = [], {}
-    for case in all_cases:
-        key = f"{case.group} | {case.label}"
-        mem = training_bytes(case)
-        secs = timing[key]["seconds"]
-        if case.label == "compact":
-            compact[case.group] = (secs, mem)
-        base_s, base_m = compact[case.group]
-        params = sum(p.numel() for p in case.model.parameters())
-        rows.append({"group": case.group, "case": case.label, "params": params,
-                     "step_ms": 1e3 * secs, "time_ratio": secs / base_s,
-                     "train_MiB": mem / 2**20, "memory_ratio": mem / base_m})
-    lines = ["| model | case | params | step (ms, median) | × compact | train memory (MiB) "
-             "| × compact |", "|---|---|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        lines.append(f"| {row['group']} | {row['case']} | {row['params']:,} | "
-                     f"{row['step_ms']:.1f} | {row['time_ratio']:.2f} | "
-                     f"{row['train_MiB']:.1f} | {row['memory_ratio']:.2f} |")
-    table = "\n".join(lines)
-    print(table)
+    torch.set_num_threads(THREADS)
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "date": time.strftime("%Y-%m-%d")}
+    print(f"torch {env['torch']}, {env['threads']} threads", flush=True)
+    start = time.perf_counter()
+    rows = [row for group in groups(args.quick) for row in run_group(group)]
+    cross = crossover(args.quick)
+    env["seconds"] = round(time.perf_counter() - start)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        header = (f"# Training step: collapsed vs sequential execution\n\n"
-                  f"Measured {time.strftime('%Y-%m-%d')} with torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads, median of {repeats} round-robin "
-                  f"repeats of one step (`python benchmarks/training_speed.py`). Memory: "
-                  f"parameters + gradients + SGD momentum buffers + unique storages saved "
-                  f"for backward.\n\n")
-        (RESULTS / "training_speed.md").write_text(header + table + "\n")
-        (RESULTS / "training_speed.json").write_text(json.dumps(rows, indent=1))
+        (RESULTS / "training_speed.json").write_text(
+            json.dumps({"env": env, "rows": rows, "crossover": cross}, indent=1))
+        (RESULTS / "training_speed.md").write_text(report(env, rows, cross))
+    print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 
 

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -51,10 +52,15 @@ def compose_pair(
         weight = _compose_kernels(wa, wb, groups)
         bias = None
         if ba is not None:
-            space = tuple(range(2, wb.dim()))
             out_g, in_g = wb.shape[0] // groups, wb.shape[1]
-            summed = wb.sum(space).reshape(groups, out_g, in_g)
-            bias = (summed @ ba.reshape(groups, in_g, 1)).reshape(-1)
+            if all(k == 1 for k in wb.shape[2:]):
+                summed = wb.reshape(groups, out_g, in_g)  # a view: nothing to sum
+            else:
+                summed = wb.sum(tuple(range(2, wb.dim()))).reshape(groups, out_g, in_g)
+            if groups == 1:
+                bias = summed[0] @ ba
+            else:
+                bias = (summed @ ba.reshape(groups, in_g, 1)).reshape(-1)
     if bb is not None:
         bias = bb if bias is None else bias + bb
     return weight, bias
@@ -63,27 +69,118 @@ def compose_pair(
 def _compose_kernels(wa: Tensor, wb: Tensor, groups: int) -> Tensor:
     """``C[o,c,v] = sum_j sum_{u+t=v} B[o,j,u] A[j,c,t]`` per group.
 
-    When either kernel is pointwise this is a per-tap matrix product (cheap);
-    otherwise a full convolution of the kernels, ``conv(A^T, flip(B), padding=kb-1)``
-    (measured faster here than one matmul plus diagonal tap sums: 1.6 ms vs 4.7 ms
-    forward+backward for a 16→64→128→32 chain of 3×3 kernels).
+    When either kernel is pointwise this is a per-tap matrix product, laid out so that
+    neither direction of autograd copies a weight: ``B @ A`` over ``[j, c·t]`` when ``B`` is
+    pointwise, a batch of ``A^T @ B[o]`` over ``[j, u]`` when ``A`` is. Otherwise (two spatial
+    kernels) :func:`kernel_method` picks between a full convolution of the kernels,
+    ``conv(A^T, flip(B), padding=kb-1)``, and one matrix product of all tap pairs followed
+    by ``F.fold`` (col2im), which sums the pairs with ``u + t = v``.
     """
-    space = tuple(range(2, wa.dim()))
     a_point = all(k == 1 for k in wa.shape[2:])
     b_point = all(k == 1 for k in wb.shape[2:])
-    if a_point or b_point:
-        a, b = grouped(wa, groups), grouped(wb, groups)  # [g, pa, ma, *ka], [g, pb, pa, *kb]
-        g, pb, pa = b.shape[:3]
-        if b_point:  # C[o,c,t] = sum_j B[o,j] A[j,c,t]
-            out = b.reshape(g, pb, pa) @ a.reshape(g, pa, -1)
-            return out.reshape(g * pb, *wa.shape[1:])
-        ma = a.shape[2]  # C[o,c,t] = sum_j B[o,j,t] A[j,c]
-        out = b.reshape(g, pb, pa, -1).transpose(2, 3) @ a.reshape(g, 1, pa, ma)
-        return out.transpose(2, 3).reshape(g * pb, ma, *wb.shape[2:])
+    if b_point:  # C[o,c,t] = sum_j B[o,j] A[j,c,t]
+        a = wa.reshape(groups, wa.shape[0] // groups, -1)  # [g, j, c·t] (a view)
+        b = wb.reshape(groups, wb.shape[0] // groups, wb.shape[1])  # [g, o, j]
+        out = b[0] @ a[0] if groups == 1 else torch.bmm(b, a)
+        return out.reshape(wb.shape[0], *wa.shape[1:])
+    if a_point:  # C[o,c,u] = sum_j B[o,j,u] A[j,c]: for each o, A^T [c, j] @ B[o] [j, u]
+        g, j, c = groups, wa.shape[0] // groups, wa.shape[1]
+        o = wb.shape[0] // g
+        b = wb.reshape(g * o, j, -1)  # [g·o, j, u] (a view)
+        at = wa.reshape(g, j, c).transpose(1, 2)  # [g, c, j]
+        if g == 1:
+            at = at.expand(o, c, j)  # stride 0 over o: bmm reads A once per o, no copy
+        else:
+            at = at.unsqueeze(1).expand(g, o, c, j).reshape(g * o, c, j)
+        return torch.bmm(at, b).reshape(wb.shape[0], c, *wb.shape[2:])
+    if wa.dim() == 4 and kernel_method(wa, wb, groups) == "fold":
+        return _fold_kernels(wa, wb, groups)
+    return _compose_kernels_conv(wa, wb, groups)
+
+
+def _fold_kernels(wa: Tensor, wb: Tensor, groups: int) -> Tensor:
+    """2-D ``C = B ∘ A`` as ``P[o,c,u,t] = sum_j B[o,j,u] A[j,c,t]`` (one matrix product,
+    exactly the multiply-accumulates of the full convolution) then ``F.fold``, which adds
+    ``P[o,c,u,t]`` into ``C[o,c,u+t]`` (the kernel index ``u`` slides over the grid of ``t``)."""
+    g = groups
+    j, c, o = wa.shape[0] // g, wa.shape[1], wb.shape[0] // g
+    ka, kb = tuple(wa.shape[2:]), tuple(wb.shape[2:])
+    ta, tb = ka[0] * ka[1], kb[0] * kb[1]
+    b = wb.reshape(g, o, j, tb).transpose(2, 3).reshape(g, o * tb, j)  # copies B (small)
+    pairs = torch.bmm(b, wa.reshape(g, j, c * ta)) if g > 1 else (b[0] @ wa.reshape(j, -1))[None]
+    pairs = pairs.reshape(g * o, tb, c, ta).transpose(1, 2).reshape(1, g * o * c * tb, ta)
+    kc = (ka[0] + kb[0] - 1, ka[1] + kb[1] - 1)
+    return F.fold(pairs, kc, kernel_size=kb).reshape(g * o, c, *kc)
+
+
+# (shape of A, shape of B, groups, dtype, device) -> "conv" | "fold", filled by tune_kernels.
+_KERNEL_METHOD: dict[tuple, str] = {}
+
+
+def kernel_method(wa: Tensor, wb: Tensor, groups: int) -> str:
+    """How :func:`compose_pair` composes two spatial 2-D kernels: the measured choice of
+    :func:`tune_kernels` for these shapes, dtype and device, else ``"fold"`` when the
+    full convolution would waste at least half its multiply-accumulates on padding
+    (and ``"conv"`` otherwise)."""
+    key = (tuple(wa.shape), tuple(wb.shape), groups, wa.dtype, str(wa.device))
+    found = _KERNEL_METHOD.get(key)
+    if found is not None:
+        return found
+    ka, kb = wa.shape[2:], wb.shape[2:]
+    kc = [x + y - 1 for x, y in zip(ka, kb, strict=True)]
+    return "fold" if 2 * math.prod(ka) <= math.prod(kc) else "conv"
+
+
+def tune_kernels(factors: Sequence[WeightBias], groups: int, repeats: int = 3) -> None:
+    """Time both kernel-composition methods (forward + backward) for every spatial pair
+    :func:`compose_chain` folds in this chain, once per shape/dtype/device, and remember the
+    faster for :func:`kernel_method`. Works on detached copies: no graph, grad or RNG of the
+    caller is touched."""
+    import time
+
+    weights = [w.detach() for w, _ in factors]
+    if any(w.dim() != 4 for w in weights):
+        return
+    split, _ = _best_splits(tuple(tuple(w.shape) for w in weights))
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def walk(i: int, j: int) -> tuple[int, ...]:
+        if i == j:
+            return tuple(weights[i].shape)
+        k = split[i, j]
+        a, b = walk(i, k), walk(k + 1, j)
+        if any(x > 1 for x in a[2:]) and any(x > 1 for x in b[2:]):
+            shapes.append((a, b))
+        return composed_shape(a, b)
+
+    walk(0, len(weights) - 1)
+    ref = weights[0]
+    for sa, sb in shapes:
+        key = (sa, sb, groups, ref.dtype, str(ref.device))
+        if key in _KERNEL_METHOD:
+            continue
+        # constant kernels: the timing of these kernels does not depend on the values
+        wa = torch.full(sa, 0.01, dtype=ref.dtype, device=ref.device, requires_grad=True)
+        wb = torch.full(sb, 0.01, dtype=ref.dtype, device=ref.device, requires_grad=True)
+        methods = {"conv": lambda a, b: _compose_kernels_conv(a, b, groups),
+                   "fold": lambda a, b: _fold_kernels(a, b, groups)}
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for rep in range(repeats + 1):
+            for name, fn in methods.items():
+                start = time.perf_counter()
+                out = fn(wa, wb)
+                torch.autograd.grad(out, (wa, wb), torch.ones_like(out))
+                if rep:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+        _KERNEL_METHOD[key] = min(times, key=lambda m: sorted(times[m])[len(times[m]) // 2])
+
+
+def _compose_kernels_conv(wa: Tensor, wb: Tensor, groups: int) -> Tensor:
+    """The full convolution of the kernels as one convolution (any number of dims)."""
+    space = tuple(range(2, wa.dim()))
     padding = [k - 1 for k in wb.shape[2:]]
-    conv = _CONV[len(space)]
-    return conv(wa.transpose(0, 1), wb.flip(space), padding=padding,
-                groups=groups).transpose(0, 1)
+    return _CONV[len(space)](wa.transpose(0, 1), wb.flip(space), padding=padding,
+                             groups=groups).transpose(0, 1)
 
 
 def compose_chain(layers: Sequence[WeightBias], groups: int = 1) -> WeightBias:
@@ -98,7 +195,7 @@ def compose_chain(layers: Sequence[WeightBias], groups: int = 1) -> WeightBias:
     """
     if not layers:
         raise ValueError("compose_chain: empty chain")
-    split, _ = _best_splits([tuple(w.shape) for w, _ in layers])
+    split, _ = _best_splits(tuple(tuple(w.shape) for w, _ in layers))
 
     def fold(i: int, j: int) -> WeightBias:
         if i == j:
@@ -122,8 +219,10 @@ def pair_cost(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return a[1] * b[0] * math.prod(kc) * b[1] * math.prod(b[2:])
 
 
-def _best_splits(shapes: list[tuple[int, ...]]) -> tuple[dict[tuple[int, int], int], int]:
-    """Matrix-chain dynamic programme: the cheapest split of every sub-chain, and the cost."""
+@functools.lru_cache(maxsize=4096)
+def _best_splits(shapes: tuple[tuple[int, ...], ...]) -> tuple[dict[tuple[int, int], int], int]:
+    """Matrix-chain dynamic programme: the cheapest split of every sub-chain, and the cost
+    (memoized: a block's plan is computed once, not at every forward)."""
     n = len(shapes)
     cost = {(i, i): 0 for i in range(n)}
     shape = {(i, i): shapes[i] for i in range(n)}
@@ -141,7 +240,7 @@ def _best_splits(shapes: list[tuple[int, ...]]) -> tuple[dict[tuple[int, int], i
 
 def chain_cost(shapes: Sequence[tuple[int, ...]]) -> int:
     """Multiply-accumulates of folding a chain of weights of these shapes (best order)."""
-    return _best_splits(list(shapes))[1]
+    return _best_splits(tuple(tuple(s) for s in shapes))[1]
 
 
 def grouped(weight: Tensor, groups: int) -> Tensor:

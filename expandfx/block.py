@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import statistics
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .algebra import WeightBias, compose_chain
+from .algebra import WeightBias, compose_chain, tune_kernels
 from .errors import ConfigError, ContractionError
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -86,8 +89,22 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def set_mode(model: nn.Module, mode: str) -> nn.Module:
+# Set to "0" to make ``mode="auto"`` decide by the MAC model alone (reproducible runs).
+MEASURE_ENV = "EXPANDFX_AUTO_MEASURE"
+
+
+def measuring_enabled() -> bool:
+    """Whether ``auto`` blocks may time their modes (the ``EXPANDFX_AUTO_MEASURE`` switch)."""
+    return os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_mode(model: nn.Module, mode: str, *, measure: bool | None = None) -> nn.Module:
     """Switch every expanded block of ``model`` to ``mode`` (in place); returns ``model``.
+
+    ``measure`` (for ``"auto"``): ``True``/``False`` lets the blocks time both executions
+    or makes them decide by the MAC model alone; ``None`` keeps each block's setting
+    (default: follow ``EXPANDFX_AUTO_MEASURE``, on unless set to ``0``). Forgets the
+    decisions ``auto`` made so far.
 
     >>> import expandfx as efx
     >>> from expandfx.models import smallnet_7x7
@@ -99,6 +116,8 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, ExpandedBlock):
             module.mode = mode
+            if measure is not None:
+                module.measure = bool(measure)
             module._auto.clear()
     return model
 
@@ -157,7 +176,9 @@ class ExpandedBlock(nn.Module):
             ``"collapsed"`` composes the factors into one weight (differentiably, in the
             working dtype) and runs the original layer's op once — same function, same
             gradients for every factor, the compact layer's activations; ``"auto"``
-            picks the cheaper per input shape.
+            picks the faster per input shape, dtype, device and grad mode: it times both
+            once (forward, and backward when gradients are needed; a few repeats), where
+            that is safe, else decides by the MAC model (see :meth:`resolve_mode`).
     """
 
     __jit_unused_properties__ = ["original_type", "weight", "bias"]
@@ -166,7 +187,8 @@ class ExpandedBlock(nn.Module):
                  pre_pad: list[int] | None = None, mode: str = "auto") -> None:
         super().__init__()
         self.mode = check_mode(mode)
-        self._auto: dict[tuple[int, ...], str] = {}
+        self.measure: bool | None = None  # None: follow EXPANDFX_AUTO_MEASURE
+        self._auto: dict[tuple[Any, ...], str] = {}
         self.act: nn.Module | None = None  # only for nonlinear-counterpart init (+Init)
         self.layers = nn.ModuleList(layers)
         self.rule = rule
@@ -210,7 +232,7 @@ class ExpandedBlock(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer(x) if i == 0 else layer(self.act(x))
             return x
-        if self.resolve_mode(x.shape) == "collapsed":
+        if self.resolve_mode(x) == "collapsed":
             weight, bias = self.folded()
             if isinstance(self.template, nn.Linear):
                 return F.linear(x, weight, bias)
@@ -221,17 +243,107 @@ class ExpandedBlock(nn.Module):
             x = layer(x)
         return x
 
-    def resolve_mode(self, shape: torch.Size) -> str:
-        """``"sequential"`` or ``"collapsed"`` for an input of this shape (``auto`` decides once
-        per shape, by the cost estimate of :mod:`expandfx.costs`)."""
+    def resolve_mode(self, x: torch.Tensor | Sequence[int]) -> str:
+        """``"sequential"`` or ``"collapsed"`` for this input (a tensor, or just its shape).
+
+        ``auto`` decides once per input shape, dtype, device, grad mode and autocast state
+        and caches the choice. Given a tensor in ordinary eager execution it *measures*:
+        both executions run on detached copies of the input and of the factor weights
+        (forward, plus backward through ``torch.autograd.grad`` when gradients are needed;
+        a warm-up round, then one timed round, or three interleaved ones when the two are
+        within 3×; median), so no autograd graph, ``.grad``, hook or RNG state of the caller
+        is touched. A block whose warm-up takes over a second is not timed further (the MAC
+        model decides). It falls back to the MAC
+        model of :mod:`expandfx.costs` (and does not cache) under ``torch.compile``, FX or
+        JIT tracing, functorch transforms, CUDA graph capture, for meta/fake/subclass
+        tensors, when given a shape only, and when measuring is switched off
+        (``set_mode(model, "auto", measure=False)`` or ``EXPANDFX_AUTO_MEASURE=0``). When
+        the MAC model already sees one mode 8× cheaper, that decides without timing. Both
+        modes compute the same function; only the speed depends on the choice.
+        """
         if self.mode != "auto":
             return self.mode
-        key = tuple(shape)
-        if key not in self._auto:
-            from .costs import cheaper_mode
+        if not isinstance(x, torch.Tensor):
+            return self._model_choice(tuple(x))
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        key = (tuple(x.shape), x.dtype, x.device, grad, _autocast(x))
+        found = self._auto.get(key)
+        if found is not None:
+            return found
+        if not self._may_measure(x):
+            return self._model_choice(tuple(x.shape))
+        choice = self._measure(x, grad)
+        self._auto[key] = choice
+        return choice
 
-            self._auto[key] = cheaper_mode(self, key)
-        return self._auto[key]
+    def _model_choice(self, shape: tuple[int, ...]) -> str:
+        from .costs import cheaper_mode
+
+        return cheaper_mode(self, shape)
+
+    def _may_measure(self, x: torch.Tensor) -> bool:
+        enabled = self.measure if self.measure is not None else measuring_enabled()
+        if not enabled or _tracing_or_transformed():
+            return False
+        tensors = [x, *self.parameters()]
+        if any(type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta
+               or t.device != x.device for t in tensors):
+            return False
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+            return False
+        return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+    def _measure(self, x: torch.Tensor, grad: bool) -> str:
+        from .costs import collapsed_macs, sequential_macs
+
+        seq_macs, col_macs = sequential_macs(self, x.shape), collapsed_macs(self, x.shape)
+        if seq_macs > 8 * col_macs or col_macs > 8 * seq_macs:
+            return "collapsed" if col_macs <= seq_macs else "sequential"
+        params = [(layer.weight, layer.bias) for layer in self.layers]
+        with torch.no_grad():  # current values (through any parametrization), as new leaves
+            weights = [(w.detach(), None if b is None else b.detach()) for w, b in params]
+        if grad:
+            for (w, b), (w0, b0) in zip(weights, params, strict=True):
+                w.requires_grad_(w0.requires_grad)
+                if b is not None:
+                    b.requires_grad_(b0.requires_grad)
+        x = x.detach().requires_grad_(grad and x.requires_grad)
+        leaves = [t for pair in weights for t in pair if t is not None and t.requires_grad]
+        if grad and x.requires_grad:
+            leaves.append(x)
+        groups = getattr(self.template, "groups", 1)
+        if grad:
+            tune_kernels(weights, groups)
+
+        def sequential() -> torch.Tensor:
+            y = x if self.pre_pad is None else F.pad(x, self.pre_pad, mode=self.pad_mode)
+            for layer, (w, b) in zip(self.layers, weights, strict=True):
+                linear = isinstance(layer, nn.Linear)
+                y = F.linear(y, w, b) if linear else layer._conv_forward(y, w, b)
+            return y
+
+        def collapsed() -> torch.Tensor:
+            w, b = compose_chain(weights, groups)
+            if isinstance(self.template, nn.Linear):
+                return F.linear(x, w, b)
+            return self.template._conv_forward(x, w, b)
+
+        runs = {"sequential": sequential, "collapsed": collapsed}
+        # identity hooks on top: the caller's saved-tensor hooks (checkpointing) never see ours
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            warm = {name: _timed(run, leaves, x.device) for name, run in runs.items()}
+            if max(warm.values()) > 1.0:  # too slow to time twice: the MAC model decides
+                return self._model_choice(tuple(x.shape))
+            first = {name: _timed(run, leaves, x.device) for name, run in runs.items()}
+            if max(first.values()) > 3 * min(first.values()):  # plain after the warm-up
+                return min(first, key=first.__getitem__)
+            # two more interleaved rounds unless slow (deciding must stay cheap)
+            times = {name: [t] for name, t in first.items()}
+            for _ in range(0 if max(first.values()) > 0.1 else 2):
+                for name, run in runs.items():
+                    times[name].append(_timed(run, leaves, x.device))
+        return min(times, key=lambda name: statistics.median(times[name]))
 
     def folded(self) -> WeightBias:
         """:meth:`weight_bias` in the working dtype; cached only inside :func:`frozen`.
@@ -333,6 +445,41 @@ class ExpandedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rule={self.rule}, r={self.r:g}, folds_to={self.original_type.__name__}"
+
+
+def _tracing_or_transformed() -> bool:
+    """True under torch.compile, FX / JIT tracing or scripting, or a functorch transform."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_scripting()
+                or torch.jit.is_tracing() or _fx_tracing()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def _fx_tracing() -> bool:
+    trace = torch.fx._symbolic_trace
+    check = getattr(trace, "is_fx_symbolic_tracing", None) or trace.is_fx_tracing
+    return bool(check())
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return False
+
+
+def _timed(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor],
+           device: torch.device) -> float:
+    """Seconds of ``run()`` plus, if there are leaves, the backward to them."""
+    sync = getattr(getattr(torch, device.type, None), "synchronize", None)
+    if device.type != "cpu" and sync is not None:
+        sync()
+    start = time.perf_counter()
+    out = run()
+    if leaves:
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+    if device.type != "cpu" and sync is not None:
+        sync()
+    return time.perf_counter() - start
 
 
 def parameter_free_copy(layer: nn.Module) -> nn.Module:

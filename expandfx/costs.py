@@ -1,5 +1,7 @@
 """MACs (multiply-accumulates per forward) of layers and expanded blocks, computed from
-shapes alone: the plan's MAC columns and the cost model of ``mode="auto"``.
+shapes alone: the plan's MAC columns, and the cost model ``mode="auto"`` falls back on where
+it cannot or may not time the two executions (see ``ExpandedBlock.resolve_mode``); it also
+settles, without timing, the cases where one mode costs 8× fewer MACs than the other.
 
 A conv/linear layer costs output elements × weight fan-in (biases, norms and activations
 are not counted — the paper's convention for its complexity tables). Sequential: the MACs

@@ -53,3 +53,38 @@ def test_pointwise_after_strided_layer_folds():
     x = torch.randn(1, 3, 11, 11, dtype=torch.float64)
     y = torch.nn.functional.conv2d(x, w, bias, stride=2)
     torch.testing.assert_close(y, b(a(x)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize(("ka", "kb"), [((3, 3), (3, 3)), ((5, 5), (3, 3)), ((3, 5), (3, 1)),
+                                        ((1, 1), (3, 3)), ((3, 3), (1, 1)), ((1, 1), (1, 1))])
+def test_every_kernel_composition_method_gives_the_same_values_and_gradients(groups, ka, kb):
+    """The fold path, the conv path and the pointwise paths against each other (float64)."""
+    from expandfx import algebra
+
+    torch.manual_seed(groups)
+    wa = torch.randn(4 * groups, 3, *ka, dtype=torch.float64, requires_grad=True)
+    wb = torch.randn(5 * groups, 4, *kb, dtype=torch.float64, requires_grad=True)
+    ref = algebra._compose_kernels_conv(wa, wb, groups)
+    ref_grads = torch.autograd.grad(ref, (wa, wb), torch.linspace(-1, 1, ref.numel()).view_as(ref))
+    outs = [algebra._compose_kernels(wa, wb, groups)]
+    if ka != (1, 1) and kb != (1, 1):
+        outs.append(algebra._fold_kernels(wa, wb, groups))
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(out, (wa, wb), torch.linspace(-1, 1, out.numel()).view_as(out))
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_tune_kernels_measures_each_spatial_pair_once_and_leaves_rng_alone():
+    from expandfx import algebra
+
+    layers = [nn.Conv2d(3, 6, 3), nn.Conv2d(6, 7, 3), nn.Conv2d(7, 2, 3)]
+    factors = [(lay.weight, lay.bias) for lay in layers]
+    rng = torch.get_rng_state()
+    algebra.tune_kernels(factors, 1, repeats=1)
+    assert torch.equal(rng, torch.get_rng_state())
+    keys = [k for k in algebra._KERNEL_METHOD if k[0] in {(6, 3, 3, 3), (7, 3, 5, 5), (7, 6, 3, 3)}]
+    assert len(keys) == 2 and {algebra._KERNEL_METHOD[k] for k in keys} <= {"conv", "fold"}
+    assert all(lay.weight.grad is None for lay in layers)

@@ -1,0 +1,132 @@
+"""``mode="auto"`` decides by measurement where that is safe, and leaves the caller alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from support import rel_err
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import expandfx as efx
+from expandfx import block as block_module
+from expandfx.costs import cheaper_mode
+from expandfx.models import smallnet_7x7
+
+
+def blocks(model: nn.Module) -> list[efx.ExpandedBlock]:
+    return [m for m in model.modules() if isinstance(m, efx.ExpandedBlock)]
+
+
+def reference(model: nn.Module, x: torch.Tensor):
+    """Output and gradients in collapsed mode (the function every mode computes)."""
+    ref = efx.set_mode(copy.deepcopy(model), "collapsed")
+    out = ref(x)
+    out.square().sum().backward()
+    return out.detach(), [p.grad for p in ref.parameters()]
+
+
+@pytest.fixture
+def record_timings(monkeypatch):
+    """Count the timed runs and the leaves each one differentiates."""
+    calls: list[int] = []
+    original = block_module._timed
+
+    def timed(run, leaves, device):
+        calls.append(len(leaves))
+        return original(run, leaves, device)
+
+    monkeypatch.setattr(block_module, "_timed", timed)
+    monkeypatch.delenv(block_module.MEASURE_ENV, raising=False)
+    return calls
+
+
+def test_measuring_touches_no_grad_graph_hook_or_rng(record_timings):
+    torch.manual_seed(0)
+    big = efx.expand(smallnet_7x7(), "CL+FC", r=2)
+    x = torch.randn(8, 3, 32, 32)
+    out_ref, grads_ref = reference(big, x)
+    hooked = blocks(big)[0].layers[0]
+    fired: list[int] = []
+    hooked.register_forward_hook(lambda *args: fired.append(1))
+    rng = torch.get_rng_state()
+    out = big(x)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert record_timings and max(record_timings) > 0  # measured, with backward
+    assert all(p.grad is None for p in big.parameters())  # timing never accumulates .grad
+    chosen = blocks(big)[0].resolve_mode(x)
+    assert len(fired) == (1 if chosen == "sequential" else 0)  # hooks fire only for real
+    out.square().sum().backward()
+    assert rel_err(out_ref, out.detach()) <= 1e-5
+    scale = max(g.abs().max().item() for g in grads_ref)
+    for p, g in zip(big.parameters(), grads_ref, strict=True):
+        assert (p.grad - g).abs().max().item() <= 1e-4 * scale
+    for b in blocks(big):  # one decision per block for this input and grad mode
+        assert list(b._auto.values()) in (["collapsed"], ["sequential"])
+
+
+def test_choice_is_cached_per_shape_dtype_and_grad_mode(record_timings):
+    big = efx.expand(nn.Sequential(nn.Conv2d(3, 8, 5, padding=2)), "CL", r=2)
+    block = big[0]
+    x = torch.randn(4, 3, 16, 16)
+    big(x)
+    n = len(record_timings)
+    big(x)
+    big(torch.randn(4, 3, 16, 16))
+    assert len(record_timings) == n  # cached
+    with torch.no_grad():
+        big(x)
+    assert len(record_timings) > n and record_timings[-1] == 0  # forward only under no_grad
+    big.double()(x.double())
+    assert {k[1] for k in block._auto} == {torch.float32, torch.float64}
+    assert {k[3] for k in block._auto} == {True, False}
+    efx.set_mode(big, "auto")
+    assert block._auto == {}
+
+
+@pytest.mark.parametrize("switch", ["env", "set_mode"])
+def test_measuring_can_be_switched_off(record_timings, monkeypatch, switch):
+    big = efx.expand(smallnet_7x7(), "CK+FC", r=2)
+    if switch == "env":
+        monkeypatch.setenv(block_module.MEASURE_ENV, "0")
+    else:
+        efx.set_mode(big, "auto", measure=False)
+    x = torch.randn(2, 3, 32, 32)
+    big(x).sum().backward()
+    assert record_timings == []
+    for b in blocks(big):
+        assert b.resolve_mode(x) == cheaper_mode(b, tuple(x.shape))
+        assert b._auto == {}  # model decisions are not cached: a later measurement may run
+
+
+def test_no_measuring_under_compile_functorch_or_meta(record_timings, monkeypatch):
+    big = efx.expand(nn.Sequential(nn.Conv2d(3, 8, 5, padding=2)), "CK", r=2)
+    block = big[0]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.device("meta"):
+        meta = efx.expand(nn.Sequential(nn.Conv2d(3, 8, 5, padding=2)), "CK", r=2)
+    assert meta(torch.empty(2, 3, 8, 8, device="meta")).shape == (2, 8, 8, 8)
+    params = dict(big.named_parameters())
+    out = torch.func.vmap(lambda v: torch.func.functional_call(big, params, (v,)))(x[:, None])
+    with torch.no_grad():
+        assert rel_err(efx.set_mode(copy.deepcopy(big), "sequential")(x), out[:, 0]) <= 1e-5
+    assert record_timings == [] and block._auto == {}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    big(x)
+    assert record_timings == [] and block._auto == {}
+
+
+def test_measuring_inside_activation_checkpointing(record_timings):
+    torch.manual_seed(0)
+    big = efx.expand(nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(),
+                                   nn.Conv2d(8, 4, 5, padding=2)), "CL", r=2)
+    x = torch.randn(4, 3, 12, 12, requires_grad=True)
+    out_ref, grads_ref = reference(big, x)
+    out = checkpoint(big, x, use_reentrant=False)
+    out.square().sum().backward()
+    assert record_timings
+    assert rel_err(out_ref, out.detach()) <= 1e-5
+    for p, g in zip(big.parameters(), grads_ref, strict=True):
+        assert rel_err(g, p.grad) <= 1e-4
