@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import expandfx as efx
+from expandfx.block import MEASURE_ENV
 from expandfx.counting import param_count
 from expandfx.models import smallnet_digits
 from expandfx.optim import ChainLR
@@ -50,21 +52,29 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def reproducible(threads: int = 1) -> Iterator[str]:
-    """Inside: a fixed torch thread count and deterministic kernels (both restored after).
+    """Inside: a fixed torch thread count, deterministic kernels and ``auto`` blocks that
+    decide by the MAC model rather than by timing (all restored after).
 
-    Yields a one-line record to print beside the results. Seeds are set per run by the
-    callers. CPU float sums can differ in the last bits between thread counts, so results
-    are reported at one fixed count.
+    Timing-based choices can differ between runs; both executions compute the same
+    function, but not with the same float rounding. Yields a one-line record to print
+    beside the results. Seeds are set per run by the callers. CPU float sums can differ in
+    the last bits between thread counts, so results are reported at one fixed count.
     """
-    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              os.environ.get(MEASURE_ENV))
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+    os.environ[MEASURE_ENV] = "0"
     try:
         yield (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-               f"deterministic algorithms on")
+               f"deterministic algorithms on, auto mode by MAC model ({MEASURE_ENV}=0)")
     finally:
         torch.set_num_threads(before[0])
         torch.use_deterministic_algorithms(before[1])
+        if before[2] is None:
+            os.environ.pop(MEASURE_ENV, None)
+        else:
+            os.environ[MEASURE_ENV] = before[2]
 
 
 def fit(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int, desc: str,

@@ -124,3 +124,27 @@ def test_cifar_script_refuses_data_that_is_not_cifar_without_the_flag(tmp_path):
     with pytest.raises(RuntimeError, match="corrupted"):
         load("cifar").main(["--data", str(tmp_path / "data"), "--no-download", "--epochs", "1",
                             "--workers", "0"])
+
+
+def test_training_inside_reproducible_is_bitwise_repeatable_and_state_is_restored():
+    pytest.importorskip("sklearn", reason="scikit-learn not installed")
+    import os
+
+    from expandfx.demo import digits, fit, reproducible
+    from expandfx.models import smallnet_digits
+
+    xtr, ytr, xte, yte = digits()
+    data = (xtr[:256], ytr[:256], xte[:64], yte[:64])
+    threads = torch.get_num_threads()
+    states = []
+    for _ in range(2):
+        with reproducible(threads=1) as setup:
+            assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+            torch.manual_seed(0)
+            model = efx.expand(smallnet_digits(), "CK+FC", r=4)  # auto mode by MAC model
+            out = fit(model, data, 2, seed=0, desc="t", lr=0.1)
+            states.append(model.state_dict())
+    assert "1 thread" in setup and not out["diverged"]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+    assert "EXPANDFX_AUTO_MEASURE" not in os.environ
