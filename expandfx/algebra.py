@@ -58,7 +58,7 @@ def compose_pair(
             else:
                 summed = wb.sum(tuple(range(2, wb.dim()))).reshape(groups, out_g, in_g)
             if groups == 1:
-                bias = summed[0] @ ba
+                bias = summed.reshape(out_g, in_g) @ ba  # a view, not a select
             else:
                 bias = (summed @ ba.reshape(groups, in_g, 1)).reshape(-1)
     if bb is not None:
@@ -81,7 +81,10 @@ def _compose_kernels(wa: Tensor, wb: Tensor, groups: int) -> Tensor:
     if b_point:  # C[o,c,t] = sum_j B[o,j] A[j,c,t]
         a = wa.reshape(groups, wa.shape[0] // groups, -1)  # [g, j, c·t] (a view)
         b = wb.reshape(groups, wb.shape[0] // groups, wb.shape[1])  # [g, o, j]
-        out = b[0] @ a[0] if groups == 1 else torch.bmm(b, a)
+        if groups == 1:  # views, not selects (whose backward zero-fills and copies)
+            out = b.reshape(b.shape[1:]) @ a.reshape(a.shape[1:])
+        else:
+            out = torch.bmm(b, a)
         return out.reshape(wb.shape[0], *wa.shape[1:])
     if a_point:  # C[o,c,u] = sum_j B[o,j,u] A[j,c]: for each o, A^T [c, j] @ B[o] [j, u]
         g, j, c = groups, wa.shape[0] // groups, wa.shape[1]
@@ -107,7 +110,10 @@ def _fold_kernels(wa: Tensor, wb: Tensor, groups: int) -> Tensor:
     ka, kb = tuple(wa.shape[2:]), tuple(wb.shape[2:])
     ta, tb = ka[0] * ka[1], kb[0] * kb[1]
     b = wb.reshape(g, o, j, tb).transpose(2, 3).reshape(g, o * tb, j)  # copies B (small)
-    pairs = torch.bmm(b, wa.reshape(g, j, c * ta)) if g > 1 else (b[0] @ wa.reshape(j, -1))[None]
+    if g > 1:
+        pairs = torch.bmm(b, wa.reshape(g, j, c * ta))
+    else:
+        pairs = b.reshape(o * tb, j) @ wa.reshape(j, c * ta)
     pairs = pairs.reshape(g * o, tb, c, ta).transpose(1, 2).reshape(1, g * o * c * tb, ta)
     kc = (ka[0] + kb[0] - 1, ka[1] + kb[1] - 1)
     return F.fold(pairs, kc, kernel_size=kb).reshape(g * o, c, *kc)

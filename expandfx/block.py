@@ -98,13 +98,17 @@ def measuring_enabled() -> bool:
     return os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+# (block structure, input key) -> the measured mode, shared by identical blocks of a process
+_DECISIONS: dict[tuple[Any, ...], str] = {}
+
+
 def set_mode(model: nn.Module, mode: str, *, measure: bool | None = None) -> nn.Module:
     """Switch every expanded block of ``model`` to ``mode`` (in place); returns ``model``.
 
     ``measure`` (for ``"auto"``): ``True``/``False`` lets the blocks time both executions
     or makes them decide by the MAC model alone; ``None`` keeps each block's setting
     (default: follow ``EXPANDFX_AUTO_MEASURE``, on unless set to ``0``). Forgets the
-    decisions ``auto`` made so far.
+    decisions ``auto`` measured so far for blocks of these structures.
 
     >>> import expandfx as efx
     >>> from expandfx.models import smallnet_7x7
@@ -119,6 +123,8 @@ def set_mode(model: nn.Module, mode: str, *, measure: bool | None = None) -> nn.
             if measure is not None:
                 module.measure = bool(measure)
             module._auto.clear()
+            for key in [k for k in _DECISIONS if k[0] == module._structure()]:
+                del _DECISIONS[key]
     return model
 
 
@@ -247,7 +253,9 @@ class ExpandedBlock(nn.Module):
         """``"sequential"`` or ``"collapsed"`` for this input (a tensor, or just its shape).
 
         ``auto`` decides once per input shape, dtype, device, grad mode and autocast state
-        and caches the choice. Given a tensor in ordinary eager execution it *measures*:
+        and caches the choice — shared by every block of the same structure in the process,
+        so identical blocks (copies, a checkpoint loaded into a fresh expansion) run the same
+        mode and compute the same bits. Given a tensor in ordinary eager execution it *measures*:
         both executions run on detached copies of the input and of the factor weights
         (forward, plus backward through ``torch.autograd.grad`` when gradients are needed;
         a warm-up round, then one timed round, or three interleaved ones when the two are
@@ -273,9 +281,19 @@ class ExpandedBlock(nn.Module):
             return found
         if not self._may_measure(x):
             return self._model_choice(tuple(x.shape))
-        choice = self._measure(x, grad)
+        # one decision per block structure in the process: identical blocks (a copy, a
+        # checkpoint loaded into a fresh expansion) run the same mode, so compute the same bits
+        shared = (self._structure(), key)
+        choice = _DECISIONS.get(shared)
+        if choice is None:
+            choice = _DECISIONS[shared] = self._measure(x, grad)
         self._auto[key] = choice
         return choice
+
+    def _structure(self) -> tuple[Any, ...]:
+        return (layer_signature(self.template), tuple(self.signatures),
+                None if self.pre_pad is None else tuple(self.pre_pad), self.pad_mode,
+                tuple(p.requires_grad for p in self.parameters()))
 
     def _model_choice(self, shape: tuple[int, ...]) -> str:
         from .costs import cheaper_mode
@@ -283,7 +301,8 @@ class ExpandedBlock(nn.Module):
         return cheaper_mode(self, shape)
 
     def _may_measure(self, x: torch.Tensor) -> bool:
-        enabled = self.measure if self.measure is not None else measuring_enabled()
+        measure = self.__dict__.get("measure")  # absent on blocks pickled before it existed
+        enabled = measure if measure is not None else measuring_enabled()
         if not enabled or _tracing_or_transformed():
             return False
         tensors = [x, *self.parameters()]

@@ -39,6 +39,7 @@ def record_timings(monkeypatch):
         return original(run, leaves, device)
 
     monkeypatch.setattr(block_module, "_timed", timed)
+    monkeypatch.setattr(block_module, "_DECISIONS", {})  # measure afresh in every test
     monkeypatch.delenv(block_module.MEASURE_ENV, raising=False)
     return calls
 
@@ -130,3 +131,17 @@ def test_measuring_inside_activation_checkpointing(record_timings):
     assert rel_err(out_ref, out.detach()) <= 1e-5
     for p, g in zip(big.parameters(), grads_ref, strict=True):
         assert rel_err(g, p.grad) <= 1e-4
+
+
+def test_identical_blocks_share_one_measured_decision(record_timings):
+    """A copy (or a checkpoint loaded into a fresh expansion) computes the same bits."""
+    torch.manual_seed(0)
+    big = efx.expand(smallnet_7x7(), "CK+FC", r=2).eval()
+    twin = efx.expand(smallnet_7x7(), "CK+FC", r=2).eval()
+    twin.load_state_dict(big.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    y = big(x)
+    n = len(record_timings)
+    assert torch.equal(twin(x), y) and len(record_timings) == n  # decided once, not re-timed
+    for a, b in zip(blocks(big), blocks(twin), strict=True):
+        assert a._auto == b._auto
