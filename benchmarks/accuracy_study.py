@@ -130,13 +130,16 @@ def one_run(task: tuple) -> dict:
 
 
 def tasks(quick: bool, threads: int, variants: list[str] | None = None,
-          lrs: list[float] | None = None, protocols: list[str] | None = None) -> list[tuple]:
+          lrs: list[float] | None = None, protocols: list[str] | None = None,
+          datasets: list[str] | None = None) -> list[tuple]:
     seeds, lrs = ((0,), (0.05,)) if quick else (SEEDS, lrs or LRS)
     protocols = protocols or list(PROTOCOLS)
     out = []
     order = sorted(variants or VARIANTS, key=lambda v: PRIORITY.index(v))  # most needed first
     for variant in order:
         for dname, (_, _, epochs) in DATASETS.items():
+            if datasets and not any(dname.startswith(d) for d in datasets):
+                continue
             epochs = 2 if quick else epochs
             for seed in seeds:
                 if "sweep" in protocols:
@@ -318,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", type=lambda t: t.split(","), help="e.g. FC,CK+FC")
     parser.add_argument("--lrs", type=lambda t: [float(v) for v in t.split(",")])
     parser.add_argument("--protocols", type=lambda t: t.split(","), help="sweep,authors")
+    parser.add_argument("--datasets", type=lambda t: t.split(","), help="e.g. digits,MNIST")
     args = parser.parse_args(argv)
     run(args.quick, args.out, args.jobs, args.threads, variants=args.variants, lrs=args.lrs,
-        protocols=args.protocols)
+        protocols=args.protocols, datasets=args.datasets)
     return 0
 
 
