@@ -21,26 +21,40 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def cells(path: Path) -> tuple[str, dict]:
-    data = json.loads(path.read_text())
+    """``{(data set, variant, lr): {seed: run}}`` of the sweep protocol, from a results JSON
+    or a (possibly unfinished) ``accuracy_study.partial.jsonl``."""
+    if path.suffix == ".jsonl":
+        runs = [json.loads(line) for line in path.read_text().splitlines()]
+        setup = f"{runs[0]['threads']} thread(s) per run" if runs else "no runs"
+    else:
+        data = json.loads(path.read_text())
+        runs, setup = data["runs"], data["meta"]["setup"]
     out: dict = {}
-    for r in data["runs"]:
+    for r in runs:
         if r["protocol"] == "sweep":
-            out.setdefault((r["data"], r["variant"], r["lr"]), []).append(r)
-    return data["meta"]["setup"], out
+            out.setdefault((r["data"], r["variant"], r["lr"]), {})[r["seed"]] = r
+    return setup, out
 
 
 def main(argv: list[str]) -> int:
-    (setup_a, a), (setup_b, b) = cells(Path(argv[0])), cells(Path(argv[1]))
+    (setup_a, a_all), (setup_b, b_all) = cells(Path(argv[0])), cells(Path(argv[1]))
+    a, b = {}, {}  # the same seeds on both sides
+    for key in set(a_all) & set(b_all):
+        seeds = sorted(set(a_all[key]) & set(b_all[key]))
+        a[key] = [a_all[key][s] for s in seeds]
+        b[key] = [b_all[key][s] for s in seeds]
     lines = ["# Thread-count check of the accuracy study\n",
              f"A: {setup_a}. B: {setup_b}. Final test accuracy in % (mean over the same "
              f"seeds), divergent runs in brackets; Δ = B − A.\n",
-             "| data set | variant | lr | A | B | Δ |", "|---|---|---:|---:|---:|---:|"]
+             "| data set | variant | lr | seeds | A | B | Δ |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     worst = 0.0
     for key in sorted(set(a) & set(b)):
         ma, mb = (statistics.fmean(r["last"] for r in x[key]) for x in (a, b))
+        n = len(a[key])
         da, db = (sum(r["diverged"] for r in x[key]) for x in (a, b))
         worst = max(worst, abs(mb - ma))
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | {100 * ma:.2f} ({da}) | "
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | {n} | {100 * ma:.2f} ({da}) | "
                      f"{100 * mb:.2f} ({db}) | {100 * (mb - ma):+.2f} |")
     lines.append(f"\nLargest |Δ|: {100 * worst:.2f} points over {len(set(a) & set(b))} cells.")
     (RESULTS / "thread_check.md").write_text("\n".join(lines) + "\n")
