@@ -1,9 +1,13 @@
 """``ExpandedBlock``: the module that stands in for one expanded conv/linear layer.
 
-A block is a chain of plain ``nn.Conv{1,2,3}d`` / ``nn.Linear`` factors with no
-nonlinearity between them. Its ``state_dict`` keys are stable::
+A block is the original layer's template, its factor modules (plain ``nn.Conv{1,2,3}d`` /
+``nn.Linear``) and a *topology* over them (:mod:`expandfx.linear.ir`): a chain (CL, CK,
+FC), parallel branches summed (ACNet, RepVGG), or branches that are chains. ``sequential``
+mode interprets the topology, ``collapsed`` folds it differentiably, ``contract`` folds it
+exactly (float64). The ``state_dict`` keys follow the module tree and are stable::
 
-    <path>.layers.0.weight, <path>.layers.0.bias, <path>.layers.1.weight, ...
+    <path>.layers.0.weight, <path>.layers.1.weight, ...        # a chain
+    <path>.branches.kxk.weight, <path>.branches.1x1.weight, ... # branches
 
 so a checkpoint saved mid-training loads into ``expand(fresh_model, same args)``.
 It remembers the original layer (as a parameter-free template, outside the
@@ -13,9 +17,9 @@ original class and hyperparameters.
 Example::
 
     >>> import torch, torch.nn as nn
-    >>> from expandfx.passes import expand_cl
+    >>> from expandfx.rules import cl
     >>> conv = nn.Conv2d(3, 8, 5, padding=2)
-    >>> block = expand_cl.build(conv, r=2)
+    >>> block = cl.build(conv, r=2)
     >>> [k for k in block.state_dict()][:2]
     ['layers.0.weight', 'layers.0.bias']
     >>> small = block.contract()
@@ -39,8 +43,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .algebra import WeightBias, compose_chain, tune_kernels
 from .errors import ConfigError, ContractionError
+from .linear import costs
+from .linear.compose import WeightBias, tune_kernels
+from .linear.fold import fold
+from .linear.ir import (
+    Affine,
+    Geometry,
+    Identity,
+    Node,
+    Par,
+    Seq,
+    explicit_padding,
+    leaves,
+    map_leaves,
+    pairs_from_pad,
+    run,
+)
+
+__all__ = ["CONV_TYPES", "HYPERPARAMETERS", "LAYER_TYPES", "MODES", "ExpandedBlock", "base_type",
+           "check_mode", "explicit_padding", "frozen", "layer_signature", "set_mode",
+           "torch_layer_type"]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LAYER_TYPES: tuple[type[nn.Module], ...] = (*CONV_TYPES, nn.Linear)
@@ -156,30 +179,22 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
                     del _FROZEN[block]
 
 
-def explicit_padding(conv: nn.Module) -> list[int]:
-    """The padding a conv applies, in ``F.pad`` order (last dim first, left/right).
-
-    Resolves ``padding="same"`` (asymmetric for even effective kernels) and
-    ``"valid"`` exactly as PyTorch does.
-    """
-    if conv.padding == "valid":
-        return [0] * (2 * len(conv.kernel_size))
-    return list(conv._reversed_padding_repeated_twice)
-
-
 class ExpandedBlock(nn.Module):
-    """A linear chain of layers equivalent, after folding, to one original layer.
+    """Factor layers and a linear topology over them, equivalent after folding to one layer.
 
     Args:
         original: the layer being replaced; only its hyperparameters are kept.
-        layers: the factor layers, applied in order.
-        rule: ``"CL"``, ``"CK"`` or ``"FC"`` (recorded for plans and reprs).
+        layers: the factors. A list is a chain (applied in order, registered as
+            ``layers``); a dict ``{name: factor}`` is a set of parallel branches whose
+            outputs are summed (registered as ``branches``), where a factor is a layer, a
+            list of layers (a chain inside a branch) or ``nn.Identity()`` (the input).
+        rule: the rule's name (``"CL"``, ``"ACNet"``, ...; recorded for plans and reprs).
         r: the expansion rate used.
-        pre_pad: padding in ``F.pad`` order applied before the first layer, for
+        pre_pad: padding in ``F.pad`` order applied before the first layer of a chain, for
             paddings a conv cannot express (asymmetric ``"same"``); ``None`` if the
             first layer pads itself.
-        mode: ``"sequential"`` runs the layers one after another (as in the paper);
-            ``"collapsed"`` composes the factors into one weight (differentiably, in the
+        mode: ``"sequential"`` runs the topology layer by layer (as in the paper);
+            ``"collapsed"`` folds the factors into one weight (differentiably, in the
             working dtype) and runs the original layer's op once — same function, same
             gradients for every factor, the compact layer's activations; ``"auto"``
             picks the faster per input shape, dtype, device and grad mode: it times both
@@ -187,24 +202,63 @@ class ExpandedBlock(nn.Module):
             that is safe, else decides by the MAC model (see :meth:`resolve_mode`).
     """
 
-    __jit_unused_properties__ = ["original_type", "weight", "bias"]
+    __jit_unused_properties__ = ["original_type", "weight", "bias", "factors"]
 
-    def __init__(self, original: nn.Module, layers: list[nn.Module], rule: str, r: float,
-                 pre_pad: list[int] | None = None, mode: str = "auto") -> None:
+    def __init__(self, original: nn.Module, layers: list[nn.Module] | dict[str, Any],
+                 rule: str, r: float, pre_pad: list[int] | None = None,
+                 mode: str = "auto") -> None:
         super().__init__()
         self.mode = check_mode(mode)
         self.measure: bool | None = None  # None: follow EXPANDFX_AUTO_MEASURE
         self._auto: dict[tuple[Any, ...], str] = {}
         self.act: nn.Module | None = None  # only for nonlinear-counterpart init (+Init)
-        self.layers = nn.ModuleList(layers)
+        if isinstance(layers, dict):
+            if pre_pad is not None:
+                raise ConfigError("ExpandedBlock: pre_pad applies to chains only; give each "
+                                  "branch its own padding.")
+            self.branches = nn.ModuleDict(
+                {name: nn.ModuleList(f) if isinstance(f, list) else f
+                 for name, f in layers.items()})
+            self.topology: Node = Par(tuple(_branch_topology(f"branches.{name}", f)
+                                            for name, f in self.branches.items()))
+        else:
+            self.layers = nn.ModuleList(layers)
+            self.topology = _chain_topology("layers", len(layers))
         self.rule = rule
         self.r = float(r)
         self.pre_pad = pre_pad
         self.pad_mode = _PAD_MODE[getattr(original, "padding_mode", "zeros")]
-        self.signatures = [layer_signature(layer) for layer in layers]
+        self.signatures = [layer_signature(layer) for layer in self.factors]
         # Kept out of the module tree on purpose: not in state_dict, not moved by .to().
         object.__setattr__(self, "template", parameter_free_copy(original))
         self.train(original.training)
+        kernel = tuple(getattr(self.template, "kernel_size", ()))
+        expected = Geometry.of(self.template).canonical(kernel)
+        found = fold(self.linear_map(meta=True)).geometry.canonical(kernel)
+        if found != expected:  # a guard on our own rules
+            raise ContractionError(
+                f"ExpandedBlock({rule}): the factors fold to geometry {found}, but the "
+                f"{type(original).__name__} they replace has {expected}; please report this "
+                f"as an expandfx bug.")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # blocks pickled before topologies
+        super().__setstate__(state)
+        if "topology" not in self.__dict__:
+            self.topology = _chain_topology("layers", len(self.layers))
+
+    @property
+    def is_chain(self) -> bool:
+        """Whether the block is one chain of factors (CL, CK, FC), not branches."""
+        return "layers" in self._modules
+
+    @property
+    def factors(self) -> list[nn.Module]:
+        """Every factor layer, in topology order (``Identity`` branches have none)."""
+        return [self.get_submodule(path) for path in self.factor_paths]
+
+    @property
+    def factor_paths(self) -> list[str]:
+        return [leaf for leaf in leaves(self.topology) if not isinstance(leaf, Identity)]
 
     @property
     def original_type(self) -> type[nn.Module]:
@@ -212,7 +266,7 @@ class ExpandedBlock(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The chain's effective weight (differentiable): what ``contract`` will fold to, in
+        """The block's effective weight (differentiable): what ``contract`` will fold to, in
         the original layer's layout (``[in, out]`` for transformers' Conv1D)."""
         from .registry import original_layout
 
@@ -220,7 +274,7 @@ class ExpandedBlock(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        """The chain's effective bias (differentiable), or ``None``."""
+        """The block's effective bias (differentiable), or ``None``."""
         return self.weight_bias()[1]
 
     def __getattr__(self, name: str) -> Any:
@@ -230,6 +284,26 @@ class ExpandedBlock(nn.Module):
             if name in HYPERPARAMETERS and hasattr(self.__dict__.get("template"), name):
                 return getattr(self.__dict__["template"], name)  # e.g. fc.in_features
             raise
+
+    def linear_map(self, dtype: torch.dtype | None = None, *, meta: bool = False,
+                   params: dict[str, WeightBias] | None = None) -> Node:
+        """The topology with each factor as an :class:`~expandfx.linear.ir.Affine` of its
+        current weight and bias (differentiable); ``params`` substitutes ``{path: (w, b)}``,
+        ``meta=True`` uses shape-only tensors. ``fold(block.linear_map())`` is the block."""
+        first = self.factor_paths[0] if self.pre_pad is not None else None
+
+        def affine(path: str) -> Affine:
+            layer = self.get_submodule(path)
+            w, b = params[path] if params is not None else (layer.weight, layer.bias)
+            if meta:
+                w, b = w.to("meta"), None if b is None else b.to("meta")
+            geometry = Geometry.of(layer)
+            if path == first:  # the block pads before its first layer
+                geometry = geometry.with_padding(pairs_from_pad(self.pre_pad),
+                                                 self.template.padding_mode)
+            return Affine(w, b, geometry).to(dtype)
+
+        return map_leaves(self.topology, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "act", None) is not None:  # nonlinear counterpart: layer, act, layer
@@ -245,9 +319,7 @@ class ExpandedBlock(nn.Module):
             return self.template._conv_forward(x, weight, bias)  # the original layer's op
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad, mode=self.pad_mode)
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return run(self.topology, x, lambda path, y: self.get_submodule(path)(y))
 
     def resolve_mode(self, x: torch.Tensor | Sequence[int]) -> str:
         """``"sequential"`` or ``"collapsed"`` for this input (a tensor, or just its shape).
@@ -291,14 +363,12 @@ class ExpandedBlock(nn.Module):
         return choice
 
     def _structure(self) -> tuple[Any, ...]:
-        return (layer_signature(self.template), tuple(self.signatures),
+        return (layer_signature(self.template), tuple(self.signatures), self.topology,
                 None if self.pre_pad is None else tuple(self.pre_pad), self.pad_mode,
                 tuple(p.requires_grad for p in self.parameters()))
 
     def _model_choice(self, shape: tuple[int, ...]) -> str:
-        from .costs import cheaper_mode
-
-        return cheaper_mode(self, shape)
+        return costs.cheaper_mode(self, shape)
 
     def _may_measure(self, x: torch.Tensor) -> bool:
         measure = self.__dict__.get("measure")  # absent on blocks pickled before it existed
@@ -314,12 +384,12 @@ class ExpandedBlock(nn.Module):
         return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
     def _measure(self, x: torch.Tensor, grad: bool) -> str:
-        from .costs import collapsed_macs, sequential_macs
-
-        seq_macs, col_macs = sequential_macs(self, x.shape), collapsed_macs(self, x.shape)
+        seq_macs = costs.sequential_macs(self, x.shape)
+        col_macs = costs.collapsed_macs(self, x.shape)
         if seq_macs > 8 * col_macs or col_macs > 8 * seq_macs:
             return "collapsed" if col_macs <= seq_macs else "sequential"
-        params = [(layer.weight, layer.bias) for layer in self.layers]
+        paths = self.factor_paths
+        params = [(layer.weight, layer.bias) for layer in self.factors]
         with torch.no_grad():  # current values (through any parametrization), as new leaves
             weights = [(w.detach(), None if b is None else b.detach()) for w, b in params]
         if grad:
@@ -331,19 +401,22 @@ class ExpandedBlock(nn.Module):
         leaves = [t for pair in weights for t in pair if t is not None and t.requires_grad]
         if grad and x.requires_grad:
             leaves.append(x)
-        groups = getattr(self.template, "groups", 1)
-        if grad:
-            tune_kernels(weights, groups)
+        if grad and self.is_chain:
+            tune_kernels(weights, getattr(self.template, "groups", 1))
+        by_path = dict(zip(paths, weights, strict=True))
+
+        def apply(path: str, y: torch.Tensor) -> torch.Tensor:
+            layer, (w, b) = self.get_submodule(path), by_path[path]
+            return F.linear(y, w, b) if isinstance(layer, nn.Linear) else \
+                layer._conv_forward(y, w, b)
 
         def sequential() -> torch.Tensor:
             y = x if self.pre_pad is None else F.pad(x, self.pre_pad, mode=self.pad_mode)
-            for layer, (w, b) in zip(self.layers, weights, strict=True):
-                linear = isinstance(layer, nn.Linear)
-                y = F.linear(y, w, b) if linear else layer._conv_forward(y, w, b)
-            return y
+            return run(self.topology, y, apply)
 
         def collapsed() -> torch.Tensor:
-            w, b = compose_chain(weights, groups)
+            one = fold(self.linear_map(params=by_path))
+            w, b = one.weight, one.bias
             if isinstance(self.template, nn.Linear):
                 return F.linear(x, w, b)
             return self.template._conv_forward(x, w, b)
@@ -351,17 +424,17 @@ class ExpandedBlock(nn.Module):
         runs = {"sequential": sequential, "collapsed": collapsed}
         # identity hooks on top: the caller's saved-tensor hooks (checkpointing) never see ours
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            warm = {name: _timed(run, leaves, x.device) for name, run in runs.items()}
+            warm = {name: _timed(fn, leaves, x.device) for name, fn in runs.items()}
             if max(warm.values()) > 1.0:  # too slow to time twice: the MAC model decides
                 return self._model_choice(tuple(x.shape))
-            first = {name: _timed(run, leaves, x.device) for name, run in runs.items()}
+            first = {name: _timed(fn, leaves, x.device) for name, fn in runs.items()}
             if max(first.values()) > 3 * min(first.values()):  # plain after the warm-up
                 return min(first, key=first.__getitem__)
             # two more interleaved rounds unless slow (deciding must stay cheap)
             times = {name: [t] for name, t in first.items()}
             for _ in range(0 if max(first.values()) > 0.1 else 2):
-                for name, run in runs.items():
-                    times[name].append(_timed(run, leaves, x.device))
+                for name, fn in runs.items():
+                    times[name].append(_timed(fn, leaves, x.device))
         return min(times, key=lambda name: statistics.median(times[name]))
 
     def folded(self) -> WeightBias:
@@ -382,7 +455,7 @@ class ExpandedBlock(nn.Module):
         return state[1][1]
 
     def check(self, path: str = "") -> None:
-        """Raise :class:`ContractionError` unless the chain is still exactly foldable."""
+        """Raise :class:`ContractionError` unless the block still folds exactly."""
         where = f"'{path}'" if path else "this ExpandedBlock"
         if self.act is not None:
             raise ContractionError(
@@ -390,38 +463,38 @@ class ExpandedBlock(nn.Module):
                 f"({type(self.act).__name__}) from nonlinear-counterpart init, so it is not a "
                 f"linear chain. Call expandfx.linearize(model) to remove it (the weights stay), "
                 f"train on as an ExpandNet, then contract.")
-        current = [layer_signature(layer) for layer in self.layers]
+        current = [layer_signature(self.get_submodule(p)) if _has(self, p) else (None,)
+                   for p in self.factor_paths]
         if current != self.signatures:
             raise ContractionError(
                 f"contract: block {where} was edited after expansion: its layers are now "
-                f"{[s[0].__name__ for s in current]} with hyperparameters that differ from the "
-                f"{len(self.signatures)} linear layers expand() built. Only an unchanged linear "
-                f"chain folds exactly: restore the block (e.g. remove inserted nonlinearities) "
-                f"or re-create the model with expandfx.expand."
+                f"{[getattr(s[0], '__name__', 'missing') for s in current]} with "
+                f"hyperparameters that differ from the {len(self.signatures)} linear layers "
+                f"expand() built. Only an unchanged linear topology folds exactly: restore the "
+                f"block (e.g. remove inserted nonlinearities) or re-create the model with "
+                f"expandfx.expand."
             )
-        hooked = [i for i, layer in enumerate(self.layers)
+        hooked = [p for p, layer in zip(self.factor_paths, self.factors, strict=True)
                   if layer._forward_hooks or layer._forward_pre_hooks]
         if hooked or self._forward_hooks or self._forward_pre_hooks:
             raise ContractionError(
-                f"contract: block {where} has forward hooks (on layers {hooked} or the block); "
+                f"contract: block {where} has forward hooks (on {hooked} or the block); "
                 f"a hook can change what the block computes, so folding it would not be exact. "
                 f"Remove the hooks (handle.remove()) before contracting."
             )
 
     def weight_bias(self, dtype: torch.dtype | None = None) -> WeightBias:
-        """The effective (weight, bias) of the whole chain, differentiable, in ``dtype``."""
+        """The effective (weight, bias) of the whole block, differentiable, in ``dtype``."""
         if self.act is not None:
             self.check()  # raises: a nonlinear block has no single effective weight
-        factors = [(layer.weight, layer.bias) for layer in self.layers]
-        if dtype is not None:
-            factors = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in factors]
-        groups = getattr(self.template, "groups", 1)
-        return compose_chain(factors, groups)
+        one = fold(self.linear_map(dtype))
+        return one.weight, one.bias
 
     def contract(self, path: str = "") -> nn.Module:
         """The original layer with the folded weights (composed in float64, cast back)."""
         self.check(path)
-        ref = self.layers[0].weight
+        factors = self.factors
+        ref = factors[0].weight
         with torch.no_grad():
             weight, bias = self.weight_bias(torch.float64)
         layer = copy.deepcopy(self.template)
@@ -431,9 +504,10 @@ class ExpandedBlock(nn.Module):
                 f"contract: block '{path}' folds to weight shape {tuple(weight.shape)}, "
                 f"expected {expected}; please report this as an expandfx bug."
             )
-        layer.weight = _like(weight, ref, any(f.weight.requires_grad for f in self.layers))
+        layer.weight = _like(weight, ref, any(f.weight.requires_grad for f in factors))
         if layer.bias is not None:
-            layer.bias = _like(bias, ref, any(f.bias.requires_grad for f in self.layers))
+            layer.bias = _like(bias, ref, any(f.bias.requires_grad for f in factors
+                                              if f.bias is not None))
         layer.train(self.training)
         from .registry import restore  # a registered class (e.g. transformers' Conv1D)
 
@@ -449,8 +523,8 @@ class ExpandedBlock(nn.Module):
                 f"model first, then expand it (init='preserve' keeps its function), or "
                 f"contract this model before loading."
             )
-        for i, layer in enumerate(self.layers):
-            key = f"{prefix}layers.{i}.weight"
+        for factor_path, layer in zip(self.factor_paths, self.factors, strict=True):
+            key = f"{prefix}{factor_path}.weight"
             if key in state_dict and tuple(state_dict[key].shape) != tuple(layer.weight.shape):
                 error_msgs.append(
                     f"'{path}': the checkpoint's '{key}' has shape "
@@ -464,6 +538,26 @@ class ExpandedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rule={self.rule}, r={self.r:g}, folds_to={self.original_type.__name__}"
+
+
+def _chain_topology(prefix: str, n: int) -> Seq:
+    return Seq(tuple(f"{prefix}.{i}" for i in range(n)))
+
+
+def _branch_topology(path: str, factor: nn.Module) -> Node:
+    if isinstance(factor, nn.Identity):
+        return Identity()
+    if isinstance(factor, nn.ModuleList):
+        return _chain_topology(path, len(factor))
+    return path
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _tracing_or_transformed() -> bool:

@@ -28,7 +28,8 @@ returning an nn.Module). RULE: CL, CK, FC, CL+FC or CK+FC. Exit codes: 0 ok, 1 a
 failed, 2 bad input."""
 
 
-BLOCK_KEY = re.compile(r"\.layers\.\d+\.(weight|bias|parametrizations\.weight\.original)$")
+BLOCK_KEY = re.compile(r"\.(layers\.\d+|branches(\.\w+)+?)\."
+                       r"(weight|bias|parametrizations\.weight\.original)$")
 
 
 class CLIError(Exception):
@@ -105,7 +106,7 @@ def block_keys(keys: list[str], own: set[str]) -> bool:
     """Whether state_dict keys hold expanded blocks of the model's conv/linear layers."""
     for key in keys:
         match = BLOCK_KEY.search(key)
-        if match and f"{key[:match.start()]}.weight" in own:  # '<layer>.layers.<i>...'
+        if match and f"{key[:match.start()]}.weight" in own:  # '<layer>.layers.<i>...', '<layer>.branches...'
             return True
     return False
 

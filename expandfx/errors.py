@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["ConfigError", "ContractionError", "ExpandFXError", "FoldError"]
+
 
 class ExpandFXError(Exception):
     """Base class of every error expandfx raises on purpose."""
@@ -16,3 +18,11 @@ class ConfigError(ExpandFXError, ValueError):
 
 class ContractionError(ExpandFXError, RuntimeError):
     """An expanded block can no longer be folded exactly (e.g. it was edited)."""
+
+
+class FoldError(ExpandFXError, ValueError):
+    """A tree of linear maps that no single conv/linear layer computes (the reason says why).
+
+    Example: a chain whose second convolution pads after a spatial first one cannot be one
+    convolution (its border taps would read the first layer's zero-padded output).
+    """

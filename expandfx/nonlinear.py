@@ -126,6 +126,14 @@ def _blocks(model: nn.Module, caller: str) -> list[ExpandedBlock]:
     if not found:
         raise ConfigError(f"{caller}: {type(model).__name__} has no expanded blocks; call "
                           f"expandfx.expand(model, ...) first.")
+    branched = [path for path, m in model.named_modules()
+                if isinstance(m, ExpandedBlock) and not m.is_chain]
+    if branched:
+        raise ConfigError(
+            f"{caller}: {branched[:3]} hold parallel branches (rule "
+            f"{model.get_submodule(branched[0]).rule}); +Init puts a nonlinearity between the "
+            f"factors of a chain, which branches do not have. Expand those layers with a "
+            f"chain rule (CL, CK, FC) or exclude them before using +Init.")
     return found
 
 

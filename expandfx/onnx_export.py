@@ -267,8 +267,9 @@ def compact_architecture(model: nn.Module) -> nn.Module:
     arch = bake(model)
     for block, paths in blocks(arch).values():
         layer = copy.deepcopy(original_template(block))  # registered classes: their own
-        layer.to_empty(device=block.layers[0].weight.device)
-        layer.to(block.layers[0].weight.dtype)
+        ref = block.factors[0].weight
+        layer.to_empty(device=ref.device)
+        layer.to(ref.dtype)
         with torch.no_grad():
             for p in layer.parameters():
                 p.normal_()

@@ -43,6 +43,7 @@ from torch import nn
 from .block import ExpandedBlock
 from .compander import companded
 from .errors import ConfigError
+from .linear.ir import Identity, Node, Par, Seq, multiplicity
 
 __all__ = ["ChainLR", "ParamGroups", "chain_scale", "decay_groups", "param_groups"]
 
@@ -67,16 +68,19 @@ class ParamGroups(list):
 def chain_scale(block: ExpandedBlock, chain_lr: ChainLR = "1/N") -> float:
     """The learning-rate factor of ``block``'s factors under rule ``chain_lr``.
 
-    ``"1/N"``: ``1/N`` for N factors. ``"norm"``: ``1 / Σ_i Π_{j≠i} g_j²``, where
+    ``"1/N"``: ``1/N`` for a chain of N factors (for branches, N counts every factor a
+    gradient step moves the folded weight through: :func:`expandfx.linear.ir.multiplicity`).
+    ``"norm"``: ``1 / Σ_i Π_{j≠i} g_j²`` for a chain, where
     ``g_j = ‖W_j‖_F / E‖W_j‖_F`` is factor j's growth over PyTorch's default init
     (``E‖W‖_F² = numel / (3·fan_in)``): equal to ``1/N`` at init, and smaller as the other
     factors grow, so that the folded weight's first-order step stays at the compact
-    layer's scale. Use it for chains whose factors did not start at the default init
-    (after :func:`expandfx.linearize`, or when fine-tuning a trained ExpandNet).
+    layer's scale (over branches, the terms of every branch add up). Use it for blocks whose
+    factors did not start at the default init (after :func:`expandfx.linearize`, or when
+    fine-tuning a trained ExpandNet).
 
     >>> import torch.nn as nn
-    >>> from expandfx.passes import expand_fc
-    >>> chain_scale(expand_fc.build(nn.Linear(4, 2), r=2))
+    >>> from expandfx.rules import fc
+    >>> chain_scale(fc.build(nn.Linear(4, 2), r=2))
     0.3333333333333333
     """
     if chain_lr is None or getattr(block, "act", None) is not None:
@@ -84,11 +88,9 @@ def chain_scale(block: ExpandedBlock, chain_lr: ChainLR = "1/N") -> float:
     if isinstance(chain_lr, str):
         rule = chain_lr.replace(" ", "").upper()
         if rule == "1/N":
-            return 1.0 / len(block.layers)
+            return 1.0 / multiplicity(block.topology)
         if rule == "NORM":
-            growth = [_growth(layer.weight) ** 2 for layer in block.layers]
-            return 1.0 / sum(math.prod(growth[:i] + growth[i + 1:])
-                             for i in range(len(growth)))
+            return 1.0 / _steps(block, block.topology)[0]
         raise ConfigError(f"param_groups: chain_lr must be '1/N', 'norm', None, a positive "
                           f"number or a callable (block) -> scale; got {chain_lr!r}.")
     scale = chain_lr(block) if callable(chain_lr) else chain_lr
@@ -96,6 +98,24 @@ def chain_scale(block: ExpandedBlock, chain_lr: ChainLR = "1/N") -> float:
         raise ConfigError(f"param_groups: chain_lr gave {scale!r} for a {block.rule} block; "
                           f"a learning-rate scale must be a positive number.")
     return float(scale)
+
+
+def _steps(block: ExpandedBlock, node: Node) -> tuple[float, float]:
+    """``(S, G)`` of a topology node: ``S`` the first-order step of the folded weight per
+    unit lr, in units of the compact layer's, ``G`` the squared growth of its folded
+    weight. A factor: ``(1, g²)``; a chain multiplies growths (``S = Σ_k S_k Π_{l≠k} G_l``);
+    branches add both; an identity moves nothing and has growth 1."""
+    if isinstance(node, Identity):
+        return 0.0, 1.0
+    if isinstance(node, Par):
+        parts = [_steps(block, part) for part in node.parts]
+        return sum(s for s, _ in parts), sum(g for _, g in parts)
+    if isinstance(node, Seq):
+        parts = [_steps(block, part) for part in node.parts]
+        growths = [g for _, g in parts]
+        step = sum(s * math.prod(growths[:k] + growths[k + 1:]) for k, (s, _) in enumerate(parts))
+        return step, math.prod(growths)
+    return 1.0, _growth(block.get_submodule(node).weight) ** 2
 
 
 def _growth(weight: torch.Tensor) -> float:

@@ -27,9 +27,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import registry, rules
+from . import registry
+from .rules import RULES
+from .rules.spec import RuleSpec, check_spec, pick
 from .block import LAYER_TYPES, ExpandedBlock, base_type, torch_layer_type
-from .costs import layer_macs, sequential_macs
+from .linear.costs import layer_macs, sequential_macs
 from .counting import param_count
 from .errors import ConfigError
 from .snapshot import preserved
@@ -113,7 +115,7 @@ class Plan:
         return "\n".join(out)
 
 
-def plan(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
+def plan(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
          include: Patterns = None, exclude: Patterns = None,
          example_inputs: Any = None) -> Plan:
     """Decide, layer by layer, what ``expand`` would do; never changes ``model``.
@@ -125,7 +127,6 @@ def plan(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
     r = check_r(r)
     rows, view = decide(model, rule, r, include=include, exclude=exclude,
                         example_inputs=example_inputs)
-    from .passes import PASSES  # late import: passes build on this package
 
     shapes = input_shapes(model, example_inputs, [row.module for row in rows])
     for row in rows:
@@ -135,7 +136,7 @@ def plan(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
         if shape is not None:
             row.macs_before = row.macs_after = layer_macs(layer, list(shape))[1]
         if row.rule:
-            meta_block = PASSES[row.rule].build(layer, r, path=row.path, device="meta")
+            meta_block = RULES[row.rule].build(layer, r, path=row.path, device="meta")
             row.params_after = param_count(meta_block)
             if shape is not None:
                 row.macs_after = sequential_macs(meta_block, shape)
@@ -148,7 +149,7 @@ class _Context:
     """What every layer's decision needs to know about the whole model."""
 
     view: GraphView
-    rule: rules.RuleSpec
+    rule: RuleSpec
     include: list[str] | None
     exclude: list[str]
     inside_block: dict[int, str]
@@ -157,12 +158,12 @@ class _Context:
     output: set[int]
 
 
-def decide(model: nn.Module, rule: rules.RuleSpec, r: float, *, include: Patterns = None,
+def decide(model: nn.Module, rule: RuleSpec, r: float, *, include: Patterns = None,
            exclude: Patterns = None, example_inputs: Any = None
            ) -> tuple[list[LayerPlan], GraphView]:
     """The rule or skip reason of every conv/linear layer, with its module paths."""
     check_r(r)
-    rules.check_spec(rule)
+    check_spec(rule)
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     view = inspect(model, example_inputs)
     paths: dict[int, list[str]] = defaultdict(list)
@@ -204,7 +205,7 @@ def _choose(paths: list[str], module: nn.Module, ctx: _Context
     hit = next((p for p in ctx.exclude if fnmatchcase(path, p)), None)
     if hit:
         return None, f"excluded by {hit!r}"
-    rule, reason = rules.pick(ctx.rule, path, module)
+    rule, reason = pick(ctx.rule, path, module)
     if rule is None:
         return None, reason
     explicit = requested_explicitly(paths, ctx.include, ctx.rule)
@@ -212,9 +213,8 @@ def _choose(paths: list[str], module: nn.Module, ctx: _Context
               or _tied(module, paths, ctx.owners) or _graph_reason(module, ctx))
     if reason:
         return None, reason
-    from .passes import PASSES
 
-    reason = PASSES[rule].skip_reason(registry.as_torch(module, device="meta", path=path))
+    reason = RULES[rule].skip_reason(registry.as_torch(module, device="meta", path=path))
     if reason:
         return None, reason
     if rule == "FC" and id(module) in ctx.output and not explicit:
@@ -223,7 +223,7 @@ def _choose(paths: list[str], module: nn.Module, ctx: _Context
 
 
 def requested_explicitly(paths: list[str], include: list[str] | None,
-                         rule: rules.RuleSpec) -> bool:
+                         rule: RuleSpec) -> bool:
     """Whether the user named this very layer: its exact path in ``include=``, or as the
     pattern of the rule mapping that matches it (a glob that matches it is not a request).
 

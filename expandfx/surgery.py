@@ -13,7 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from . import registry, rules
+from . import registry
+from .rules import RULES
+from .rules.spec import RuleSpec, check_spec, pick
 from .block import ExpandedBlock, check_mode
 from .copying import copy_model
 from .errors import ConfigError
@@ -23,7 +25,7 @@ from .tracing import GraphView, inspect
 log = logging.getLogger("expandfx")
 
 
-def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
+def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
            include: Patterns = None, exclude: Patterns = None, example_inputs: Any = None,
            init: str = "default", mode: str = "auto", inplace: bool = False,
            strict: bool = False) -> nn.Module:
@@ -66,8 +68,7 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
         raise ConfigError(f"expand: the model is a single layer ({type(model).__name__}); expand "
                           f"cannot return the same class for it. Wrap it in a module, e.g. "
                           f"nn.Sequential(layer), or build an ExpandedBlock with "
-                          f"expandfx.passes.expand_cl.build(layer, r).")
-    from .passes import PASSES
+                          f"expandfx.rules.cl.build(layer, r).")
     from .planning import plan as make_plan
 
     r = check_r(r)
@@ -88,7 +89,7 @@ def expand(model: nn.Module, rule: rules.RuleSpec = "CL", r: float = 4, *,
         if row.rule:
             layer = target.get_submodule(row.path)
             torch_layer = registry.as_torch(layer, path=row.path)
-            block = PASSES[row.rule].build(torch_layer, r, init, path=row.path)
+            block = RULES[row.rule].build(torch_layer, r, init, path=row.path)
             registry.attach(block, layer, torch_layer)
             block.mode = mode
             paths = [row.path, *row.aliases]
@@ -116,7 +117,7 @@ def _untraced_message(model: nn.Module, view: GraphView) -> str:
                    "forward pass. The expansion itself is exact.")
 
 
-def _nothing_expanded(model: nn.Module, rule: rules.RuleSpec, rows: list[LayerPlan],
+def _nothing_expanded(model: nn.Module, rule: RuleSpec, rows: list[LayerPlan],
                       strict: bool) -> None:
     """Warn (or raise with ``strict=True``) that no layer matched, naming the top reasons."""
     reasons = Counter(row.reason for row in rows)

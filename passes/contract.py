@@ -2,7 +2,7 @@
 
 Recipe: find the blocks (at every path a shared block is registered under),
 check each is still an unedited linear chain, compose its factors in float64
-(``expandfx.algebra``), rebuild the original layer class with its exact
+(``expandfx.linear.fold``), rebuild the original layer class with its exact
 hyperparameters, swap it in. The result has the original ``state_dict`` keys.
 
 Example::

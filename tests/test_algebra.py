@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from expandfx.algebra import compose_chain
+from expandfx.linear.compose import compose_chain
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -60,7 +60,7 @@ def test_pointwise_after_strided_layer_folds():
                                         ((1, 1), (3, 3)), ((3, 3), (1, 1)), ((1, 1), (1, 1))])
 def test_every_kernel_composition_method_gives_the_same_values_and_gradients(groups, ka, kb):
     """The fold path, the conv path and the pointwise paths against each other (float64)."""
-    from expandfx import algebra
+    from expandfx.linear import compose as algebra
 
     torch.manual_seed(groups)
     wa = torch.randn(4 * groups, 3, *ka, dtype=torch.float64, requires_grad=True)
@@ -78,7 +78,7 @@ def test_every_kernel_composition_method_gives_the_same_values_and_gradients(gro
 
 
 def test_tune_kernels_measures_each_spatial_pair_once_and_leaves_rng_alone():
-    from expandfx import algebra
+    from expandfx.linear import compose as algebra
 
     layers = [nn.Conv2d(3, 6, 3), nn.Conv2d(6, 7, 3), nn.Conv2d(7, 2, 3)]
     factors = [(lay.weight, lay.bias) for lay in layers]

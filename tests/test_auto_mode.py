@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import expandfx as efx
 from expandfx import block as block_module
-from expandfx.costs import cheaper_mode
+from expandfx.linear.costs import cheaper_mode
 from expandfx.models import smallnet_7x7
 
 

@@ -7,7 +7,7 @@ Why it is exact: the padding (and its mode) sits on the first 1×1 layer, which
 pads the *input* exactly as the original does; the bias of that 1×1 is constant
 over space, so the unpadded K layer turns it into a constant. Stride and dilation
 sit on the K layer; the last 1×1 commutes with stride. Hence the chain is one
-convolution with kernel ``W3 · W2 · W1`` (per tap) — see ``expandfx.algebra``.
+convolution with kernel ``W3 · W2 · W1`` (per tap) — see ``expandfx.linear.compose``.
 
 Example::
 
@@ -20,11 +20,14 @@ Example::
 
 from __future__ import annotations
 
+__all__ = ["RULE", "build", "skip_reason"]
+
 import torch
 from torch import nn
 
-from expandfx.block import ExpandedBlock
-from expandfx.factors import conv_factor, first_padding, match_requires_grad, preserve_three, width
+from ..block import ExpandedBlock
+from .base import Rule
+from .factors import conv_factor, first_padding, match_requires_grad, preserve_three, width
 
 
 def skip_reason(conv: nn.Module) -> str | None:
@@ -49,3 +52,7 @@ def build(conv: nn.Module, r: float, init: str = "default", *, path: str = "",
         preserve_three(conv, layers, g, path=path, r=r)
     match_requires_grad(conv, layers)
     return ExpandedBlock(conv, layers, rule="CL", r=r, pre_pad=pre_pad)
+
+
+RULE = Rule("CL", "conv", skip_reason, build,
+            "a convolution becomes 1×1 · K · 1×1 (ExpandNets, Expand-CL)")

@@ -22,12 +22,15 @@ Example::
 
 from __future__ import annotations
 
+__all__ = ["RULE", "build", "skip_reason"]
+
 import torch
 from torch import nn
 
-from expandfx.block import ExpandedBlock
-from expandfx.errors import ConfigError
-from expandfx.factors import conv_factor, first_padding, match_requires_grad, width
+from ..block import ExpandedBlock
+from ..errors import ConfigError
+from .base import Rule
+from .factors import conv_factor, first_padding, match_requires_grad, width
 
 
 def skip_reason(conv: nn.Module) -> str | None:
@@ -73,3 +76,7 @@ def build(conv: nn.Module, r: float, init: str = "default", *, path: str = "",
     ]
     match_requires_grad(conv, layers)
     return ExpandedBlock(conv, layers, rule="CK", r=r, pre_pad=pre_pad)
+
+
+RULE = Rule("CK", "conv", skip_reason, build,
+            "a k×k convolution (odd k > 3) becomes (k−1)/2 layers of 3×3 (ExpandNets, Expand-CK)")

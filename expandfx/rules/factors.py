@@ -1,6 +1,6 @@
 """Building factor layers: widths, factor constructors and function-preserving init.
 
-Shared by the expand passes (``expandfx.passes.expand_cl`` / ``_ck`` / ``_fc``).
+Shared by the rules (``expandfx.rules.cl``, ``ck``, ``fc``, ``acnet``, ``repvgg``).
 
 Example::
 
@@ -10,14 +10,18 @@ Example::
 
 from __future__ import annotations
 
+__all__ = ["conv_factor", "first_padding", "linear_factor", "match_requires_grad",
+           "preserve_three", "width"]
+
 import math
 
 import torch
 from torch import nn
 
-from .algebra import grouped, ungrouped
-from .block import explicit_padding, torch_layer_type
-from .errors import ConfigError
+from ..block import torch_layer_type
+from ..errors import ConfigError
+from ..linear.compose import grouped, ungrouped
+from ..linear.ir import explicit_padding
 
 
 def width(r: float, channels: int, groups: int = 1) -> int:

@@ -12,8 +12,8 @@ both modes, so forward MACs decide.
 Example::
 
     >>> import torch.nn as nn
-    >>> from expandfx.passes import expand_cl
-    >>> block = expand_cl.build(nn.Conv2d(3, 8, 7, padding=3), r=4)
+    >>> from expandfx.rules import cl
+    >>> block = cl.build(nn.Conv2d(3, 8, 7, padding=3), r=4)
     >>> cheaper_mode(block, (128, 3, 32, 32)), cheaper_mode(block, (1, 3, 1, 1))
     ('collapsed', 'sequential')
 """
@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .algebra import chain_cost
-from .block import ExpandedBlock, explicit_padding
+from .compose import chain_cost, composed_shape
+from .ir import Identity, Par, Seq, explicit_padding
+
+if TYPE_CHECKING:  # the block is a client of this module, not a dependency
+    from ..block import ExpandedBlock
+
+__all__ = ["cheaper_mode", "collapsed_macs", "compose_macs", "layer_macs", "sequential_macs"]
 
 
 def cheaper_mode(block: ExpandedBlock, input_shape: Sequence[int]) -> str:
@@ -41,11 +47,23 @@ def sequential_macs(block: ExpandedBlock, input_shape: Sequence[int]) -> int:
     if block.pre_pad is not None:
         for i in range(len(block.pre_pad) // 2):
             shape[-1 - i] += block.pre_pad[2 * i] + block.pre_pad[2 * i + 1]
-    total = 0
-    for layer in block.layers:
-        shape, macs = layer_macs(layer, shape)
-        total += macs
-    return total
+    return _walk_macs(block, block.topology, shape)[1]
+
+
+def _walk_macs(block: ExpandedBlock, node, shape: list[int]) -> tuple[list[int], int]:
+    """(output shape, MACs) of running a topology node on an input of ``shape``."""
+    if isinstance(node, Identity):
+        return shape, 0
+    if isinstance(node, Seq):
+        total = 0
+        for part in node.parts:
+            shape, macs = _walk_macs(block, part, shape)
+            total += macs
+        return shape, total
+    if isinstance(node, Par):
+        runs = [_walk_macs(block, part, shape) for part in node.parts]
+        return runs[0][0], sum(macs for _, macs in runs)
+    return layer_macs(block.get_submodule(node), shape)
 
 
 def collapsed_macs(block: ExpandedBlock, input_shape: Sequence[int]) -> int:
@@ -54,8 +72,30 @@ def collapsed_macs(block: ExpandedBlock, input_shape: Sequence[int]) -> int:
 
 
 def compose_macs(block: ExpandedBlock) -> int:
-    """MACs of folding the chain with :func:`expandfx.algebra.compose_chain`."""
-    return chain_cost([tuple(layer.weight.shape) for layer in block.layers])
+    """MACs of folding the block's factors (:func:`expandfx.linear.fold.fold`): the best
+    order of every chain, plus the chains inside branches (sums are not counted)."""
+
+    def walk(node) -> tuple[tuple[int, ...] | None, int]:
+        if isinstance(node, Identity):
+            return None, 0
+        if isinstance(node, (Seq, Par)):
+            parts = [walk(part) for part in node.parts]
+            shapes = [s for s, _ in parts if s is not None]
+            inner = sum(c for _, c in parts)
+            if isinstance(node, Seq):
+                return _chain_shape(shapes), inner + chain_cost(shapes)
+            widest = max(shapes, key=lambda s: math.prod(s[2:]))
+            return widest, inner
+        return tuple(block.get_submodule(node).weight.shape), 0
+
+    return walk(block.topology)[1]
+
+
+def _chain_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    out = shapes[0]
+    for s in shapes[1:]:
+        out = composed_shape(out, s)
+    return out
 
 
 def layer_macs(layer: nn.Module, shape: list[int]) -> tuple[list[int], int]:

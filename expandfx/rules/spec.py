@@ -1,4 +1,4 @@
-"""Rule specs: which rule (CL, CK, FC) applies to which layer.
+"""Rule specs: which registered rule (CL, CK, FC, ACNet, RepVGG, ...) applies to which layer.
 
 A spec is a rule string (``"CL"``, ``"CK+FC"``), a mapping from module-name glob
 patterns to rule strings (first match wins, ``None`` leaves a layer alone), or a
@@ -20,28 +20,34 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from . import registry
-from .errors import ConfigError
+from .. import registry
+from ..errors import ConfigError
+from .base import RULES, find
 
-RULES = ("CL", "CK", "FC")
+__all__ = ["RuleSpec", "check_spec", "parse", "pick"]
+
 RuleSpec = str | Mapping[str, str | None] | Callable[[str, nn.Module], str | None]
 
 
 def parse(rule: str, where: str = "rule") -> frozenset[str]:
-    """``"CK+FC"`` → ``{"CK", "FC"}``, rejecting unknown and conflicting parts."""
+    """``"CK+FC"`` → ``{"CK", "FC"}`` (registered names), rejecting unknown parts and two
+    rules for the same kind of layer."""
     if not isinstance(rule, str):
         raise ConfigError(f"expand: {where} must be a string like 'CL' or 'CK+FC', got "
                           f"{type(rule).__name__} {rule!r}")
-    parts = frozenset(p.strip().upper() for p in rule.split("+"))
-    unknown = sorted(parts - set(RULES))
-    if unknown or not parts:
-        raise ConfigError(f"expand: unknown rule {unknown or [rule]} in {where}={rule!r}; use "
-                          f"'CL', 'CK' or 'FC', or a combination such as 'CL+FC' or 'CK+FC'.")
-    if {"CL", "CK"} <= parts:
-        raise ConfigError(f"expand: {where}={rule!r} gives convolutions both CL and CK; a "
-                          f"convolution takes one of them. Use a mapping from module-name "
-                          f"patterns to rules to mix them per layer.")
-    return parts
+    found = {p: find(p) for p in rule.split("+")}
+    unknown = [p.strip() for p, r in found.items() if r is None]
+    if unknown:
+        raise ConfigError(f"expand: unknown rule {unknown} in {where}={rule!r}; registered "
+                          f"rules are {sorted(RULES)}, combined with '+' such as 'CL+FC' or "
+                          f"'ACNet+FC'.")
+    for kind in ("conv", "linear"):
+        same = sorted(r.name for r in found.values() if r.kind == kind)
+        if len(same) > 1:
+            raise ConfigError(f"expand: {where}={rule!r} gives {kind} layers {same}; a layer "
+                              f"takes one rule. Use a mapping from module-name patterns to "
+                              f"rules to mix them per layer.")
+    return frozenset(r.name for r in found.values())
 
 
 def check_spec(spec: RuleSpec) -> None:
@@ -75,8 +81,8 @@ def pick(spec: RuleSpec | tuple[str, str], name: str, module: nn.Module
     if rule is None:
         return None, f"{where} gives None"
     parts = parse(rule, where=f"{where} for '{name}'")
-    is_linear = registry.is_linear(module)
-    chosen = [p for p in parts if (p == "FC") == is_linear]
+    kind = "linear" if registry.is_linear(module) else "conv"
+    chosen = [p for p in parts if RULES[p].kind == kind]
     if not chosen:
         return None, f"rule {rule} does not apply to {type(module).__name__}"
     return chosen[0], None

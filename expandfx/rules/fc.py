@@ -13,11 +13,14 @@ Example::
 
 from __future__ import annotations
 
+__all__ = ["RULE", "build", "skip_reason"]
+
 import torch
 from torch import nn
 
-from expandfx.block import ExpandedBlock
-from expandfx.factors import linear_factor, match_requires_grad, preserve_three, width
+from ..block import ExpandedBlock
+from .base import Rule
+from .factors import linear_factor, match_requires_grad, preserve_three, width
 
 
 def skip_reason(linear: nn.Module) -> str | None:
@@ -36,3 +39,7 @@ def build(linear: nn.Linear, r: float, init: str = "default", *, path: str = "",
         preserve_three(linear, layers, path=path, r=r)
     match_requires_grad(linear, layers)
     return ExpandedBlock(linear, layers, rule="FC", r=r)
+
+
+RULE = Rule("FC", "linear", skip_reason, build,
+            "a linear layer becomes three (ExpandNets, Expand-FC)")

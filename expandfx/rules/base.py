@@ -1,0 +1,84 @@
+"""The rule protocol and registry: what every expansion rule provides, and where it is found.
+
+A rule is one file in ``expandfx/rules/`` that defines ``RULE = Rule(...)``; the package
+imports every such file, so adding a rule touches that file (and its tests) only —
+``docs/design.md §8`` walks through the ACNet rule as the example. Users add their own with
+:func:`register_rule`.
+
+Example::
+
+    >>> from expandfx.rules import RULES
+    >>> sorted(RULES)
+    ['ACNet', 'CK', 'CL', 'FC', 'RepVGG']
+    >>> RULES["CL"].kind
+    'conv'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..block import ExpandedBlock
+
+__all__ = ["RULES", "Rule", "find", "register_rule", "unregister_rule"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An expansion rule.
+
+    Attributes:
+        name: what users write (``"CL"``, ``"ACNet"``); matched case-insensitively.
+        kind: ``"conv"`` or ``"linear"``: the layers it applies to. A rule string gives each
+            kind at most one rule (``"ACNet+FC"``, not ``"CL+ACNet"``).
+        skip_reason: ``(torch layer) -> str | None``: why the rule cannot apply to this
+            layer (the plan shows it), or ``None``.
+        build: ``(torch layer, r, init="default", *, path="", device=None) -> ExpandedBlock``;
+            raises :class:`~expandfx.errors.ConfigError` for an ``init`` it cannot honour.
+        summary: one line for ``expandfx rules`` and the docs.
+    """
+
+    name: str
+    kind: str
+    skip_reason: Callable[[nn.Module], str | None]
+    build: Callable[..., ExpandedBlock]
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("conv", "linear"):
+            raise ConfigError(f"Rule {self.name!r}: kind must be 'conv' or 'linear', got "
+                              f"{self.kind!r}.")
+
+
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(rule: Rule) -> Rule:
+    """Make ``rule`` usable by name in ``expand``/``plan`` rule specs; returns it."""
+    clash = find(rule.name)
+    if clash is not None and clash is not rule:
+        raise ConfigError(f"register_rule: a rule named {clash.name!r} is already registered; "
+                          f"unregister_rule({clash.name!r}) first or choose another name.")
+    RULES[rule.name] = rule
+    return rule
+
+
+def unregister_rule(name: str) -> None:
+    rule = find(name)
+    if rule is None:
+        raise ConfigError(f"unregister_rule: no rule named {name!r}; registered: "
+                          f"{sorted(RULES)}.")
+    del RULES[rule.name]
+
+
+def find(name: str) -> Rule | None:
+    """The registered rule called ``name`` (any case), or ``None``."""
+    folded = name.strip().casefold()
+    return next((r for n, r in RULES.items() if n.casefold() == folded), None)
