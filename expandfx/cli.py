@@ -106,7 +106,7 @@ def block_keys(keys: list[str], own: set[str]) -> bool:
     """Whether state_dict keys hold expanded blocks of the model's conv/linear layers."""
     for key in keys:
         match = BLOCK_KEY.search(key)
-        if match and f"{key[:match.start()]}.weight" in own:  # '<layer>.layers.<i>...', '<layer>.branches...'
+        if match and f"{key[:match.start()]}.weight" in own:  # <layer>.layers.<i>, .branches
             return True
     return False
 

@@ -28,12 +28,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import registry
-from .rules import RULES
-from .rules.spec import RuleSpec, check_spec, pick
 from .block import LAYER_TYPES, ExpandedBlock, base_type, torch_layer_type
-from .linear.costs import layer_macs, sequential_macs
 from .counting import param_count
 from .errors import ConfigError
+from .linear.costs import layer_macs, sequential_macs
+from .rules import RULES
+from .rules.spec import RuleSpec, check_spec, pick
 from .snapshot import preserved
 from .tracing import GraphView, inspect, positional
 

@@ -14,12 +14,12 @@ from typing import Any
 from torch import nn
 
 from . import registry
-from .rules import RULES
-from .rules.spec import RuleSpec, check_spec, pick
 from .block import ExpandedBlock, check_mode
 from .copying import copy_model
 from .errors import ConfigError
 from .planning import INITS, LayerPlan, Patterns, check_r, decide
+from .rules import RULES
+from .rules.spec import RuleSpec
 from .tracing import GraphView, inspect
 
 log = logging.getLogger("expandfx")

@@ -215,7 +215,8 @@ def test_pruned_layer_names_path_and_fix():
 
 @pytest.mark.parametrize(("rule", "match"), [
     ("XL", r"unknown rule \['XL'\]"), ("CL+XX", r"unknown rule \['XX'\]"),
-    ("", r"unknown rule \[''\]"), ("cl+ck", r"conv layers \['CK', 'CL'\]; a layer takes one rule"), (3, r"must be a string"),
+    ("", r"unknown rule \[''\]"), ("cl+ck", r"conv layers \['CK', 'CL'\]; a layer takes one"),
+    (3, r"must be a string"),
 ])
 def test_rule_errors_say_what_is_wrong(rule, match):
     with pytest.raises(efx.ConfigError, match=match):

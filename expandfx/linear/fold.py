@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -71,7 +72,7 @@ def chain(maps: list[Affine]) -> Affine:
     if len(maps) == 1:
         return maps[0]
     dims = _common_dims(maps, "chain")
-    for i, (a, b) in enumerate(zip(maps, maps[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(maps)):
         if a.out_channels != b.in_channels:
             raise FoldError(f"map {i} of the chain gives {a.out_channels} channels but map "
                             f"{i + 1} takes {b.in_channels}")
@@ -85,7 +86,7 @@ def chain(maps: list[Affine]) -> Affine:
                 raise FoldError(f"map {i} of the chain is strided {m.geometry.stride} and a "
                                 f"spatial map follows it; only pointwise maps may follow a "
                                 f"stride")
-            stride = [s * t for s, t in zip(stride, m.geometry.stride)]
+            stride = [s * t for s, t in zip(stride, m.geometry.stride, strict=True)]
     groups = math.gcd(*(m.geometry.groups for m in maps))
     factors = [(regroup(m.weight, m.geometry.groups, groups), m.bias) for m in maps]
     weight, bias = compose_chain(factors, groups)
@@ -128,7 +129,7 @@ def total(maps: list[Affine], identities: int = 0) -> Affine:
     kernel = _kernel_size(maps, offsets)
     groups = math.gcd(*(m.geometry.groups for m in maps))
     weight = _sum([_embed(regroup(m.weight, m.geometry.groups, groups), off, kernel)
-                   for m, off in zip(maps, offsets)])
+                   for m, off in zip(maps, offsets, strict=True)])
     return Affine(weight, bias, Geometry(dims, maps[0].geometry.stride, padding, dilation,
                                          groups, modes.pop() if modes else "zeros"))
 
@@ -203,7 +204,7 @@ def _aligned(maps: list[Affine], dilation: tuple[int, ...]
     padding = []
     for d in range(dims):
         ends = {m.geometry.padding[d][1] + dilation[d] * (size[d] - off[d] - m.kernel[d])
-                for m, off in zip(maps, offsets)}
+                for m, off in zip(maps, offsets, strict=True)}
         if len(ends) > 1:
             raise FoldError(f"the branches of the sum end at different right edges in dim {d} "
                             f"(their padding and kernel sizes are not centred alike)")
@@ -213,7 +214,7 @@ def _aligned(maps: list[Affine], dilation: tuple[int, ...]
 
 def _kernel_size(maps: list[Affine], offsets: list[tuple[int, ...]]) -> tuple[int, ...]:
     """The common kernel: wide enough for every branch at its offset."""
-    return tuple(max(off[d] + m.kernel[d] for m, off in zip(maps, offsets))
+    return tuple(max(off[d] + m.kernel[d] for m, off in zip(maps, offsets, strict=True))
                  for d in range(len(offsets[0])))
 
 

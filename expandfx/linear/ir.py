@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,7 +99,7 @@ class Geometry:
     def canonical(self, kernel: tuple[int, ...]) -> Geometry:
         """The same sliding with what cannot matter normalised: dilation 1 where the kernel
         is 1 wide, padding mode ``"zeros"`` when nothing is padded."""
-        dilation = tuple(d if k > 1 else 1 for d, k in zip(self.dilation, kernel))
+        dilation = tuple(d if k > 1 else 1 for d, k in zip(self.dilation, kernel, strict=True))
         return replace(self, dilation=dilation,
                        padding_mode=self.padding_mode if self.padded else "zeros")
 
@@ -164,7 +164,7 @@ class Par:
     parts: tuple[Node, ...]
 
 
-Node = Union[Affine, Identity, Seq, Par, Any]  # Any: a leaf of a topology (a module path)
+Node = Affine | Identity | Seq | Par | Any  # Any: a leaf of a topology (a module path)
 
 
 def batchnorm(bn: nn.Module, dims: int) -> Affine:

@@ -32,12 +32,15 @@ def width(r: float, channels: int, groups: int = 1) -> int:
 def conv_factor(original: nn.Module, in_ch: int, out_ch: int, kernel: tuple[int, ...], *,
                 stride: tuple[int, ...] | int = 1, padding: tuple[int, ...] | int = 0,
                 dilation: tuple[int, ...] | int = 1, padding_mode: str = "zeros",
-                device: torch.device | str | None = None) -> nn.Module:
-    """A plain conv of the original's dimensionality, groups, bias presence and dtype."""
+                bias: bool | None = None, device: torch.device | str | None = None
+                ) -> nn.Module:
+    """A plain conv of the original's dimensionality, groups and dtype (and bias presence,
+    unless ``bias`` says otherwise)."""
     ref = original.weight
     return torch_layer_type(original)(
         in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation,
-        groups=original.groups, bias=original.bias is not None, padding_mode=padding_mode,
+        groups=original.groups, bias=original.bias is not None if bias is None else bias,
+        padding_mode=padding_mode,
         device=device or ref.device, dtype=ref.dtype,
     )
 
