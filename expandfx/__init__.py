@@ -18,20 +18,23 @@ from .compander import (
     companded,
     modified_adaptive,
 )
-from .errors import ConfigError, ContractionError, ExpandFXError
+from .errors import ConfigError, ContractionError, ExpandFXError, FoldError
 from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
 from .optim import ChainLR, ParamGroups, chain_scale, decay_groups, param_groups
 from .passes.contract import contract
 from .planning import LayerPlan, Plan, plan
 from .registry import register_layer, unregister_layer
+from .rules import Rule, register_rule, unregister_rule
 from .surgery import expand
 
 __all__ = [
     "ChainLR", "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
+    "FoldError",
     "ExportReport", "LayerPlan", "ParamGroups", "Plan", "Psi", "VerificationError", "bake",
     "chain_scale", "compand", "companded", "contract", "decay_groups", "expand", "export_onnx",
     "frozen", "linearize", "modified_adaptive", "nonlinear_counterpart", "param_groups", "plan",
-    "register_layer", "set_mode", "unregister_layer", "verify_onnx",
+    "Rule", "register_layer", "register_rule", "set_mode", "unregister_layer",
+    "unregister_rule", "verify_onnx",
 ]
 __version__ = "0.1.0"

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+__all__ = ["gradient_confusion", "minibatch_gradients"]
+
 
 def minibatch_gradients(model: nn.Module, loss_fn: Callable[..., torch.Tensor],
                         batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

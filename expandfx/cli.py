@@ -21,6 +21,12 @@ import torch
 from torch import nn
 
 from .errors import ExpandFXError
+from .helpers import rel_error
+
+__all__ = ["BLOCK_KEY", "CLIError", "EPILOG", "block_keys", "build_parser", "cmd_check",
+           "cmd_demo", "cmd_export", "cmd_models", "cmd_plan", "default_input", "example_input",
+           "load_model", "main", "parse_shape", "positive"]
+
 
 EPILOG = """\
 MODEL: an in-repo model ({models}) or 'package.module:factory' (a zero-argument callable
@@ -138,8 +144,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     with torch.no_grad():
         pairs = zip(tree_leaves(big(x)), tree_leaves(small(x)), strict=True)
-        err = max(((r - o).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-                  for r, o in pairs if isinstance(r, torch.Tensor))
+        err = max(rel_error(r, o) for r, o in pairs if isinstance(r, torch.Tensor))
     same_keys = list(small.state_dict()) == list(model.state_dict())
     print(f"{args.model}: {n_blocks} layer(s) expanded with {args.rule}, r={args.r:g}")
     print(f"contract(big) vs big: max |diff| / max |out| = {err:.2e} (limit 1e-5)")

@@ -29,7 +29,6 @@ import math
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -38,6 +37,11 @@ from torch.nn.utils import parametrize
 
 from .block import LAYER_TYPES, base_type
 from .errors import ConfigError
+from .helpers import first_match, text_table
+
+__all__ = ["Compander", "LEARNABLE", "PSIS", "Psi", "bake", "compand", "companded",
+           "modified_adaptive", "summary"]
+
 
 log = logging.getLogger("expandfx")
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -189,9 +193,7 @@ def summary(model: nn.Module) -> str:
     rows = [("weight", "psi", "a", "b", "learnable")]
     rows += [(f"{path}.weight", c.psi.name, f"{c.a.item():.4g}", f"{c.b.item():.4g}",
               str(c.learnable or "fixed")) for path, _, c in companded(model)]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return text_table(rows)
 
 
 def modified_adaptive(optimizer: torch.optim.Optimizer, model: nn.Module
@@ -270,9 +272,9 @@ def _select(model: nn.Module, include: Any, exclude: Any) -> list[tuple[str, nn.
     for path, layer in model.named_modules():
         if not issubclass(base_type(layer), LAYER_TYPES):
             continue
-        if inc is not None and not any(fnmatchcase(path, p) for p in inc):
+        if inc is not None and first_match(path, inc) is None:
             continue
-        if any(fnmatchcase(path, p) for p in exc):
+        if first_match(path, exc):
             continue
         chosen.append((path, layer))
     return chosen

@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -27,19 +26,13 @@ import torch
 from torch import nn
 
 from .block import ExpandedBlock
+from .helpers import randomize_factors, rel_error
 from .passes.contract import contract
 from .planning import plan
 from .surgery import blocks, expand
 
-
-def randomize_factors(model: nn.Module, seed: int = 0) -> None:
-    """Fresh factor weights of a trained-like scale (1/sqrt(fan-in)) in every block."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block, _ in blocks(model).values():
-            for p in block.parameters():
-                scale = 1 / math.sqrt(p[0].numel()) if p.dim() > 1 else 0.1
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) * scale)
+__all__ = ["FAMILIES", "Family", "ZOO", "ZOO_INPUT", "applicable_rules", "build_zoo_model",
+           "detection_probe", "raft_after_training_step", "raft_probe", "roundtrip_record"]
 
 
 Probe = Callable[[nn.Module, tuple], Any]
@@ -85,7 +78,7 @@ def roundtrip_record(model: nn.Module, rule: Any, r: float, x: torch.Tensor | tu
                 x_in = seen[id(block)]
                 ref = block(x_in)
                 got = small.get_submodule(paths[0])(x_in)
-                layer_error = max(layer_error, _rel(ref, got))
+                layer_error = max(layer_error, rel_error(ref, got))
                 checked += 1
     skipped = {row.path: row.reason for row in the_plan.skipped}
     return {
@@ -95,7 +88,7 @@ def roundtrip_record(model: nn.Module, rule: Any, r: float, x: torch.Tensor | tu
         "params_test": sum(p.numel() for p in small.parameters()),
         "expand_s": expand_s,
         "contract_s": contract_s,
-        "output_error": _rel(y_big, y_small),
+        "output_error": rel_error(y_big, y_small),
         "layer_error": layer_error,
         "layers_checked": checked,
         "keys_equal": list(small.state_dict()) == list(model.state_dict()),
@@ -103,17 +96,6 @@ def roundtrip_record(model: nn.Module, rule: Any, r: float, x: torch.Tensor | tu
         "blocks_left": sum(isinstance(m, ExpandedBlock) for m in small.modules()),
         "expanded_model": big,
     }
-
-
-def _rel(a: Any, b: Any) -> float:
-    """Largest relative error over every tensor of (nested) outputs, dicts included."""
-    if isinstance(a, dict):  # also transformers' ModelOutput
-        return max((_rel(a[k], b[k]) for k in a), default=0.0)
-    if isinstance(a, (tuple, list)):
-        return max((_rel(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
-    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
-        return 0.0 if not isinstance(a, torch.Tensor) else float(not torch.equal(a, b))
-    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
 
 
 # The model zoo of the conformance suite: name -> (factory "module:callable", kwargs).

@@ -33,6 +33,8 @@ from torch import nn
 
 from .errors import ConfigError
 
+__all__ = ["copy_model"]
+
 
 def copy_model(model: nn.Module, who: str = "expand") -> nn.Module:
     """A deep copy of ``model``; non-leaf tensors are copied detached."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
+__all__ = ["param_count"]
+
 
 def param_count(module: nn.Module) -> int:
     """Number of parameters (shared parameters counted once)."""

@@ -27,8 +27,11 @@ from torch import nn
 import expandfx as efx
 from expandfx.block import MEASURE_ENV
 from expandfx.counting import param_count
+from expandfx.helpers import rel_error
 from expandfx.models import smallnet_digits
 from expandfx.optim import ChainLR
+
+__all__ = ["accuracy", "digits", "fit", "reproducible", "run_demo", "train"]
 
 
 def digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -173,7 +176,7 @@ def _demo(out: Path, rule: str, r: float, epochs: int, seeds: int, quick: bool,
     small = efx.contract(big)
     with torch.no_grad():
         ref, got = big(xte), small(xte)
-    fold_err = ((ref - got).abs().max() / ref.abs().max()).item()
+    fold_err = rel_error(ref, got)
     deployed = smallnet_digits()
     deployed.load_state_dict(small.state_dict())  # same class, same keys
     onnx_path = out / "smallnet_digits.onnx"

@@ -40,8 +40,13 @@ from torch import nn
 
 from .compander import bake, companded
 from .errors import ConfigError, ExpandFXError
+from .helpers import rel_error
 from .registry import original_template
 from .surgery import blocks, replace
+
+__all__ = ["ExportReport", "FOLD_TOLERANCES", "TOLERANCES", "VerificationError", "check_report",
+           "compact_architecture", "deployable", "export_onnx", "graph_summary", "verify_onnx"]
+
 
 log = logging.getLogger("expandfx")
 
@@ -332,7 +337,7 @@ def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportRe
         expected = [_outputs(model, trial) for trial in trials]
         if original is not None:  # the deployable copy must compute what the user's model does
             report.fold_error = max(
-                max((_rel_np(w, g) for w, g in zip(_outputs(original, trial), want,
+                max((rel_error(w, g) for w, g in zip(_outputs(original, trial), want,
                                                     strict=True)), default=0.0)
                 for trial, want in zip(trials, expected, strict=True))
     levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -357,7 +362,7 @@ def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportRe
                     continue
                 diff = abs(g.astype("float64") - w.astype("float64"))
                 s["max_abs"] = max(s["max_abs"], float(diff.max(initial=0.0)))
-                s["max_rel"] = max(s["max_rel"], _rel_np(w, g))
+                s["max_rel"] = max(s["max_rel"], rel_error(w, g))
                 ok = (diff <= report.atol + report.rtol * abs(w)).all()
                 s["passed"] = bool(s["passed"] and ok)
         report.errors[level] = stats
@@ -369,13 +374,6 @@ def _outputs(model: nn.Module, trial: tuple[torch.Tensor, ...]) -> list[Any]:
 
     return [t.detach().cpu().float().numpy() for t in tree_leaves(model(*trial))
             if isinstance(t, torch.Tensor)]
-
-
-def _rel_np(want: Any, got: Any) -> float:
-    if want.shape != got.shape:
-        return float("inf")
-    diff = abs(got.astype("float64") - want.astype("float64")).max(initial=0.0)
-    return float(diff / max(abs(want).max(initial=0.0), 1e-30))
 
 
 def _like(x: torch.Tensor, gen: torch.Generator, batch: int | None = None) -> torch.Tensor:

@@ -20,7 +20,6 @@ import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -31,11 +30,16 @@ from . import registry
 from .block import LAYER_TYPES, ExpandedBlock, base_type, torch_layer_type
 from .counting import param_count
 from .errors import ConfigError
+from .helpers import first_match, text_table
 from .linear.costs import layer_macs, sequential_macs
 from .rules import RULES
 from .rules.spec import RuleSpec, check_spec, pick
 from .snapshot import preserved
 from .tracing import GraphView, inspect, positional
+
+__all__ = ["INITS", "LayerPlan", "Plan", "check_r", "decide", "describe", "input_shapes", "plan",
+           "requested_explicitly"]
+
 
 Patterns = str | Sequence[str] | None
 INITS = ("default", "preserve")
@@ -67,6 +71,9 @@ class Plan:
     trace_error: str | None = None
     notes: list[str] = field(default_factory=list)
     recorded: bool = False
+    rule: RuleSpec = "CL"
+    r: float = 4.0
+    view: GraphView | None = field(default=None, repr=False, compare=False)
 
     @property
     def expanded(self) -> list[LayerPlan]:
@@ -99,10 +106,7 @@ class Plan:
         lines.append(("total", "", f"{len(self.expanded)}/{len(self.rows)}",
                       _arrow(t["params_before"], t["params_after"]),
                       _arrow(t["macs_before"], t["macs_after"]), ""))
-        widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-        out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-               for line in lines]
-        out.insert(1, "  ".join("-" * w for w in widths))
+        out = text_table(lines, rule_after_header=True).split("\n")
         if self.recorded:
             out.append(f"FX could not trace the model ({self.trace_error}); call sites and "
                        f"direct weight reads were recorded from one forward pass on "
@@ -141,7 +145,8 @@ def plan(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
             if shape is not None:
                 row.macs_after = sequential_macs(meta_block, shape)
     notes = [f"functional call {c}: left alone" for c in view.functional_calls]
-    return Plan(rows, view.traced, view.error, notes, recorded=view.recorded)
+    return Plan(rows, view.traced, view.error, notes, recorded=view.recorded, rule=rule, r=r,
+                view=view)
 
 
 @dataclass
@@ -200,9 +205,9 @@ def _choose(paths: list[str], module: nn.Module, ctx: _Context
     path = paths[0]
     if id(module) in ctx.inside_block:
         return None, f"already part of the expanded block '{ctx.inside_block[id(module)]}'"
-    if ctx.include is not None and not any(fnmatchcase(path, p) for p in ctx.include):
+    if ctx.include is not None and first_match(path, ctx.include) is None:
         return None, "not matched by include"
-    hit = next((p for p in ctx.exclude if fnmatchcase(path, p)), None)
+    hit = first_match(path, ctx.exclude)
     if hit:
         return None, f"excluded by {hit!r}"
     rule, reason = pick(ctx.rule, path, module)
@@ -238,7 +243,7 @@ def requested_explicitly(paths: list[str], include: list[str] | None,
         return True
     spec = dict([rule]) if isinstance(rule, tuple) else rule
     if isinstance(spec, Mapping):
-        matched = next((p for p in spec if fnmatchcase(paths[0], p)), None)
+        matched = first_match(paths[0], spec)
         return matched is not None and matched in paths
     return False
 

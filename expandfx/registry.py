@@ -41,6 +41,11 @@ from torch.nn.utils import parametrize
 
 from .errors import ConfigError, ContractionError
 
+__all__ = ["LayerType", "TORCH_TYPES", "as_torch", "attach", "is_layer", "is_linear", "kind",
+           "lookup", "original_layout", "original_template", "qualified_name", "register_layer",
+           "restore", "unregister_layer"]
+
+
 TORCH_TYPES: dict[str, type[nn.Module]] = {
     "linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
 _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",

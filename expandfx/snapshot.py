@@ -33,6 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = ["preserved"]
+
+
 _CONTAINERS = (dict, list, set)
 
 

@@ -17,10 +17,13 @@ from . import registry
 from .block import ExpandedBlock, check_mode
 from .copying import copy_model
 from .errors import ConfigError
-from .planning import INITS, LayerPlan, Patterns, check_r, decide
+from .planning import INITS, LayerPlan, Patterns, Plan, check_r, decide
 from .rules import RULES
 from .rules.spec import RuleSpec
 from .tracing import GraphView, inspect
+
+__all__ = ["blocks", "expand", "replace"]
+
 
 log = logging.getLogger("expandfx")
 
@@ -28,7 +31,7 @@ log = logging.getLogger("expandfx")
 def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
            include: Patterns = None, exclude: Patterns = None, example_inputs: Any = None,
            init: str = "default", mode: str = "auto", inplace: bool = False,
-           strict: bool = False) -> nn.Module:
+           strict: bool = False, plan: Plan | None = None) -> nn.Module:
     """Over-parameterize ``model``: each conv/linear layer becomes a linear chain.
 
     Args:
@@ -53,6 +56,11 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
         inplace: modify ``model`` itself.
         strict: raise a ConfigError when no layer is expanded (by default: a warning with
             the most common skip reasons).
+        plan: a :class:`~expandfx.planning.Plan` of this model from ``efx.plan``: carry out
+            its decisions (its rule, r and per-layer choices) instead of deciding again —
+            no second trace. Leave ``rule``, ``r``, ``include``, ``exclude`` and
+            ``example_inputs`` unset; a plan of another model (or of this model before it
+            changed) is refused.
 
     Example::
 
@@ -71,14 +79,19 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
                           f"expandfx.rules.cl.build(layer, r).")
     from .planning import plan as make_plan
 
-    r = check_r(r)
     check_mode(mode)
-    summary = None
-    if log.isEnabledFor(logging.INFO):
-        summary = make_plan(model, rule, r, include=include, exclude=exclude,
-                            example_inputs=example_inputs)
-    rows, view = decide(model, rule, r, include=include, exclude=exclude,
-                        example_inputs=example_inputs)  # the given model
+    if plan is not None:
+        _check_plan(plan, model, rule, r, include, exclude, example_inputs)
+        rule, r = plan.rule, plan.r
+    r = check_r(r)
+    if plan is None and log.isEnabledFor(logging.INFO):
+        plan = make_plan(model, rule, r, include=include, exclude=exclude,
+                         example_inputs=example_inputs)
+    if plan is not None:
+        rows, view = plan.rows, plan.view
+    else:
+        rows, view = decide(model, rule, r, include=include, exclude=exclude,
+                            example_inputs=example_inputs)  # the given model
     if not view.traced:
         warnings.warn(_untraced_message(model, view), stacklevel=2)
     if not any(row.rule for row in rows):
@@ -89,7 +102,15 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
         if row.rule:
             layer = target.get_submodule(row.path)
             torch_layer = registry.as_torch(layer, path=row.path)
-            block = RULES[row.rule].build(torch_layer, r, init, path=row.path)
+            rule_of_row = RULES.get(row.rule)
+            kind = "linear" if registry.is_linear(layer) else "conv"
+            why = ("it is not a registered rule" if rule_of_row is None else
+                   f"it applies to {rule_of_row.kind} layers" if rule_of_row.kind != kind else
+                   rule_of_row.skip_reason(torch_layer))
+            if why:  # only an edited plan gets here: decide() checks every rule it picks
+                raise ConfigError(f"expand: the plan gives '{row.path}' rule {row.rule!r}, but "
+                                  f"{why}. Set that row's rule to None or another rule.")
+            block = rule_of_row.build(torch_layer, r, init, path=row.path)
             registry.attach(block, layer, torch_layer)
             block.mode = mode
             paths = [row.path, *row.aliases]
@@ -97,9 +118,35 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
             swapped.append((paths, layer, block, row.call_sites))
     if view.checked and swapped:
         _check_calls(target, swapped, example_inputs if view.recorded else None)
-    if summary is not None:
-        log.info("expand(rule=%r, r=%g):\n%s", rule, r, summary)
+    if plan is not None:
+        log.info("expand(rule=%r, r=%g):\n%s", rule, r, plan)
     return target
+
+
+def _check_plan(plan: Plan, model: nn.Module, rule: RuleSpec, r: float, include: Patterns,
+                exclude: Patterns, example_inputs: Any) -> None:
+    """A plan is carried out only on the model it was made for, with no other settings."""
+    if not isinstance(plan, Plan) or plan.view is None:
+        raise ConfigError(f"expand: plan= takes the Plan that expandfx.plan(model, ...) "
+                          f"returns, got {type(plan).__name__}.")
+    given = [name for name, value, default in (("rule", rule, "CL"), ("r", r, 4))
+             if value != default and value != getattr(plan, name)]
+    given += [name for name, value in (("include", include), ("exclude", exclude),
+                                        ("example_inputs", example_inputs))
+              if value is not None]
+    if given:
+        raise ConfigError(f"expand: plan= already fixes the rule, r and every layer's choice; "
+                          f"{', '.join(given)} would be ignored. Pass them to expandfx.plan "
+                          f"instead, or call expand without plan=.")
+    for row in plan.rows:
+        try:
+            same = model.get_submodule(row.path) is row.module
+        except AttributeError:
+            same = False
+        if not same:
+            raise ConfigError(f"expand: the plan's layer '{row.path}' is not this model's (the "
+                              f"plan was made for another model, or the model changed since). "
+                              f"Make the plan from this model: expandfx.plan(model, ...).")
 
 
 def _untraced_message(model: nn.Module, view: GraphView) -> str:

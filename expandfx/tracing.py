@@ -37,6 +37,9 @@ from .block import ExpandedBlock
 from .errors import ConfigError
 from .snapshot import preserved
 
+__all__ = ["GraphView", "inspect", "positional", "record"]
+
+
 _FUNCTIONAL = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d,
                F.conv_transpose2d, F.conv_transpose3d}
 # Ops between a layer and the model's output that keep it "the output layer".

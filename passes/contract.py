@@ -25,6 +25,8 @@ from expandfx.compander import bake, companded
 from expandfx.copying import copy_model
 from expandfx.surgery import blocks, replace
 
+__all__ = ["contract"]
+
 
 def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Bake companded weights, then fold every expanded block; a copy unless ``inplace=True``."""

@@ -148,7 +148,7 @@ def test_a_user_rule_is_one_registration() -> None:
                                   dilation=conv.dilation, device=device) for _ in range(2))
         return efx.ExpandedBlock(conv, {"a": a, "b": b}, rule="Twin", r=r)
 
-    register_rule(Rule("Twin", "conv", lambda conv: None, build, "two copies, summed"))
+    efx.register_rule(efx.Rule("Twin", "conv", lambda conv: None, build, "two copies, summed"))
     try:
         model = smallnet_7x7().eval()
         big = efx.expand(model, "twin")

@@ -22,6 +22,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+__all__ = ["chain_cost", "compose_chain", "compose_pair", "composed_shape", "grouped",
+           "kernel_method", "pair_cost", "tune_kernels", "ungrouped"]
+
+
 Tensor = torch.Tensor
 WeightBias = tuple[Tensor, Tensor | None]
 

@@ -16,12 +16,12 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from fnmatch import fnmatchcase
 
 from torch import nn
 
 from .. import registry
 from ..errors import ConfigError
+from ..helpers import first_match
 from .base import RULES, find
 
 __all__ = ["RuleSpec", "check_spec", "parse", "pick"]
@@ -70,7 +70,7 @@ def pick(spec: RuleSpec | tuple[str, str], name: str, module: nn.Module
     if isinstance(spec, tuple):  # one (pattern, rule) pair: handy in doctests
         spec = dict([spec])
     if isinstance(spec, Mapping):
-        matched = next((p for p in spec if fnmatchcase(name, p)), None)
+        matched = first_match(name, spec)
         if matched is None:
             return None, "no pattern of the rule mapping matches"
         rule, where = spec[matched], f"rule[{matched!r}]"

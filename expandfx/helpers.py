@@ -1,0 +1,85 @@
+"""The four small helpers every part of expandfx shares, each in one place.
+
+- :func:`rel_error` — ``max |ref − got| / max |ref|``, the measure of ``docs/design.md §4``,
+  over tensors or nested outputs;
+- :func:`randomize_factors` — trained-like factor weights, for checks that must not pass
+  only because the factors are at init;
+- :func:`first_match` — the first glob pattern a module path matches (include, exclude,
+  rule mappings);
+- :func:`text_table` — aligned plain-text columns (plans, compander summaries).
+
+Example::
+
+    >>> import torch
+    >>> rel_error(torch.tensor([2.0, -4.0]), torch.tensor([2.0, -3.0]))
+    0.25
+    >>> first_match("features.0", ["classifier.*", "features.*"])
+    'features.*'
+    >>> print(text_table([("a", "bb"), ("ccc", "d")]))
+    a    bb
+    ccc  d
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["first_match", "randomize_factors", "rel_error", "text_table"]
+
+
+def rel_error(ref: Any, got: Any) -> float:
+    """Largest ``max |ref − got| / max |ref|`` over every floating tensor of (nested) outputs —
+    tuples, lists, dicts and transformers' ``ModelOutput``; a non-float tensor counts 1.0 if
+    it differs at all. Arrays (numpy) are compared in float64."""
+    if isinstance(ref, dict):
+        return max((rel_error(ref[k], got[k]) for k in ref), default=0.0)
+    if isinstance(ref, (tuple, list)):
+        return max((rel_error(a, b) for a, b in zip(ref, got, strict=True)), default=0.0)
+    if not isinstance(ref, torch.Tensor):
+        if not hasattr(ref, "shape"):
+            return 0.0
+        ref, got = torch.as_tensor(ref).double(), torch.as_tensor(got).double()
+    if tuple(ref.shape) != tuple(got.shape):
+        return math.inf
+    if not ref.is_floating_point():
+        return float(not torch.equal(ref, got))
+    if ref.numel() == 0:
+        return 0.0
+    diff = (ref.double() - got.double()).abs().max()
+    return (diff / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def randomize_factors(model: nn.Module, seed: int = 0) -> None:
+    """Fresh weights of a trained-like scale (``1/√fan-in``; 0.1 for vectors) in every
+    expanded block of ``model``, from a seeded generator (in place)."""
+    from .block import ExpandedBlock
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in (m for m in model.modules() if isinstance(m, ExpandedBlock)):
+            for p in block.parameters():
+                scale = 1 / math.sqrt(p[0].numel()) if p.dim() > 1 else 0.1
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) * scale)
+
+
+def first_match(path: str, patterns: Iterable[str] | None) -> str | None:
+    """The first glob pattern (``fnmatch``, case-sensitive) that ``path`` matches."""
+    return next((p for p in patterns or () if fnmatchcase(path, p)), None)
+
+
+def text_table(rows: Sequence[Sequence[Any]], rule_after_header: bool = False) -> str:
+    """Rows as left-aligned columns two spaces apart (trailing spaces stripped); with
+    ``rule_after_header`` a line of dashes under the first row."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in cells]
+    if rule_after_header:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
