@@ -45,7 +45,7 @@ from torch.nn.utils import parametrize
 
 from .errors import ConfigError, ContractionError
 from .linear import costs
-from .linear.compose import WeightBias, tune_kernels
+from .linear.compose import WeightBias, compose_chain, tune_kernels
 from .linear.fold import fold
 from .linear.ir import (
     Affine,
@@ -240,6 +240,9 @@ class ExpandedBlock(nn.Module):
                 f"ExpandedBlock({rule}): the factors fold to geometry {found}, but the "
                 f"{type(original).__name__} they replace has {expected}; please report this "
                 f"as an expandfx bug.")
+        groups = getattr(self.template, "groups", 1)
+        self._plain_chain = self.is_chain and all(
+            getattr(f, "groups", 1) == groups for f in self.layers)
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # blocks pickled before topologies
         super().__setstate__(state)
@@ -487,6 +490,13 @@ class ExpandedBlock(nn.Module):
         """The effective (weight, bias) of the whole block, differentiable, in ``dtype``."""
         if self.act is not None:
             self.check()  # raises: a nonlinear block has no single effective weight
+        if self.is_chain and self.__dict__.get("_plain_chain"):
+            # fast path, same arithmetic: a chain whose factors all have the template's
+            # groups folds to compose_chain (checked by fold() once, at construction)
+            factors = [(f.weight, f.bias) for f in self.layers]
+            if dtype is not None:
+                factors = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in factors]
+            return compose_chain(factors, getattr(self.template, "groups", 1))
         one = fold(self.linear_map(dtype))
         return one.weight, one.bias
 
