@@ -23,15 +23,16 @@ from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
 from .optim import ChainLR, ParamGroups, chain_scale, decay_groups, param_groups
 from .passes.contract import contract
+from .passes.fold import FoldReport, fold
 from .planning import LayerPlan, Plan, plan
 from .registry import register_layer, unregister_layer
 from .surgery import expand
 
 __all__ = [
     "ChainLR", "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
-    "ExportReport", "LayerPlan", "ParamGroups", "Plan", "Psi", "VerificationError", "bake",
-    "chain_scale", "compand", "companded", "contract", "decay_groups", "expand", "export_onnx",
-    "frozen", "linearize", "modified_adaptive", "nonlinear_counterpart", "param_groups", "plan",
-    "register_layer", "set_mode", "unregister_layer", "verify_onnx",
+    "ExportReport", "FoldReport", "LayerPlan", "ParamGroups", "Plan", "Psi", "VerificationError",
+    "bake", "chain_scale", "compand", "companded", "contract", "decay_groups", "expand",
+    "export_onnx", "fold", "frozen", "linearize", "modified_adaptive", "nonlinear_counterpart",
+    "param_groups", "plan", "register_layer", "set_mode", "unregister_layer", "verify_onnx",
 ]
 __version__ = "0.1.0"
