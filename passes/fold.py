@@ -256,8 +256,9 @@ def _alone(node: fx.Node, found: Analysis, gm: fx.GraphModule) -> str:
     if isinstance(src, fx.Node) and src in found.layers and len(src.users) > 1:
         return (f"its input {describe(src, gm)} has {len(src.users)} users; folding them "
                 f"together would change what the others read")
-    what = "a conv/linear layer" if not found.is_layer(node) else "anything linear"
-    return (f"no {what} to fold it with: it reads {describe(src, gm)} and feeds "
+    what = "nothing linear to fold it with" if found.is_layer(node) else \
+        "no conv/linear layer to fold it into"
+    return (f"{what}: it reads {describe(src, gm)} and feeds "
             f"{', '.join(describe(u, gm) for u in users) or 'nothing'}")
 
 
