@@ -258,8 +258,12 @@ def _alone(node: fx.Node, found: Analysis, gm: fx.GraphModule) -> str:
                 f"together would change what the others read")
     what = "nothing linear to fold it with" if found.is_layer(node) else \
         "no conv/linear layer to fold it into"
-    return (f"{what}: it reads {describe(src, gm)} and feeds "
-            f"{', '.join(describe(u, gm) for u in users) or 'nothing'}")
+
+    def near(n: fx.Node) -> str:
+        return describe(n, gm) + (" (not foldable, see its entry)" if n in found.why else "")
+
+    return (f"{what}: it reads {near(src)} and feeds "
+            f"{', '.join(near(u) for u in users) or 'nothing'}")
 
 
 def _rewrite(gm: fx.GraphModule, chosen: list[_Folded], report: FoldReport) -> None:

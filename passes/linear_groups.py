@@ -322,7 +322,8 @@ def _grow(graph: fx.Graph, found: Analysis, shapes: dict) -> dict[fx.Node, Group
             src = node.args[0]
             inner = below(src, node)
             if inner is not None:
-                folded = attempt(Seq, [inner.folded, node])
+                folded = _rank_mismatch(inner.folded, affine(node), shapes[src][0]) or \
+                    attempt(Seq, [inner.folded, node])
                 if isinstance(folded, Affine):
                     best[node] = Group(node, inner.source, _join(Seq, inner.tree, node),
                                        [*inner.members, node], folded)
@@ -342,6 +343,14 @@ def _grow(graph: fx.Graph, found: Analysis, shapes: dict) -> dict[fx.Node, Group
                 else:
                     found.why[node] = f"the sum {render(tree)} is not one layer: {folded}"
     return best
+
+
+def _rank_mismatch(first: Affine, then: Affine, shape: torch.Size) -> str | None:
+    """Why a Linear and a BatchNorm/conv cannot chain on a tensor of this rank, if so."""
+    if (first.geometry.dims == 0) == (then.geometry.dims == 0):
+        return None
+    return (f"a Linear maps the last dim and a BatchNorm or conv dim 1; they fold together "
+            f"only on a rank-2 [N, C] tensor, this one has shape {tuple(shape)}")
 
 
 def _as_affine(affine: Callable[[fx.Node], Affine]) -> Callable[[Any], Affine]:

@@ -209,7 +209,7 @@ def test_linear_on_rank3_does_not_take_batchnorm1d():
     model = nn.Sequential(nn.Linear(6, 6), rbn(nn.BatchNorm1d(4))).eval()
     gm = folded(model, torch.randn(2, 4, 6))
     assert count(gm, nn.Linear) == 1 and count(gm, BN) == 1
-    assert "mixes linear maps and convolutions" in reasons(gm)
+    assert "they fold together only on a rank-2 [N, C] tensor" in reasons(gm)
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -296,6 +296,20 @@ def test_subclasses_fold_only_when_they_compute_the_plain_op():
     assert count(gm, ScaledConv) == 1 and count(gm, BN) == 1
     assert count(gm, TaggedConv) == 0 and count(gm, nn.Conv2d) == 2
     assert "'0' (ScaledConv) does not compute plain F.conv2d" in reasons(gm)
+
+
+def test_timm_layer_subclasses_are_checked_numerically():
+    """timm's Conv2dSame pads dynamically; a BatchNormAct2d with a ReLU is not linear."""
+    layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(layers.Conv2dSame(3, 4, 3), rbn(layers.BatchNormAct2d(4)),
+                          nn.Conv2d(4, 4, 3), rbn(layers.BatchNormAct2d(4, apply_act=True)),
+                          nn.Conv2d(4, 4, 1), rbn(layers.BatchNormAct2d(4, apply_act=False)))
+    gm = folded(model.eval(), torch.randn(2, 3, 9, 9))
+    assert count(gm, layers.Conv2dSame) == 1 and count(gm, layers.BatchNormAct2d) == 2
+    assert count(gm, nn.Conv2d) == 3  # Conv2dSame, the 3×3, and 1×1 + BN folded
+    text = reasons(gm)
+    assert "'0' (Conv2dSame) does not compute plain F.conv2d" in text
+    assert "'3' (BatchNormAct2d) does not compute plain F.batch_norm (eval)" in text
 
 
 def test_untraceable_model_is_a_config_error():
