@@ -23,6 +23,7 @@ from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
 from .optim import ChainLR, ParamGroups, chain_scale, decay_groups, param_groups
 from .passes.contract import contract
+from .passes.fold import FoldReport, fold
 from .planning import LayerPlan, Plan, plan
 from .registry import register_layer, unregister_layer
 from .rules import Rule, register_rule, unregister_rule
@@ -30,11 +31,10 @@ from .surgery import expand
 
 __all__ = [
     "ChainLR", "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
-    "FoldError",
-    "ExportReport", "LayerPlan", "ParamGroups", "Plan", "Psi", "VerificationError", "bake",
-    "chain_scale", "compand", "companded", "contract", "decay_groups", "expand", "export_onnx",
-    "frozen", "linearize", "modified_adaptive", "nonlinear_counterpart", "param_groups", "plan",
-    "Rule", "register_layer", "register_rule", "set_mode", "unregister_layer",
-    "unregister_rule", "verify_onnx",
+    "ExportReport", "FoldError", "FoldReport", "LayerPlan", "ParamGroups", "Plan", "Psi", "Rule",
+    "VerificationError", "bake", "chain_scale", "compand", "companded", "contract",
+    "decay_groups", "expand", "export_onnx", "fold", "frozen", "linearize", "modified_adaptive",
+    "nonlinear_counterpart", "param_groups", "plan", "register_layer", "register_rule",
+    "set_mode", "unregister_layer", "unregister_rule", "verify_onnx",
 ]
 __version__ = "0.1.0"

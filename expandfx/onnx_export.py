@@ -7,7 +7,9 @@ run onnxruntime (CPU) with graph optimizations disabled *and* fully enabled on
 several inputs (another batch size too, when the batch is dynamic) against the
 torch model in eval mode; compare the graph with the original compact
 architecture exported the same way. Any mismatch raises :class:`VerificationError`
-carrying the report.
+carrying the report. With ``fold=True`` the eval-mode copy is first folded by
+:func:`expandfx.fold` (BatchNorms absorbed, RepVGG-style branches merged) and the
+ONNX file holds the folded graph.
 
 Example::
 
@@ -142,14 +144,22 @@ class ExportReport:
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 dynamic_batch: bool = True, verify: bool = True, rtol: float | None = None,
                 atol: float | None = None, opset: int | None = None,
-                reference: nn.Module | None = None, n_random: int = 3) -> ExportReport:
+                reference: nn.Module | None = None, n_random: int = 3,
+                fold: bool = False) -> ExportReport:
     """Export the deployable form of ``model`` to ``path`` and verify it in onnxruntime.
 
     ``reference`` is the original compact architecture for the structural check; by
-    default it is rebuilt from the expanded blocks' original layers. Returns an
-    :class:`ExportReport`; raises :class:`VerificationError` on any mismatch.
+    default it is rebuilt from the expanded blocks' original layers. ``fold=True`` exports
+    ``expandfx.fold`` of the eval-mode deployable copy (every linear subgraph one layer);
+    the folded graph is no longer the compact architecture, so the default structural check
+    is skipped (``structure_matches`` is ``None``); a ``reference`` given explicitly is
+    folded the same way and compared. onnxruntime and the "deployable copy vs given model"
+    check verify the folded graph as usual. Returns an :class:`ExportReport`; raises
+    :class:`VerificationError` on any mismatch.
     """
     inputs, deploy, report = _prepare(model, example_inputs, path, rtol, atol)
+    if fold:
+        deploy = _folded(deploy, inputs, report)
     t0 = time.perf_counter()
     _export(deploy, inputs, report.path, dynamic_batch, opset)
     report.timings["export"] = time.perf_counter() - t0
@@ -166,13 +176,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     _describe(report, onnx.load(report.path))
     report.timings["check"] = time.perf_counter() - t0
 
-    if reference is None and report.transformed and blocks(model):
+    if reference is None and report.transformed and blocks(model) and not fold:
         reference = compact_architecture(model)
     if reference is not None:
         with tempfile.TemporaryDirectory() as tmp:
             ref_path = os.path.join(tmp, "reference.onnx")
             ref, _ = deployable(reference)
-            _export(ref.eval(), inputs, ref_path, dynamic_batch, opset)
+            ref = _folded(ref.eval(), inputs) if fold else ref.eval()
+            _export(ref, inputs, ref_path, dynamic_batch, opset)
             report.reference_op_histogram, report.reference_parameter_count = graph_summary(
                 onnx.load(ref_path))
     if verify:
@@ -212,6 +223,21 @@ def _prepare(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
                           atol=default_atol if atol is None else atol,
                           fold_tolerance=FOLD_TOLERANCES.get(dtype, 1e-5))
     return inputs, deploy, report
+
+
+def _folded(deploy: nn.Module, inputs: tuple[torch.Tensor, ...],
+            report: ExportReport | None = None) -> nn.Module:
+    """``expandfx.fold`` of the eval-mode deployable copy, noted in the report."""
+    from .passes.fold import fold
+
+    folded = fold(deploy, inputs)
+    if report is not None:
+        done = folded.meta["expandfx.fold"].folded
+        n_in = sum(len(f["modules"]) for f in done)
+        report.transformed.append(f"folded {n_in} modules in {len(done)} linear subgraph(s) "
+                                  f"into single layers (expandfx.fold)")
+        log.info("export_onnx: %s (on a copy)", report.transformed[-1])
+    return folded
 
 
 def _describe(report: ExportReport, proto: Any) -> None:
