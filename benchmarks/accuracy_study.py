@@ -60,6 +60,8 @@ PRIORITY = ["compact", "FC", "CK+FC", "CL+FC", "CK+FC+Init", "CK", "CL", "compan
             "compander+CK"]
 PROTOCOLS = {  # name -> fit() keyword arguments (lr comes from the sweep or is fixed)
     "sweep": {"weight_decay": 5e-4, "chain_lr": "1/N", "schedule": "cosine"},
+    # the same sweep with each block's lr divided by its measured step gain (issue 10)
+    "sweep-measured": {"weight_decay": 5e-4, "chain_lr": "measured", "schedule": "cosine"},
     "authors": {"lr": 0.01, "weight_decay": 0.0, "chain_lr": None, "schedule": "step"},
 }
 
@@ -107,7 +109,7 @@ def one_run(task: tuple) -> dict:
         for phase in range(phases(variant)):
             if phase == 1:  # +Init: linearize the trained counterpart, calibrated, and
                 efx.linearize(model, calibrate=data[0][:512].split(64))
-                if kwargs["chain_lr"]:  # size the factors' steps to their trained norms
+                if kwargs["chain_lr"] == "1/N":  # size the factors' steps to their trained norms
                     kwargs["chain_lr"] = "norm"
             got = fit(model, data, epochs, seed + 100 * phase, f"{dname} {variant} "
                       f"lr{lr} s{seed}", val=val, **kwargs)
@@ -120,7 +122,7 @@ def one_run(task: tuple) -> dict:
         if not out["diverged"]:
             deployed = efx.contract(model) if variant != "compact" else model
             rec["deployed"] = accuracy(deployed, *data[2:])
-            if variant in ("compact", "CL", "CK") and protocol == "sweep":
+            if variant in ("compact", "CL", "CK") and protocol.startswith("sweep"):
                 gen = torch.Generator().manual_seed(seed)
                 idx = torch.randperm(len(data[1]), generator=gen)[:8 * 64].split(64)
                 model.eval()
@@ -142,8 +144,8 @@ def tasks(quick: bool, threads: int, variants: list[str] | None = None,
                 continue
             epochs = 2 if quick else epochs
             for seed in seeds:
-                if "sweep" in protocols:
-                    out += [("sweep", dname, variant, lr, seed, epochs, quick, threads)
+                for protocol in (p for p in protocols if p.startswith("sweep")):
+                    out += [(protocol, dname, variant, lr, seed, epochs, quick, threads)
                             for lr in lrs]
                 if "authors" in protocols and variant in AUTHORS_VARIANTS:
                     out.append(("authors", dname, variant, PROTOCOLS["authors"]["lr"], seed,
@@ -245,6 +247,9 @@ def write(records: list[dict], meta: dict, out: Path) -> None:
                             "5e-4, cosine, `expandfx.param_groups` (lr/N per factor); lr "
                             f"from {list(LRS)} chosen per variant on a 20 % validation split "
                             "(best vs best)."),
+                           ("sweep-measured", "**Protocol sweep-measured** — as sweep, but "
+                            "each block's factors get lr / (its measured step gain) "
+                            "(`chain_lr=\"measured\"`, `expandfx.optim.step_gain`)."),
                            ("authors", "**Protocol authors** — the ExpandNets authors' recipe:"
                             " SGD lr 0.01 ÷10 at 1/3 and 2/3 of training, momentum 0.9, no "
                             "weight decay, plain SGD on every parameter.")):
@@ -266,7 +271,7 @@ def write(records: list[dict], meta: dict, out: Path) -> None:
                     f"{len(runs)} | {cell['diverged']} | {_ms(dep) if dep else '—'} | "
                     f"{f'{statistics.fmean(conf):.3f}' if conf else ''} | "
                     f"{cell['diverged_any_lr']} |")
-            if protocol == "sweep":
+            if protocol.startswith("sweep"):
                 lrs = sorted({lr for (p, d, _), c in rows.items() if d == dname
                               for lr in c["grid"]})
                 lines += ["", "Every lr (test acc % mean ± std, divergent runs):", "",

@@ -23,11 +23,11 @@ from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
 from .optim import ChainLR, ParamGroups, chain_scale, decay_groups, param_groups
 from .passes.contract import contract
+from .passes.expand import expand
 from .passes.fold import FoldReport, fold
 from .planning import LayerPlan, Plan, plan
 from .registry import register_layer, unregister_layer
 from .rules import Rule, register_rule, unregister_rule
-from .surgery import expand
 
 __all__ = [
     "ChainLR", "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",

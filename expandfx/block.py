@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import registry
+from .copying import parameter_free_copy
 from .errors import ConfigError, ContractionError
 from .linear import costs
 from .linear.compose import WeightBias, compose_chain, tune_kernels
@@ -271,9 +273,7 @@ class ExpandedBlock(nn.Module):
     def weight(self) -> torch.Tensor:
         """The block's effective weight (differentiable): what ``contract`` will fold to, in
         the original layer's layout (``[in, out]`` for transformers' Conv1D)."""
-        from .registry import original_layout
-
-        return original_layout(self, self.weight_bias()[0])
+        return registry.original_layout(self, self.weight_bias()[0])
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -519,9 +519,7 @@ class ExpandedBlock(nn.Module):
             layer.bias = _like(bias, ref, any(f.bias.requires_grad for f in factors
                                               if f.bias is not None))
         layer.train(self.training)
-        from .registry import restore  # a registered class (e.g. transformers' Conv1D)
-
-        return restore(self, layer, path)
+        return registry.restore(self, layer, path)  # a registered class, e.g. HF Conv1D
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         error_msgs: list[str] = args[-1]
@@ -603,15 +601,6 @@ def _timed(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor],
     if device.type != "cpu" and sync is not None:
         sync()
     return time.perf_counter() - start
-
-
-def parameter_free_copy(layer: nn.Module) -> nn.Module:
-    """A copy of ``layer`` whose tensors live on the meta device (no memory)."""
-    memo = {id(t): t.detach().to("meta") for t in layer.parameters(recurse=False)}
-    template = copy.deepcopy(layer, memo)
-    for name, param in layer.named_parameters(recurse=False):
-        setattr(template, name, nn.Parameter(param.detach().to("meta"), param.requires_grad))
-    return template
 
 
 def _like(value: torch.Tensor, ref: torch.Tensor, requires_grad: bool) -> nn.Parameter:

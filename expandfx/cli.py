@@ -20,8 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+import expandfx as efx
+
+from .demo import run_demo
 from .errors import ExpandFXError
 from .helpers import rel_error
+from .models import EXAMPLE_SHAPES, MODELS
 
 __all__ = ["BLOCK_KEY", "CLIError", "EPILOG", "block_keys", "build_parser", "cmd_check",
            "cmd_demo", "cmd_export", "cmd_models", "cmd_plan", "default_input", "example_input",
@@ -44,8 +48,6 @@ class CLIError(Exception):
 
 def load_model(spec: str) -> nn.Module:
     """An in-repo model by name, or ``package.module:factory``."""
-    from .models import MODELS
-
     if ":" not in spec:
         if spec not in MODELS:
             raise CLIError(f"unknown model {spec!r}: use one of {', '.join(MODELS)} or "
@@ -79,8 +81,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def default_input(name: str, given: str | None) -> tuple[int, ...]:
-    from .models import EXAMPLE_SHAPES
-
     if given:
         return parse_shape(given)
     if name in EXAMPLE_SHAPES:
@@ -118,8 +118,6 @@ def block_keys(keys: list[str], own: set[str]) -> bool:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import expandfx as efx
-
     model = load_model(args.model)
     x = example_input(model, args.model, args.input)
     print(efx.plan(model, args.rule, args.r, example_inputs=(x,)))
@@ -127,8 +125,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import expandfx as efx
-
     model = load_model(args.model).eval()
     x = example_input(model, args.model, args.input)
     big = efx.expand(model, args.rule, args.r, mode=args.mode).eval()
@@ -165,8 +161,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import expandfx as efx
-
     model = load_model(args.model)
     path = Path(args.weights)
     if not path.is_file():
@@ -211,16 +205,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import EXAMPLE_SHAPES, MODELS
-
     for name in MODELS:
         print(f"{name:24} input {','.join(map(str, EXAMPLE_SHAPES[name]))}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     return run_demo(out=Path(args.out), rule=args.rule, r=args.r, epochs=args.epochs,
                     seeds=args.seeds, quick=args.quick)
 
@@ -236,8 +226,6 @@ def positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import MODELS
-
     parser = argparse.ArgumentParser(
         prog="expandfx", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train compact networks over-parameterized (ExpandNets), then fold them "

@@ -28,8 +28,9 @@ from torch import nn
 from .block import ExpandedBlock
 from .helpers import randomize_factors, rel_error
 from .passes.contract import contract
+from .passes.expand import expand
 from .planning import plan
-from .surgery import blocks, expand
+from .surgery import blocks
 
 __all__ = ["FAMILIES", "Family", "ZOO", "ZOO_INPUT", "applicable_rules", "build_zoo_model",
            "detection_probe", "raft_after_training_step", "raft_probe", "roundtrip_record"]

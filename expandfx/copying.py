@@ -33,7 +33,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["copy_model"]
+__all__ = ["copy_model", "parameter_free_copy"]
 
 
 def copy_model(model: nn.Module, who: str = "expand") -> nn.Module:
@@ -87,3 +87,12 @@ def _culprit(model: nn.Module) -> str | None:
                 except Exception:
                     return f"{path}.{key}" if path else key
     return None
+
+
+def parameter_free_copy(layer: nn.Module) -> nn.Module:
+    """A copy of ``layer`` whose tensors live on the meta device (no memory)."""
+    memo = {id(t): t.detach().to("meta") for t in layer.parameters(recurse=False)}
+    template = copy.deepcopy(layer, memo)
+    for name, param in layer.named_parameters(recurse=False):
+        setattr(template, name, nn.Parameter(param.detach().to("meta"), param.requires_grad))
+    return template

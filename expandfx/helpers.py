@@ -1,7 +1,7 @@
-"""The four small helpers every part of expandfx shares, each in one place.
+"""The small helpers every part of expandfx shares, each in one place.
 
 - :func:`rel_error` — ``max |ref − got| / max |ref|``, the measure of ``docs/design.md §4``,
-  over tensors or nested outputs;
+  over tensors or nested outputs, and ``FOLD_TOLERANCES``, its limits for folding;
 - :func:`randomize_factors` — trained-like factor weights, for checks that must not pass
   only because the factors are at init;
 - :func:`first_match` — the first glob pattern a module path matches (include, exclude,
@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["first_match", "randomize_factors", "rel_error", "text_table"]
+from .block import ExpandedBlock
+
+__all__ = ["FOLD_TOLERANCES", "first_match", "randomize_factors", "rel_error", "text_table"]
+
+# rel_error allowed between a model and its folded form, per dtype (docs/design.md §4)
+FOLD_TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3,
+                   torch.bfloat16: 3e-2}
 
 
 def rel_error(ref: Any, got: Any) -> float:
@@ -58,8 +64,6 @@ def rel_error(ref: Any, got: Any) -> float:
 def randomize_factors(model: nn.Module, seed: int = 0) -> None:
     """Fresh weights of a trained-like scale (``1/√fan-in``; 0.1 for vectors) in every
     expanded block of ``model``, from a seeded generator (in place)."""
-    from .block import ExpandedBlock
-
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in (m for m in model.modules() if isinstance(m, ExpandedBlock)):

@@ -42,7 +42,9 @@ from torch import nn
 
 from .compander import bake, companded
 from .errors import ConfigError, ExpandFXError
-from .helpers import rel_error
+from .helpers import FOLD_TOLERANCES, rel_error
+from .passes.contract import contract
+from .passes.fold import fold
 from .registry import original_template
 from .surgery import blocks, replace
 
@@ -56,8 +58,6 @@ log = logging.getLogger("expandfx")
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-7),
               torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
 # contract(model)(x) vs model(x): docs/design.md §4 for float32, scaled for the other dtypes
-FOLD_TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3,
-                   torch.bfloat16: 3e-2}
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with headroom
 
 
@@ -228,8 +228,6 @@ def _prepare(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
 def _folded(deploy: nn.Module, inputs: tuple[torch.Tensor, ...],
             report: ExportReport | None = None) -> nn.Module:
     """``expandfx.fold`` of the eval-mode deployable copy, noted in the report."""
-    from .passes.fold import fold
-
     folded = fold(deploy, inputs)
     if report is not None:
         done = folded.meta["expandfx.fold"].folded
@@ -274,8 +272,6 @@ def check_report(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], report: Ex
 
 def deployable(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` with Ψ baked and every expanded block contracted."""
-    from .passes.contract import contract
-
     n_blocks, n_comp = len(blocks(model)), len(companded(model))
     done = []
     if n_blocks:

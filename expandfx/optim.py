@@ -45,7 +45,7 @@ from .compander import companded
 from .errors import ConfigError
 from .linear.ir import Identity, Node, Par, Seq, multiplicity
 
-__all__ = ["ChainLR", "ParamGroups", "chain_scale", "decay_groups", "param_groups"]
+__all__ = ["ChainLR", "ParamGroups", "chain_scale", "decay_groups", "param_groups", "step_gain"]
 
 ChainLR = str | float | Callable[[ExpandedBlock], float] | None
 
@@ -91,13 +91,43 @@ def chain_scale(block: ExpandedBlock, chain_lr: ChainLR = "1/N") -> float:
             return 1.0 / multiplicity(block.topology)
         if rule == "NORM":
             return 1.0 / _steps(block, block.topology)[0]
-        raise ConfigError(f"param_groups: chain_lr must be '1/N', 'norm', None, a positive "
+        if rule == "MEASURED":
+            return 1.0 / step_gain(block)
+        raise ConfigError(f"param_groups: chain_lr must be '1/N', 'norm', 'measured', None, a "
+                          f"positive "
                           f"number or a callable (block) -> scale; got {chain_lr!r}.")
     scale = chain_lr(block) if callable(chain_lr) else chain_lr
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ConfigError(f"param_groups: chain_lr gave {scale!r} for a {block.rule} block; "
                           f"a learning-rate scale must be a positive number.")
     return float(scale)
+
+
+def step_gain(block: ExpandedBlock, probes: int = 8, seed: int = 0) -> float:
+    """How far one SGD step of unit lr on every factor moves the folded weight, relative to
+    the same step on the compact layer's weight (which has gain 1): the first-order
+    ``E_G[Σ_i ‖∂⟨W, G⟩/∂θ_i‖²] / E‖G‖²`` over the block's weight parameters ``θ_i``, for
+    Gaussian loss gradients ``G`` (``probes`` of them, seeded: deterministic). It measures,
+    on the current weights, what ``"1/N"`` assumes (N at balanced init) and ``"norm"``
+    models; ``chain_lr="measured"`` divides the lr by it.
+
+    >>> import torch.nn as nn
+    >>> from expandfx.rules import fc
+    >>> round(step_gain(fc.build(nn.Linear(64, 64), r=1)), 2) < 1    # default init: small
+    True
+    """
+    weights = [p for p in block.parameters() if p.requires_grad and p.dim() > 1]
+    if not weights:
+        return 1.0
+    gen = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        folded = block.weight_bias(torch.float64)[0]
+        total = 0.0
+        for i in range(probes):
+            g = torch.randn(folded.shape, generator=gen, dtype=torch.float64)
+            grads = torch.autograd.grad((folded * g).sum(), weights, retain_graph=i < probes - 1)
+            total += sum(float(x.double().square().sum()) for x in grads) / float(g.square().sum())
+    return total / probes
 
 
 def _steps(block: ExpandedBlock, node: Node) -> tuple[float, float]:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .copying import parameter_free_copy
 from .errors import ConfigError, ContractionError
 
 __all__ = ["LayerType", "TORCH_TYPES", "as_torch", "attach", "is_layer", "is_linear", "kind",
@@ -172,8 +173,6 @@ def as_torch(module: nn.Module, device: torch.device | str | None = None,
 def attach(block: nn.Module, original: nn.Module, torch_layer: nn.Module) -> None:
     """Remember ``original``'s class (parameter-free) on ``block`` when it was converted."""
     if torch_layer is not original:
-        from .block import parameter_free_copy
-
         object.__setattr__(block, "origin", parameter_free_copy(original))
 
 

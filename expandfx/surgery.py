@@ -1,202 +1,24 @@
-"""``expand``: swap every planned conv/linear layer for an :class:`ExpandedBlock`.
+"""Module-tree surgery shared by the passes: find expanded blocks, swap modules in.
 
-The model keeps its class: layers are replaced in place of their attributes (at
-every path a shared layer is registered under), so user methods keep working.
+The model keeps its class: modules are replaced in place of their attributes (at every
+path a shared module is registered under), so user methods keep working.
+
+Example::
+
+    >>> import torch.nn as nn
+    >>> model = nn.Sequential(nn.Linear(2, 2))
+    >>> replace(model, ["0"], nn.Identity())
+    >>> type(model[0]).__name__
+    'Identity'
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
-from collections import Counter
-from typing import Any
-
 from torch import nn
 
-from . import registry
-from .block import ExpandedBlock, check_mode
-from .copying import copy_model
-from .errors import ConfigError
-from .planning import INITS, LayerPlan, Patterns, Plan, check_r, decide
-from .rules import RULES
-from .rules.spec import RuleSpec
-from .tracing import GraphView, inspect
+from .block import ExpandedBlock
 
-__all__ = ["blocks", "expand", "replace"]
-
-
-log = logging.getLogger("expandfx")
-
-
-def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
-           include: Patterns = None, exclude: Patterns = None, example_inputs: Any = None,
-           init: str = "default", mode: str = "auto", inplace: bool = False,
-           strict: bool = False, plan: Plan | None = None) -> nn.Module:
-    """Over-parameterize ``model``: each conv/linear layer becomes a linear chain.
-
-    Args:
-        model: any ``nn.Module``; it is copied unless ``inplace=True``.
-        rule: ``"CL"``, ``"CK"``, ``"FC"``, a ``+`` combination (``"CK+FC"``), a
-            mapping ``{glob: rule or None}`` (first match wins) or a callable
-            ``(name, module) -> rule | None``.
-        r: expansion rate (> 0); widths ``r·m`` and ``r·n`` round to multiples of groups.
-        include, exclude: module-name glob patterns. A layer named by its exact path in
-            ``include`` (or as the pattern of a rule mapping) is an explicit request: FC
-            then expands it even if it is the model's output layer, and a layer that
-            cannot be expanded raises instead of being skipped.
-        example_inputs: optional positional inputs of ``forward``: MACs in the log, and the
-            call-site checks of a model that FX cannot trace (recorded on one forward).
-        init: ``"default"`` (PyTorch's init, the paper's setting) or ``"preserve"``
-            (the expanded model computes exactly what ``model`` computes; CL and FC).
-        mode: how blocks run while training: ``"auto"`` (default: per block and input
-            shape, whichever of the two below costs fewer MACs), ``"collapsed"`` (compose
-            the factors, run one layer: the compact layer's cost, same gradients) or
-            ``"sequential"`` (the layers one after another, as in the paper).
-            ``expandfx.set_mode`` switches later.
-        inplace: modify ``model`` itself.
-        strict: raise a ConfigError when no layer is expanded (by default: a warning with
-            the most common skip reasons).
-        plan: a :class:`~expandfx.planning.Plan` of this model from ``efx.plan``: carry out
-            its decisions (its rule, r and per-layer choices) instead of deciding again —
-            no second trace. Leave ``rule``, ``r``, ``include``, ``exclude`` and
-            ``example_inputs`` unset; a plan of another model (or of this model before it
-            changed) is refused.
-
-    Example::
-
-        >>> import torch, expandfx as efx
-        >>> from expandfx.models import smallnet_7x7
-        >>> big = efx.expand(smallnet_7x7(), rule="CK+FC", r=2)
-        >>> type(big).__name__, type(big.features[0]).__name__
-        ('SmallNet', 'ExpandedBlock')
-    """
-    if init not in INITS:
-        raise ConfigError(f"expand: init must be one of {INITS}, got {init!r}.")
-    if registry.is_layer(model):
-        raise ConfigError(f"expand: the model is a single layer ({type(model).__name__}); expand "
-                          f"cannot return the same class for it. Wrap it in a module, e.g. "
-                          f"nn.Sequential(layer), or build an ExpandedBlock with "
-                          f"expandfx.rules.cl.build(layer, r).")
-    from .planning import plan as make_plan
-
-    check_mode(mode)
-    if plan is not None:
-        _check_plan(plan, model, rule, r, include, exclude, example_inputs)
-        rule, r = plan.rule, plan.r
-    r = check_r(r)
-    if plan is None and log.isEnabledFor(logging.INFO):
-        plan = make_plan(model, rule, r, include=include, exclude=exclude,
-                         example_inputs=example_inputs)
-    if plan is not None:
-        rows, view = plan.rows, plan.view
-    else:
-        rows, view = decide(model, rule, r, include=include, exclude=exclude,
-                            example_inputs=example_inputs)  # the given model
-    if not view.traced:
-        warnings.warn(_untraced_message(model, view), stacklevel=2)
-    if not any(row.rule for row in rows):
-        _nothing_expanded(model, rule, rows, strict)
-    target = model if inplace else copy_model(model, "expand")
-    swapped = []
-    for row in rows:
-        if row.rule:
-            layer = target.get_submodule(row.path)
-            torch_layer = registry.as_torch(layer, path=row.path)
-            rule_of_row = RULES.get(row.rule)
-            kind = "linear" if registry.is_linear(layer) else "conv"
-            why = ("it is not a registered rule" if rule_of_row is None else
-                   f"it applies to {rule_of_row.kind} layers" if rule_of_row.kind != kind else
-                   rule_of_row.skip_reason(torch_layer))
-            if why:  # only an edited plan gets here: decide() checks every rule it picks
-                raise ConfigError(f"expand: the plan gives '{row.path}' rule {row.rule!r}, but "
-                                  f"{why}. Set that row's rule to None or another rule.")
-            block = rule_of_row.build(torch_layer, r, init, path=row.path)
-            registry.attach(block, layer, torch_layer)
-            block.mode = mode
-            paths = [row.path, *row.aliases]
-            replace(target, paths, block)
-            swapped.append((paths, layer, block, row.call_sites))
-    if view.checked and swapped:
-        _check_calls(target, swapped, example_inputs if view.recorded else None)
-    if plan is not None:
-        log.info("expand(rule=%r, r=%g):\n%s", rule, r, plan)
-    return target
-
-
-def _check_plan(plan: Plan, model: nn.Module, rule: RuleSpec, r: float, include: Patterns,
-                exclude: Patterns, example_inputs: Any) -> None:
-    """A plan is carried out only on the model it was made for, with no other settings."""
-    if not isinstance(plan, Plan) or plan.view is None:
-        raise ConfigError(f"expand: plan= takes the Plan that expandfx.plan(model, ...) "
-                          f"returns, got {type(plan).__name__}.")
-    given = [name for name, value, default in (("rule", rule, "CL"), ("r", r, 4))
-             if value != default and value != getattr(plan, name)]
-    given += [name for name, value in (("include", include), ("exclude", exclude),
-                                        ("example_inputs", example_inputs))
-              if value is not None]
-    if given:
-        raise ConfigError(f"expand: plan= already fixes the rule, r and every layer's choice; "
-                          f"{', '.join(given)} would be ignored. Pass them to expandfx.plan "
-                          f"instead, or call expand without plan=.")
-    for row in plan.rows:
-        try:
-            same = model.get_submodule(row.path) is row.module
-        except AttributeError:
-            same = False
-        if not same:
-            raise ConfigError(f"expand: the plan's layer '{row.path}' is not this model's (the "
-                              f"plan was made for another model, or the model changed since). "
-                              f"Make the plan from this model: expandfx.plan(model, ...).")
-
-
-def _untraced_message(model: nn.Module, view: GraphView) -> str:
-    head = f"expand: torch.fx could not trace {type(model).__name__} ({view.error}); "
-    if view.recorded:
-        return head + ("call sites were recorded from one forward pass on example_inputs "
-                       "instead. Checked on that pass: each layer is called as a module, how "
-                       "often (shared layers), and that no layer's weight or bias is read "
-                       "outside its own call. Not seen: code paths those inputs do not take "
-                       "(other branches, training-only code). The expansion itself is exact.")
-    return head + ("its layers were expanded by a module walk instead. Lost: the check that "
-                   "each layer is called as a module (a layer whose weight is read directly, "
-                   "e.g. by F.conv2d(x, self.conv.weight), would break), and the call-site "
-                   "counts of shared layers; pass example_inputs to check them on a recorded "
-                   "forward pass. The expansion itself is exact.")
-
-
-def _nothing_expanded(model: nn.Module, rule: RuleSpec, rows: list[LayerPlan],
-                      strict: bool) -> None:
-    """Warn (or raise with ``strict=True``) that no layer matched, naming the top reasons."""
-    reasons = Counter(row.reason for row in rows)
-    top = "; ".join(f"{n} × {reason}" for reason, n in reasons.most_common(3))
-    message = (f"expand: rule {rule!r} expanded no layer of {type(model).__name__} "
-               f"({len(rows)} conv/linear layers{': ' + top if top else ''}). Check the rule, "
-               f"include= and exclude= (expandfx.plan lists every layer's reason)")
-    if strict:
-        raise ConfigError(message + ".")
-    warnings.warn(message + "; pass strict=True to raise instead.", stacklevel=3)
-
-
-def _check_calls(target: nn.Module, swapped: list, example_inputs: Any = None) -> None:
-    """The recipe's check: every block is called where its layer was; else undo and raise.
-
-    Catches layers also referenced outside the module tree (a plain Python list, a
-    closure), whose old copy would keep running untrained while the block is ignored.
-    """
-    after = inspect(target, example_inputs)
-    wrong = [paths[0] for paths, _, block, sites in swapped
-             if not after.checked or after.call_sites[id(block)] != sites]
-    if not wrong:
-        return
-    for paths, layer, _, _ in swapped:  # leave an in-place model as it was
-        replace(target, paths, layer)
-    why = (f"FX can no longer trace the model ({after.error})" if not after.checked else
-           "their blocks are not called where the layers were")
-    raise ConfigError(
-        f"expand: after swapping in the expanded blocks, {why}: {wrong[:5]}. A layer is "
-        f"probably also used through a reference outside the module tree (a plain Python "
-        f"list or dict, a closure). Register such containers as nn.ModuleList/nn.ModuleDict, "
-        f"or exclude those layers.")
+__all__ = ["blocks", "replace"]
 
 
 def replace(root: nn.Module, paths: list[str], new: nn.Module) -> None:

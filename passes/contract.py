@@ -1,6 +1,10 @@
 """Contract: fold every :class:`~expandfx.block.ExpandedBlock` back into its original layer.
 
-Recipe: find the blocks (at every path a shared block is registered under),
+Requires: a model whose expanded blocks are unedited linear topologies (no hooks, no
++Init nonlinearity). Ensures: a model of the same class (a copy unless ``inplace=True``)
+with companded weights baked and every block replaced by its original layer class, weights
+folded in float64 — the same function to ``docs/design.md §4``, the original
+``state_dict`` keys. Recipe: find the blocks (at every path a shared block is registered under),
 check each is still an unedited linear chain, compose its factors in float64
 (``expandfx.linear.fold``), rebuild the original layer class with its exact
 hyperparameters, swap it in. The result has the original ``state_dict`` keys.

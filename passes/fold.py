@@ -1,9 +1,12 @@
 """Fold: every linear subgraph of any model into one plain conv/linear layer, verified.
 
-Recipe: copy the model (baking companded weights, contracting expanded blocks); trace it with
-FX keeping conv/linear/BatchNorm calls as leaves; run it on ``example_inputs`` to check each
-leaf and learn the shapes; group the linear subgraphs (:mod:`expandfx.passes.linear_groups`:
-conv/linear → eval-mode BatchNorm, chains, branches over one input summed — RepVGG, ACNet,
+Requires: a model FX can trace, and ``example_inputs`` for one forward. Ensures: a
+``torch.fx.GraphModule`` computing the same function on those inputs (checked, else
+``ContractionError``), in which every legal linear subgraph is one plain layer; the given
+model is untouched. Recipe: copy the model (baking companded weights, contracting expanded
+blocks); trace it with FX keeping conv/linear/BatchNorm calls as leaves; run it on
+``example_inputs`` to check each leaf and learn the shapes; group the linear subgraphs
+(:mod:`expandfx.passes.linear_groups`: conv/linear → eval-mode BatchNorm, chains, branches over one input summed — RepVGG, ACNet,
 DBB, MobileOne, ``x + conv(x)``); fold each with :func:`expandfx.linear.fold` in float64;
 check every folded layer on the value it replaces and swap it in; compare the folded model
 with the given one (``docs/design.md §4``). ``gm.meta["expandfx.fold"]`` (a
@@ -46,8 +49,8 @@ from torch.utils._pytree import tree_leaves
 from expandfx.compander import bake, companded
 from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
+from expandfx.helpers import FOLD_TOLERANCES
 from expandfx.linear.ir import Affine, pad_from_pairs
-from expandfx.onnx_export import FOLD_TOLERANCES
 from expandfx.surgery import blocks
 
 __all__ = ["FoldReport", "fold"]

@@ -123,7 +123,7 @@ def test_a_copy_of_the_model_gets_its_own_groups():
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"lr": 0}, r"lr must be a positive number, got lr=0"),
     ({"lr": 0.1, "weight_decay": -1}, r"weight_decay must be a non-negative number"),
-    ({"lr": 0.1, "chain_lr": "1/M"}, r"chain_lr must be '1/N', 'norm', None, a positive"),
+    ({"lr": 0.1, "chain_lr": "1/M"}, r"chain_lr must be '1/N', 'norm', 'measured', None, a positive"),
     ({"lr": 0.1, "chain_lr": lambda b: -1.0}, r"chain_lr gave -1.0 for a FC block"),
 ])
 def test_bad_arguments_are_refused(kwargs, match):

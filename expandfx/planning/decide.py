@@ -1,0 +1,201 @@
+"""Deciding, layer by layer, what ``expand`` does: :func:`plan` and :func:`decide`.
+
+:func:`plan` decides without changing the model (and counts parameters and MACs);
+``expand`` carries the same decisions out, or a plan given to it.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> p = plan(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 30 * 30, 10)),
+    ...          rule="CL", r=2, example_inputs=(torch.randn(1, 3, 32, 32),))
+    >>> [(row.path, row.rule) for row in p.rows]
+    [('0', 'CL'), ('2', None)]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import registry
+from ..block import ExpandedBlock
+from ..counting import param_count
+from ..errors import ConfigError
+from ..helpers import first_match
+from ..linear.costs import layer_macs, sequential_macs
+from ..rules import RULES
+from ..rules.spec import RuleSpec, check_spec, pick
+from ..snapshot import preserved
+from ..tracing import GraphView, inspect, positional
+from .legality import (
+    _graph_reason,
+    _is_parametrized_layer,
+    _last_linear,
+    _not_plain,
+    _opaque_children,
+    _output_reason,
+    _reject_lazy,
+    _tied,
+    _unusable,
+    check_r,
+    requested_explicitly,
+)
+from .report import LayerPlan, Plan, describe
+
+__all__ = ["INITS", "Patterns", "decide", "input_shapes", "plan"]
+
+
+Patterns = str | Sequence[str] | None
+
+
+INITS = ("default", "preserve")
+
+
+def plan(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
+         include: Patterns = None, exclude: Patterns = None,
+         example_inputs: Any = None) -> Plan:
+    """Decide, layer by layer, what ``expand`` would do; never changes ``model``.
+
+    MACs are those of one call per layer on ``example_inputs`` (a layer called at
+    several sites costs that much per call). When FX cannot trace the model, call sites
+    are recorded from a forward pass on ``example_inputs`` (see :mod:`expandfx.tracing`).
+    """
+    r = check_r(r)
+    rows, view = decide(model, rule, r, include=include, exclude=exclude,
+                        example_inputs=example_inputs)
+
+    shapes = input_shapes(model, example_inputs, [row.module for row in rows])
+    for row in rows:
+        layer = registry.as_torch(row.module, device="meta", path=row.path)
+        row.params_before = row.params_after = param_count(row.module)
+        shape = shapes.get(id(row.module))
+        if shape is not None:
+            row.macs_before = row.macs_after = layer_macs(layer, list(shape))[1]
+        if row.rule:
+            meta_block = RULES[row.rule].build(layer, r, path=row.path, device="meta")
+            row.params_after = param_count(meta_block)
+            if shape is not None:
+                row.macs_after = sequential_macs(meta_block, shape)
+    notes = [f"functional call {c}: left alone" for c in view.functional_calls]
+    return Plan(rows, view.traced, view.error, notes, recorded=view.recorded, rule=rule, r=r,
+                view=view)
+
+
+@dataclass
+class _Context:
+    """What every layer's decision needs to know about the whole model."""
+
+    view: GraphView
+    rule: RuleSpec
+    include: list[str] | None
+    exclude: list[str]
+    inside_block: dict[int, str]
+    opaque: dict[int, str]
+    owners: dict[int, set[str]]
+    output: set[int]
+
+
+def decide(model: nn.Module, rule: RuleSpec, r: float, *, include: Patterns = None,
+           exclude: Patterns = None, example_inputs: Any = None
+           ) -> tuple[list[LayerPlan], GraphView]:
+    """The rule or skip reason of every conv/linear layer, with its module paths."""
+    check_r(r)
+    check_spec(rule)
+    include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+    view = inspect(model, example_inputs)
+    paths: dict[int, list[str]] = defaultdict(list)
+    modules: dict[int, nn.Module] = {}
+    owners: dict[int, set[str]] = defaultdict(set)
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths[id(module)].append(name)
+        modules.setdefault(id(module), module)
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners[id(param)].add(f"{name}.{pname}" if name else pname)
+    inside_block = {id(m): path for path, b in model.named_modules()
+                    if isinstance(b, ExpandedBlock) for m in b.modules()}
+    layers = [(key, m) for key, m in modules.items()
+              if registry.is_layer(m) or _is_parametrized_layer(m)]
+    output = view.output_layers if view.checked else _last_linear(layers, inside_block)
+    ctx = _Context(view, rule, include, exclude, inside_block, _opaque_children(model),
+                   owners, output)
+    rows = []
+    for key, module in layers:
+        path = paths[key][0]
+        _reject_lazy(path, module)
+        row = LayerPlan(path=path, layer=describe(module), rule=None,
+                        aliases=sorted(set(paths[key][1:])), module=module,
+                        call_sites=view.call_sites[key] if view.checked else None)
+        row.rule, row.reason = _choose(paths[key], module, ctx)
+        rows.append(row)
+    return rows, view
+
+
+def _choose(paths: list[str], module: nn.Module, ctx: _Context
+            ) -> tuple[str | None, str | None]:
+    """``(rule, None)`` or ``(None, reason)`` for one layer, in the order a user asks why."""
+    path = paths[0]
+    if id(module) in ctx.inside_block:
+        return None, f"already part of the expanded block '{ctx.inside_block[id(module)]}'"
+    if ctx.include is not None and first_match(path, ctx.include) is None:
+        return None, "not matched by include"
+    hit = first_match(path, ctx.exclude)
+    if hit:
+        return None, f"excluded by {hit!r}"
+    rule, reason = pick(ctx.rule, path, module)
+    if rule is None:
+        return None, reason
+    explicit = requested_explicitly(paths, ctx.include, ctx.rule)
+    reason = (_unusable(path, module, explicit) or _not_plain(path, module)
+              or _tied(module, paths, ctx.owners) or _graph_reason(module, ctx))
+    if reason:
+        return None, reason
+
+    reason = RULES[rule].skip_reason(registry.as_torch(module, device="meta", path=path))
+    if reason:
+        return None, reason
+    if rule == "FC" and id(module) in ctx.output and not explicit:
+        return None, _output_reason(path, ctx.view)
+    return rule, None
+
+
+def input_shapes(model: nn.Module, example_inputs: Any,
+                 layers: Sequence[nn.Module]) -> dict[int, tuple[int, ...]]:
+    """Shape of the first input of each layer's first call, from one forward pass.
+
+    The forward runs under ``no_grad`` in eval mode (so batch-norm statistics do not
+    move); every module's ``training`` flag is restored afterwards.
+    """
+    if example_inputs is None:
+        return {}
+    inputs = positional(example_inputs)
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def record(layer: nn.Module, args: tuple) -> None:
+        shapes.setdefault(id(layer), tuple(args[0].shape))
+
+    handles = [layer.register_forward_pre_hook(record) for layer in set(layers)]
+    try:
+        with preserved(model), torch.no_grad():  # restores training flags and any cache
+            model.eval()
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _patterns(value: Patterns, name: str) -> list[str] | None:
+    if value is None:
+        return None if name == "include" else []
+    if isinstance(value, str):
+        return [value]
+    if not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"expand: {name} must be a glob pattern or a list of them, "
+                          f"got {value!r}")
+    return list(value)

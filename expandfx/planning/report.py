@@ -1,0 +1,140 @@
+"""The plan as data and as a table: :class:`LayerPlan` (one layer), :class:`Plan` (all).
+
+``str(plan)`` is a readable table of every conv/linear layer: the rule applied or the reason
+it was skipped, parameters and MACs before → after.
+
+Example::
+
+    >>> import torch.nn as nn
+    >>> describe(nn.Conv2d(3, 8, 3, stride=2, padding=1))
+    'Conv2d(3→8, k3, s2, p1)'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .. import registry
+from ..block import base_type
+from ..helpers import text_table
+from ..rules.spec import RuleSpec
+from ..tracing import GraphView
+
+__all__ = ["LayerPlan", "Plan", "describe"]
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one conv/linear layer (one row of the plan)."""
+
+    path: str
+    layer: str
+    rule: str | None
+    reason: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    call_sites: int | None = None
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class Plan:
+    """All rows, plus what the graph view found beyond them."""
+
+    rows: list[LayerPlan]
+    traced: bool
+    trace_error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    recorded: bool = False
+    rule: RuleSpec = "CL"
+    r: float = 4.0
+    view: GraphView | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def expanded(self) -> list[LayerPlan]:
+        return [row for row in self.rows if row.rule]
+
+    @property
+    def skipped(self) -> list[LayerPlan]:
+        return [row for row in self.rows if not row.rule]
+
+    def totals(self) -> dict[str, int | None]:
+        def total(attr: str) -> int | None:
+            values = [getattr(row, attr) for row in self.rows]
+            return None if any(v is None for v in values) else sum(values)
+        return {k: total(k) for k in ("params_before", "params_after", "macs_before",
+                                      "macs_after")}
+
+    def __str__(self) -> str:
+        head = ("layer", "type", "rule", "params", "MACs", "note")
+        lines = [head]
+        for row in self.rows:
+            note = row.reason or ""
+            if row.aliases:
+                note = (note + "; " if note else "") + f"also at {', '.join(row.aliases)}"
+            if row.call_sites and row.call_sites > 1:
+                note = (note + "; " if note else "") + f"called at {row.call_sites} sites"
+            lines.append((row.path, row.layer, row.rule or "-",
+                          _arrow(row.params_before, row.params_after),
+                          _arrow(row.macs_before, row.macs_after), note))
+        t = self.totals()
+        lines.append(("total", "", f"{len(self.expanded)}/{len(self.rows)}",
+                      _arrow(t["params_before"], t["params_after"]),
+                      _arrow(t["macs_before"], t["macs_after"]), ""))
+        out = text_table(lines, rule_after_header=True).split("\n")
+        if self.recorded:
+            out.append(f"FX could not trace the model ({self.trace_error}); call sites and "
+                       f"direct weight reads were recorded from one forward pass on "
+                       f"example_inputs (code paths those inputs do not take were not seen).")
+        elif not self.traced:
+            out.append(f"FX could not trace the model ({self.trace_error}); layers were found "
+                       f"by a module walk: call sites, shared calls and functional uses of "
+                       f"weights were not checked (pass example_inputs to record them).")
+        out.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(out)
+
+
+def describe(layer: nn.Module) -> str:
+    """``Conv2d(3→8, k7, s1, p3)`` — a short one-line description."""
+    torch_layer = registry.as_torch(layer, device="meta")
+    if torch_layer is not layer:  # a registered class: Conv1D(32→96)
+        return type(layer).__name__ + "(" + describe(torch_layer).partition("(")[2]
+    kind = base_type(layer)
+    if issubclass(kind, nn.Linear):
+        return f"Linear({layer.in_features}→{layer.out_features})"
+    extras = [f"k{_short(layer.kernel_size)}"]
+    for attr, tag, default in (("stride", "s", 1), ("padding", "p", 0),
+                               ("dilation", "d", 1), ("groups", "g", 1)):
+        value = getattr(layer, attr)
+        if _short(value) != str(default):
+            extras.append(f"{tag}{_short(value)}")
+    if layer.padding_mode != "zeros":
+        extras.append(layer.padding_mode)
+    return f"{kind.__name__}({layer.in_channels}→{layer.out_channels}, {', '.join(extras)})"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, tuple) and len(set(value)) == 1:
+        return str(value[0])
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def _arrow(before: int | None, after: int | None) -> str:
+    if before is None:
+        return "?"
+    return _human(before) if before == after else f"{_human(before)} → {_human(after)}"
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
