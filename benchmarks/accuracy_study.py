@@ -50,6 +50,7 @@ import expandfx as efx  # noqa: E402
 from expandfx.analysis import gradient_confusion  # noqa: E402
 from expandfx.demo import accuracy, digits, fit, reproducible  # noqa: E402
 from expandfx.models import CNN1D, smallnet_digits  # noqa: E402
+from expandfx.optim import step_gain  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 R, A, B = 4.0, 1.0, 0.7
@@ -60,7 +61,8 @@ PRIORITY = ["compact", "FC", "CK+FC", "CL+FC", "CK+FC+Init", "CK", "CL", "compan
             "compander+CK"]
 PROTOCOLS = {  # name -> fit() keyword arguments (lr comes from the sweep or is fixed)
     "sweep": {"weight_decay": 5e-4, "chain_lr": "1/N", "schedule": "cosine"},
-    # the same sweep with each block's lr divided by its measured step gain (issue 10)
+    # the same sweep with each block's lr divided by its measured step gain, re-measured
+    # every 10 steps by fit() through ParamGroups.rescale (issue 10's follow-up)
     "sweep-measured": {"weight_decay": 5e-4, "chain_lr": "measured", "schedule": "cosine"},
     "authors": {"lr": 0.01, "weight_decay": 0.0, "chain_lr": None, "schedule": "step"},
 }
@@ -96,12 +98,19 @@ def split(dname: str, quick: bool) -> tuple[tuple[torch.Tensor, ...], tuple]:
     return _DATA[(dname, quick)]
 
 
+def measured_scale(block: nn.Module) -> float:
+    """``lr / step_gain``: the folded weight steps as the compact layer's would (first order)."""
+    return 1.0 / step_gain(block)
+
+
 def one_run(task: tuple) -> dict:
     """Train one (protocol, data set, variant, lr, seed); the unit of work of a worker."""
     protocol, dname, variant, lr, seed, epochs, quick, threads = task
     with reproducible(threads):
         data, val = split(dname, quick)
         kwargs = {**PROTOCOLS[protocol], "lr": lr}
+        if kwargs["chain_lr"] == "measured":
+            kwargs["chain_lr"] = measured_scale
         torch.manual_seed(1000 + seed)
         model = build_variant(variant, DATASETS[dname][1], R, A, B)
         t0 = time.perf_counter()
@@ -133,8 +142,9 @@ def one_run(task: tuple) -> dict:
 
 def tasks(quick: bool, threads: int, variants: list[str] | None = None,
           lrs: list[float] | None = None, protocols: list[str] | None = None,
-          datasets: list[str] | None = None) -> list[tuple]:
+          datasets: list[str] | None = None, epochs: int | None = None) -> list[tuple]:
     seeds, lrs = ((0,), (0.05,)) if quick else (SEEDS, lrs or LRS)
+    fixed_epochs = epochs
     protocols = protocols or list(PROTOCOLS)
     out = []
     order = sorted(variants or VARIANTS, key=lambda v: PRIORITY.index(v))  # most needed first
@@ -142,7 +152,7 @@ def tasks(quick: bool, threads: int, variants: list[str] | None = None,
         for dname, (_, _, epochs) in DATASETS.items():
             if datasets and not any(dname.startswith(d) for d in datasets):
                 continue
-            epochs = 2 if quick else epochs
+            epochs = 2 if quick else fixed_epochs or epochs
             for seed in seeds:
                 for protocol in (p for p in protocols if p.startswith("sweep")):
                     out += [(protocol, dname, variant, lr, seed, epochs, quick, threads)
@@ -248,8 +258,9 @@ def write(records: list[dict], meta: dict, out: Path) -> None:
                             f"from {list(LRS)} chosen per variant on a 20 % validation split "
                             "(best vs best)."),
                            ("sweep-measured", "**Protocol sweep-measured** — as sweep, but "
-                            "each block's factors get lr / (its measured step gain) "
-                            "(`chain_lr=\"measured\"`, `expandfx.optim.step_gain`)."),
+                            "each block's factors get lr / (its measured step gain, "
+                            "`expandfx.optim.step_gain`), re-measured every 10 steps "
+                            "(`ParamGroups.rescale`)."),
                            ("authors", "**Protocol authors** — the ExpandNets authors' recipe:"
                             " SGD lr 0.01 ÷10 at 1/3 and 2/3 of training, momentum 0.9, no "
                             "weight decay, plain SGD on every parameter.")):
@@ -327,9 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", type=lambda t: [float(v) for v in t.split(",")])
     parser.add_argument("--protocols", type=lambda t: t.split(","), help="sweep,authors")
     parser.add_argument("--datasets", type=lambda t: t.split(","), help="e.g. digits,MNIST")
+    parser.add_argument("--epochs", type=int, help="override every data set's epochs")
     args = parser.parse_args(argv)
     run(args.quick, args.out, args.jobs, args.threads, variants=args.variants, lrs=args.lrs,
-        protocols=args.protocols, datasets=args.datasets)
+        protocols=args.protocols, datasets=args.datasets, epochs=args.epochs)
     return 0
 
 

@@ -91,7 +91,8 @@ def fit(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int
     recipe (÷10 after each third of the epochs). A run whose loss becomes non-finite
     stops and is marked ``diverged`` (its remaining epochs score chance accuracy).
     Returns ``{"test": [...], "val": [...], "diverged": bool}``; ``on_epoch(e)`` runs
-    before epoch ``e``.
+    before epoch ``e``. Every 10 steps ``groups.rescale()`` re-applies a learning-rate rule
+    that depends on the weights (``chain_lr="measured"``; a no-op for ``"1/N"``).
     """
     from tqdm import tqdm
 
@@ -110,7 +111,9 @@ def fit(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int
         if on_epoch is not None:
             on_epoch(epoch)
         model.train()
-        for idx in torch.randperm(len(ytr), generator=gen).split(64):
+        for step, idx in enumerate(torch.randperm(len(ytr), generator=gen).split(64)):
+            if step % 10 == 9:
+                groups.rescale()
             opt.zero_grad()
             loss = F.cross_entropy(model(xtr[idx]), ytr[idx]) + groups.penalty()
             if not torch.isfinite(loss):

@@ -55,14 +55,29 @@ class ParamGroups(list):
     plus :meth:`penalty`, the loss term that fixed-``a, b`` companded weights need for
     their weight decay (a zero tensor when there are none)."""
 
-    def __init__(self, groups: list[dict[str, Any]], penalty: Callable[[], torch.Tensor]
-                 ) -> None:
+    def __init__(self, groups: list[dict[str, Any]], penalty: Callable[[], torch.Tensor],
+                 tracked: list[tuple[dict[str, Any], ExpandedBlock]] | None = None,
+                 chain_lr: ChainLR = None) -> None:
         super().__init__(groups)
         self._penalty = penalty
+        self._tracked = tracked or []
+        self._chain_lr = chain_lr
 
     def penalty(self) -> torch.Tensor:
         """``weight_decay/2 · Σ‖Ψ(v)‖²`` over fixed-``a, b`` companded weights (add to the loss)."""
         return self._penalty()
+
+    def rescale(self) -> None:
+        """Re-apply a rule that depends on the current weights (``"norm"``, a callable) to
+        every block's group: its ``lr`` is multiplied by new scale / old
+        scale, so a scheduler's changes are kept. Call it every few dozen steps; a no-op
+        for static rules. An optimizer built from these groups keeps the very same dicts,
+        so it sees the new rates."""
+        for group, block in self._tracked:
+            new = chain_scale(block, self._chain_lr)
+            if "lr" in group:
+                group["lr"] *= new / group["chain_scale"]
+            group["chain_scale"] = new
 
 
 def chain_scale(block: ExpandedBlock, chain_lr: ChainLR = "1/N") -> float:
@@ -91,10 +106,7 @@ def chain_scale(block: ExpandedBlock, chain_lr: ChainLR = "1/N") -> float:
             return 1.0 / multiplicity(block.topology)
         if rule == "NORM":
             return 1.0 / _steps(block, block.topology)[0]
-        if rule == "MEASURED":
-            return 1.0 / step_gain(block)
-        raise ConfigError(f"param_groups: chain_lr must be '1/N', 'norm', 'measured', None, a "
-                          f"positive "
+        raise ConfigError(f"param_groups: chain_lr must be '1/N', 'norm', None, a positive "
                           f"number or a callable (block) -> scale; got {chain_lr!r}.")
     scale = chain_lr(block) if callable(chain_lr) else chain_lr
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
@@ -109,7 +121,9 @@ def step_gain(block: ExpandedBlock, probes: int = 8, seed: int = 0) -> float:
     ``E_G[Σ_i ‖∂⟨W, G⟩/∂θ_i‖²] / E‖G‖²`` over the block's weight parameters ``θ_i``, for
     Gaussian loss gradients ``G`` (``probes`` of them, seeded: deterministic). It measures,
     on the current weights, what ``"1/N"`` assumes (N at balanced init) and ``"norm"``
-    models; ``chain_lr="measured"`` divides the lr by it.
+    models. A diagnostic: at PyTorch's default init it is 0.5–3.9 for the blocks of the
+    study's nets, not N = 3; yet dividing the lr by it (re-measured every 10 steps) trains
+    worse than ``lr/N`` (``benchmarks/results/accuracy_study_measured.md``).
 
     >>> import torch.nn as nn
     >>> from expandfx.rules import fc
@@ -170,8 +184,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
             ``lr · chain_lr``) or a callable ``(block) -> scale``.
 
     Returns a :class:`ParamGroups` (a list of dicts; parameters with the same learning rate
-    and decay share a group). Add ``groups.penalty()`` to the loss; it is zero unless the
-    model has fixed-``a, b`` companded weights.
+    and decay share a group, except that rules which depend on the weights give each block
+    its own group, for :meth:`ParamGroups.rescale`). Add ``groups.penalty()`` to the loss;
+    it is zero unless the model has fixed-``a, b`` companded weights.
     """
     _check_number(lr, "lr")
     return _build(model, lr, weight_decay, chain_lr)
@@ -192,12 +207,17 @@ def _build(model: nn.Module, lr: float | None, weight_decay: float, chain_lr: Ch
     found = companded(model)
     not_factors = {id(t) for _, _, comp in found for t in (comp.a, comp.b)}
     scale: dict[int, float] = {}  # factor parameters (weights, v, biases) -> lr factor
+    owner: dict[int, ExpandedBlock] = {}  # ... -> its block, where the rule can change
+    dynamic = chain_lr is not None and not isinstance(chain_lr, (int, float)) and (
+        callable(chain_lr) or chain_lr.replace(" ", "").upper() != "1/N")
     for block in model.modules():
         if isinstance(block, ExpandedBlock):
             s = chain_scale(block, chain_lr)
             for p in block.parameters():
                 if id(p) not in not_factors:
                     scale.setdefault(id(p), s)
+                    if dynamic:
+                        owner.setdefault(id(p), block)
     decay: dict[int, float] = {}  # optimizer decay where it differs from weight_decay
     fixed = []
     for _, layer, comp in found:
@@ -209,14 +229,20 @@ def _build(model: nn.Module, lr: float | None, weight_decay: float, chain_lr: Ch
             fixed.append(layer)
             if isinstance(comp.a, nn.Parameter):  # not learnable but registered as params
                 decay[id(comp.a)] = decay[id(comp.b)] = 0.0
-    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    tracked = []
     for p in model.parameters():
         s, wd = scale.get(id(p), 1.0), decay.get(id(p), weight_decay)
-        group = groups.get((s, wd))
+        block = owner.get(id(p))
+        key = (s, wd, id(block) if block is not None else None)
+        group = groups.get(key)
         if group is None:
-            group = groups[(s, wd)] = {"params": [], "weight_decay": wd}
+            group = groups[key] = {"params": [], "weight_decay": wd}
             if lr is not None:
                 group["lr"] = lr * s
+            if block is not None:
+                group["chain_scale"] = s
+                tracked.append((group, block))
         group["params"].append(p)
 
     def penalty() -> torch.Tensor:
@@ -225,7 +251,7 @@ def _build(model: nn.Module, lr: float | None, weight_decay: float, chain_lr: Ch
             total = total + layer.weight.pow(2).sum()
         return 0.5 * weight_decay * total
 
-    return ParamGroups(list(groups.values()), penalty)
+    return ParamGroups(list(groups.values()), penalty, tracked, chain_lr)
 
 
 def _check_number(value: Any, name: str, allow_zero: bool = False) -> None:

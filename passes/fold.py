@@ -6,11 +6,12 @@ Requires: a model FX can trace, and ``example_inputs`` for one forward. Ensures:
 model is untouched. Recipe: copy the model (baking companded weights, contracting expanded
 blocks); trace it with FX keeping conv/linear/BatchNorm calls as leaves; run it on
 ``example_inputs`` to check each leaf and learn the shapes; group the linear subgraphs
-(:mod:`expandfx.passes.linear_groups`: conv/linear → eval-mode BatchNorm, chains, branches over one input summed — RepVGG, ACNet,
-DBB, MobileOne, ``x + conv(x)``); fold each with :func:`expandfx.linear.fold` in float64;
-check every folded layer on the value it replaces and swap it in; compare the folded model
-with the given one (``docs/design.md §4``). ``gm.meta["expandfx.fold"]`` (a
-:class:`FoldReport`) says what became what, and why the rest was kept.
+(:mod:`expandfx.passes.linear_groups`: conv/linear → eval-mode BatchNorm, chains, branches
+over one input summed — RepVGG, ACNet, DBB, MobileOne, ``x + conv(x)``); fold each with
+:func:`expandfx.linear.fold` in float64; check every folded layer on the value it replaces
+and swap it in; compare the folded model with the given one (``docs/design.md §4``).
+``gm.meta["expandfx.fold"]`` (a :class:`FoldReport`) says what became what, and why the rest
+was kept.
 
 Example::
 

@@ -123,9 +123,48 @@ def test_a_copy_of_the_model_gets_its_own_groups():
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"lr": 0}, r"lr must be a positive number, got lr=0"),
     ({"lr": 0.1, "weight_decay": -1}, r"weight_decay must be a non-negative number"),
-    ({"lr": 0.1, "chain_lr": "1/M"}, r"chain_lr must be '1/N', 'norm', 'measured', None, a positive"),
+    ({"lr": 0.1, "chain_lr": "1/M"}, r"chain_lr must be '1/N', 'norm', None, a positive"),
     ({"lr": 0.1, "chain_lr": lambda b: -1.0}, r"chain_lr gave -1.0 for a FC block"),
 ])
 def test_bad_arguments_are_refused(kwargs, match):
     with pytest.raises(efx.ConfigError, match=match):
         efx.param_groups(fc_model(), **kwargs)
+
+
+def test_step_gain_is_one_for_a_one_factor_block_and_matches_the_chain_formula():
+    """For a linear chain W = C B A the gain is E_G Σ‖∂⟨W,G⟩/∂W_i‖² / E‖G‖², which equals
+    (‖C B‖²‖I‖² … ) in closed form: Σ_i ‖P_i‖_F² ‖Q_i‖_F² / (n·m) for Gaussian G."""
+    from expandfx.optim import step_gain
+    from expandfx.rules import fc
+
+    torch.manual_seed(0)
+    block = fc.build(nn.Linear(6, 5), r=2).double()
+    a, b, c = (layer.weight.detach() for layer in block.layers)
+    eye = lambda k: torch.eye(k, dtype=torch.float64)  # noqa: E731
+    terms = [(c @ b, eye(6)), (c, a), (eye(5), b @ a)]
+    exact = sum(float(p.square().sum() * q.square().sum()) for p, q in terms) / (5 * 6)
+    assert step_gain(block, probes=400) == pytest.approx(exact, rel=0.1)
+    one = efx.ExpandedBlock(nn.Linear(6, 5), [nn.Linear(6, 5)], rule="test", r=1)
+    assert step_gain(one, probes=50) == pytest.approx(1.0, rel=0.15)
+
+
+def test_rescale_follows_a_weight_dependent_rule_and_keeps_scheduler_changes():
+    torch.manual_seed(0)
+    big = efx.expand(smallnet_7x7(), "CL", r=2)
+    groups = efx.param_groups(big, lr=0.1, chain_lr="norm")
+    opt = torch.optim.SGD(groups, momentum=0.9)
+    block = big.features[0]
+    group = next(g for g in opt.param_groups if block.layers[0].weight in g["params"])
+    start = group["lr"]
+    assert start == pytest.approx(0.1 / 3, rel=0.3)  # "norm" is about 1/N at init
+    for g in opt.param_groups:
+        g["lr"] *= 0.5  # a scheduler's change
+    with torch.no_grad():
+        for layer in block.layers:
+            layer.weight.mul_(2.0)  # every factor grows 2x: each Π_{j≠i} g_j² grows 2⁴
+    groups.rescale()
+    assert group["lr"] == pytest.approx(start * 0.5 / 16)
+    static = efx.param_groups(big, lr=0.1)
+    before = [g["lr"] for g in static]
+    static.rescale()  # "1/N" does not depend on the weights: nothing changes
+    assert [g["lr"] for g in static] == before
