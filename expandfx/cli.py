@@ -26,6 +26,7 @@ from .demo import run_demo
 from .errors import ExpandFXError
 from .helpers import rel_error
 from .models import EXAMPLE_SHAPES, MODELS
+from .rules import RULES
 
 __all__ = ["BLOCK_KEY", "CLIError", "EPILOG", "block_keys", "build_parser", "cmd_check",
            "cmd_demo", "cmd_export", "cmd_models", "cmd_plan", "default_input", "example_input",
@@ -34,8 +35,8 @@ __all__ = ["BLOCK_KEY", "CLIError", "EPILOG", "block_keys", "build_parser", "cmd
 
 EPILOG = """\
 MODEL: an in-repo model ({models}) or 'package.module:factory' (a zero-argument callable
-returning an nn.Module). RULE: CL, CK, FC, CL+FC or CK+FC. Exit codes: 0 ok, 1 a check
-failed, 2 bad input."""
+returning an nn.Module). RULE: a registered rule ({rules}) or one per layer kind joined
+by '+', e.g. CK+FC or ACNet+FC. Exit codes: 0 ok, 1 a check failed, 2 bad input."""
 
 
 BLOCK_KEY = re.compile(r"\.(layers\.\d+|branches(\.\w+)+?)\."
@@ -127,7 +128,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     model = load_model(args.model).eval()
     x = example_input(model, args.model, args.input)
-    big = efx.expand(model, args.rule, args.r, mode=args.mode).eval()
+    big = efx.expand(model, args.rule, args.r, mode=args.mode, strict=args.strict).eval()
     n_blocks = sum(isinstance(m, efx.ExpandedBlock) for m in big.modules())
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # randomize the factors: a check on trained-like weights
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="expandfx", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train compact networks over-parameterized (ExpandNets), then fold them "
                     "back exactly and export a verified ONNX file.",
-        epilog=EPILOG.format(models=", ".join(MODELS)))
+        epilog=EPILOG.format(models=", ".join(MODELS), rules=", ".join(RULES)))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="train compact vs expanded on real data, contract, export")
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     c.add_argument("--mode", default="auto", choices=["auto", "collapsed", "sequential"])
     c.add_argument("--out", help="ONNX file to write (default: MODEL.onnx)")
+    c.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) when the rule expands no layer, instead of a warning")
     c.set_defaults(func=cmd_check)
 
     e = sub.add_parser("export", help="contract/bake/export/verify a trained checkpoint")

@@ -119,3 +119,10 @@ def test_export_of_a_companded_compact_model_with_a_layers_submodule(tmp_path):
                                                          "PYTHONPATH": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert "baked 1 companded weight(s)" in out.stdout
+
+
+def test_check_strict_fails_when_the_rule_expands_nothing(tmp_path):
+    out = cli("check", "cnn1d", "--rule", "ACNet", "--strict", "--out", str(tmp_path / "x.onnx"))
+    assert out.returncode == 2
+    assert "expanded no layer of CNN1D" in out.stderr and "2-D convolutions" in out.stderr
+    assert not (tmp_path / "x.onnx").exists()
