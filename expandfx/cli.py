@@ -27,6 +27,7 @@ from .errors import ExpandFXError
 from .helpers import rel_error
 from .models import EXAMPLE_SHAPES, MODELS
 from .rules import RULES
+from .snapshot import training_flags
 
 __all__ = ["BLOCK_KEY", "CLIError", "EPILOG", "block_keys", "build_parser", "cmd_check",
            "cmd_demo", "cmd_export", "cmd_models", "cmd_plan", "default_input", "example_input",
@@ -93,19 +94,15 @@ def example_input(model: nn.Module, name: str, given: str | None) -> torch.Tenso
     """A random input of the model's shape, checked by one forward pass."""
     shape = default_input(name, given)
     x = torch.randn(shape)
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with training_flags(model), torch.no_grad():
+            model.eval()
             model(x)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CLIError(f"{name} cannot run on an input of shape {','.join(map(str, shape))} "
                        f"({type(exc).__name__}: {first[:200]}); pass --input with the shape it "
                        f"expects") from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return x
 
 

@@ -47,6 +47,7 @@ from torch.nn.utils import parametrize
 
 from .block import ExpandedBlock
 from .errors import ConfigError
+from .snapshot import training_flags
 
 __all__ = ["ACTIVATIONS", "linearize", "nonlinear_counterpart"]
 
@@ -200,16 +201,14 @@ def _output_rms(model: nn.Module, blocks: list[ExpandedBlock], batches: list[tor
         acc[1] += out.numel()
 
     handles = [b.register_forward_hook(record) for b in blocks]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        for x in batches:
-            model(x)
+        with training_flags(model):
+            model.eval()
+            for x in batches:
+                model(x)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return {b: math.sqrt(s / max(n, 1)) for b, (s, n) in sums.items()}
 
 
@@ -220,18 +219,16 @@ def _reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None
              and m.track_running_stats]
     if not norms:
         return
-    modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
     try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-            m.train()
-        for x in batches:
-            model(x)
+        with training_flags(model):
+            model.eval()
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average
+                m.train()
+            for x in batches:
+                model(x)
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
-        for m, mode in modes.items():
-            m.training = mode

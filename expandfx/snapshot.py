@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["preserved"]
+__all__ = ["preserved", "training_flags"]
 
 
 _CONTAINERS = (dict, list, set)
@@ -76,3 +76,22 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
             for buf, version, value in buffers:
                 if buf._version != version:
                     buf.copy_(value)
+
+
+@contextlib.contextmanager
+def training_flags(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every module's ``training`` flag on exit (code inside may call ``eval()``,
+    ``train()`` or set flags per module).
+
+    >>> bn = nn.BatchNorm1d(2)
+    >>> with training_flags(bn):
+    ...     _ = bn.eval()
+    >>> bn.training
+    True
+    """
+    flags = {m: m.training for m in model.modules()}
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
