@@ -45,11 +45,12 @@ from torch.nn.utils import parametrize
 
 from . import registry
 from .copying import parameter_free_copy
-from .errors import ConfigError, ContractionError
+from .errors import ConfigError, ContractionError, FoldError
 from .linear import costs
 from .linear.compose import WeightBias, compose_chain, tune_kernels
 from .linear.fold import fold
 from .linear.ir import (
+    PAD_MODES,
     Affine,
     Geometry,
     Identity,
@@ -69,8 +70,6 @@ __all__ = ["CONV_TYPES", "HYPERPARAMETERS", "LAYER_TYPES", "MODES", "ExpandedBlo
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LAYER_TYPES: tuple[type[nn.Module], ...] = (*CONV_TYPES, nn.Linear)
-_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
-             "circular": "circular"}
 
 
 def base_type(layer: nn.Module) -> type[nn.Module]:
@@ -229,22 +228,33 @@ class ExpandedBlock(nn.Module):
         self.rule = rule
         self.r = float(r)
         self.pre_pad = pre_pad
-        self.pad_mode = _PAD_MODE[getattr(original, "padding_mode", "zeros")]
+        self.pad_mode = PAD_MODES[getattr(original, "padding_mode", "zeros")]
         self.signatures = [layer_signature(layer) for layer in self.factors]
         # Kept out of the module tree on purpose: not in state_dict, not moved by .to().
         object.__setattr__(self, "template", parameter_free_copy(original))
         self.train(original.training)
-        kernel = tuple(getattr(self.template, "kernel_size", ()))
-        expected = Geometry.of(self.template).canonical(kernel)
-        found = fold(self.linear_map(meta=True)).geometry.canonical(kernel)
-        if found != expected:  # a guard on our own rules
-            raise ContractionError(
-                f"ExpandedBlock({rule}): the factors fold to geometry {found}, but the "
-                f"{type(original).__name__} they replace has {expected}; please report this "
-                f"as an expandfx bug.")
+        self._check_fold_matches(rule)
         groups = getattr(self.template, "groups", 1)
         self._plain_chain = self.is_chain and all(
             getattr(f, "groups", 1) == groups for f in self.layers)
+
+    def _check_fold_matches(self, rule: str) -> None:
+        """A rule cannot build a wrong block: its topology must fold (on meta tensors) to the
+        original layer's weight shape, bias presence and geometry."""
+        kernel = tuple(getattr(self.template, "kernel_size", ()))
+        try:
+            one = fold(self.linear_map(meta=True))
+        except FoldError as exc:
+            raise ContractionError(f"ExpandedBlock({rule}): the factors do not fold to one "
+                                   f"layer ({exc}); the rule built an invalid block.") from None
+        found = (tuple(one.weight.shape), one.bias is not None, one.geometry.canonical(kernel))
+        want = (tuple(self.template.weight.shape), self.template.bias is not None,
+                Geometry.of(self.template).canonical(kernel))
+        if found != want:
+            raise ContractionError(
+                f"ExpandedBlock({rule}): the factors fold to (weight shape, bias, geometry) "
+                f"{found}, but the {type(self.template).__name__} they replace has {want}; the "
+                f"rule built a block that does not compute a map of that layer.")
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # blocks pickled before topologies
         super().__setstate__(state)
@@ -337,7 +347,7 @@ class ExpandedBlock(nn.Module):
         within 3×; median), so no autograd graph, ``.grad``, hook or RNG state of the caller
         is touched. A block whose warm-up takes over a second is not timed further (the MAC
         model decides). It falls back to the MAC
-        model of :mod:`expandfx.costs` (and does not cache) under ``torch.compile``, FX or
+        model of :mod:`expandfx.linear.costs` (and does not cache) under ``torch.compile``, FX or
         JIT tracing, functorch transforms, CUDA graph capture, for meta/fake/subclass
         tensors, when given a shape only, and when measuring is switched off
         (``set_mode(model, "auto", measure=False)`` or ``EXPANDFX_AUTO_MEASURE=0``). When
@@ -468,7 +478,7 @@ class ExpandedBlock(nn.Module):
                 f"train on as an ExpandNet, then contract.")
         current = [layer_signature(self.get_submodule(p)) if _has(self, p) else (None,)
                    for p in self.factor_paths]
-        if current != self.signatures:
+        if current != self.signatures or self._current_topology() != self.topology:
             raise ContractionError(
                 f"contract: block {where} was edited after expansion: its layers are now "
                 f"{[getattr(s[0], '__name__', 'missing') for s in current]} with "
@@ -500,9 +510,18 @@ class ExpandedBlock(nn.Module):
         one = fold(self.linear_map(dtype))
         return one.weight, one.bias
 
+    def _current_topology(self) -> Node:
+        """The topology the module tree describes now (a replaced identity, an appended
+        layer: not the one built)."""
+        if self.is_chain:
+            return _chain_topology("layers", len(self.layers))
+        return Par(tuple(_branch_topology(f"branches.{name}", f)
+                         for name, f in self.branches.items()))
+
     def contract(self, path: str = "") -> nn.Module:
         """The original layer with the folded weights (composed in float64, cast back)."""
         self.check(path)
+        path = path or "this ExpandedBlock"
         factors = self.factors
         ref = factors[0].weight
         with torch.no_grad():
@@ -511,7 +530,7 @@ class ExpandedBlock(nn.Module):
         expected = tuple(layer.weight.shape)
         if tuple(weight.shape) != expected:  # a guard on our own algebra
             raise ContractionError(
-                f"contract: block '{path}' folds to weight shape {tuple(weight.shape)}, "
+                f"contract: block {path!r} folds to weight shape {tuple(weight.shape)}, "
                 f"expected {expected}; please report this as an expandfx bug."
             )
         layer.weight = _like(weight, ref, any(f.weight.requires_grad for f in factors))
@@ -531,6 +550,12 @@ class ExpandedBlock(nn.Module):
                 f"model first, then expand it (init='preserve' keeps its function), or "
                 f"contract this model before loading."
             )
+        mismatch = self._structure_mismatch(state_dict, prefix)
+        if mismatch:
+            error_msgs.append(
+                f"'{path}': the checkpoint holds {mismatch[0]} but this block ({self.rule}, "
+                f"r={self.r:g}) has {mismatch[1]}: the checkpoint was saved from another "
+                f"expansion rule. Expand the fresh model with the checkpoint's rule and r.")
         for factor_path, layer in zip(self.factor_paths, self.factors, strict=True):
             key = f"{prefix}{factor_path}.weight"
             if key in state_dict and tuple(state_dict[key].shape) != tuple(layer.weight.shape):
@@ -543,6 +568,26 @@ class ExpandedBlock(nn.Module):
                 )
                 break
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _structure_mismatch(self, state_dict: dict[str, Any], prefix: str
+                            ) -> tuple[str, str] | None:
+        """(theirs, ours) when the checkpoint's factors under ``prefix`` are laid out as
+        another topology (a chain vs branches, other branch names), else ``None``."""
+        def describe(kind: str, names: set[str]) -> str:
+            return "a chain of layers" if kind == "layers" else f"branches {sorted(names)}"
+
+        theirs: dict[str, set[str]] = {}
+        for key in state_dict:
+            parts = key[len(prefix):].split(".") if key.startswith(prefix) else []
+            if len(parts) > 2 and parts[0] in ("layers", "branches"):
+                theirs.setdefault(parts[0], set()).add(parts[1])
+        ours_kind = "layers" if self.is_chain else "branches"
+        ours = set(self.layers._modules if self.is_chain else self.branches._modules)
+        if not theirs or theirs == {ours_kind: theirs.get(ours_kind)} and (
+                ours_kind == "layers" or _params_named(self, theirs[ours_kind])):
+            return None
+        kind = next(iter(theirs))
+        return describe(kind, theirs[kind]), describe(ours_kind, ours)
 
     def extra_repr(self) -> str:
         return f"rule={self.rule}, r={self.r:g}, folds_to={self.original_type.__name__}"
@@ -558,6 +603,11 @@ def _branch_topology(path: str, factor: nn.Module) -> Node:
     if isinstance(factor, nn.ModuleList):
         return _chain_topology(path, len(factor))
     return path
+
+
+def _params_named(block: ExpandedBlock, names: set[str]) -> bool:
+    """Whether ``names`` are exactly the block's branches that hold parameters."""
+    return names == {n for n, m in block.branches.items() if any(True for _ in m.parameters())}
 
 
 def _has(module: nn.Module, path: str) -> bool:

@@ -1,4 +1,4 @@
-"""Counting parameters (MACs live in :mod:`expandfx.costs`).
+"""Counting parameters (MACs live in :mod:`expandfx.linear.costs`).
 
 Example::
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .block import ExpandedBlock
 
@@ -40,25 +41,25 @@ FOLD_TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-
 
 
 def rel_error(ref: Any, got: Any) -> float:
-    """Largest ``max |ref − got| / max |ref|`` over every floating tensor of (nested) outputs —
-    tuples, lists, dicts and transformers' ``ModelOutput``; a non-float tensor counts 1.0 if
-    it differs at all. Arrays (numpy) are compared in float64."""
-    if isinstance(ref, dict):
-        return max((rel_error(ref[k], got[k]) for k in ref), default=0.0)
-    if isinstance(ref, (tuple, list)):
-        return max((rel_error(a, b) for a, b in zip(ref, got, strict=True)), default=0.0)
-    if not isinstance(ref, torch.Tensor):
-        if not hasattr(ref, "shape"):
-            return 0.0
-        ref, got = torch.as_tensor(ref).double(), torch.as_tensor(got).double()
-    if tuple(ref.shape) != tuple(got.shape):
+    """Largest ``max |ref − got| / max |ref|`` over the tensors of two (nested) outputs —
+    any pytree: tuples, lists, dicts, transformers' ``ModelOutput``; numpy arrays are
+    compared as tensors. A non-float tensor counts 1.0 if it differs at all; outputs of
+    another structure or shape count ``inf``."""
+    def tensors(tree: Any) -> list[torch.Tensor]:
+        return [torch.as_tensor(t) for t in tree_leaves(tree)
+                if isinstance(t, torch.Tensor) or hasattr(t, "__array__")]
+
+    a, b = tensors(ref), tensors(got)
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
         return math.inf
-    if not ref.is_floating_point():
-        return float(not torch.equal(ref, got))
-    if ref.numel() == 0:
-        return 0.0
-    diff = (ref.double() - got.double()).abs().max()
-    return (diff / ref.double().abs().max().clamp_min(1e-30)).item()
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        if not x.is_floating_point():
+            worst = max(worst, float(not torch.equal(x, y)))
+        elif x.numel():
+            x, y = x.detach().double(), y.detach().double()
+            worst = max(worst, ((x - y).abs().max() / x.abs().max().clamp_min(1e-30)).item())
+    return worst
 
 
 def randomize_factors(model: nn.Module, seed: int = 0) -> None:

@@ -10,3 +10,5 @@
 Each module's docstring states what the pass requires and ensures. The expansion rules
 themselves (CL, CK, FC, ACNet, RepVGG) live in :mod:`expandfx.rules`.
 """
+
+__all__ = ["contract", "expand", "fold", "linear_groups"]

@@ -5,7 +5,7 @@ Requires: a model whose expanded blocks are unedited linear topologies (no hooks
 with companded weights baked and every block replaced by its original layer class, weights
 folded in float64 — the same function to ``docs/design.md §4``, the original
 ``state_dict`` keys. Recipe: find the blocks (at every path a shared block is registered under),
-check each is still an unedited linear chain, compose its factors in float64
+check each is still an unedited linear topology, fold its factors in float64
 (``expandfx.linear.fold``), rebuild the original layer class with its exact
 hyperparameters, swap it in. The result has the original ``state_dict`` keys.
 

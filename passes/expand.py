@@ -19,9 +19,9 @@ from typing import Any
 from torch import nn
 
 from expandfx import registry
-from expandfx.block import check_mode
+from expandfx.block import ExpandedBlock, check_mode
 from expandfx.copying import copy_model
-from expandfx.errors import ConfigError
+from expandfx.errors import ConfigError, ContractionError
 from expandfx.planning import INITS, LayerPlan, Patterns, Plan, check_r, decide
 from expandfx.planning import plan as make_plan
 from expandfx.rules import RULES
@@ -101,30 +101,41 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
     if not any(row.rule for row in rows):
         _nothing_expanded(model, rule, rows, strict)
     target = model if inplace else copy_model(model, "expand")
-    swapped = []
-    for row in rows:
-        if row.rule:
-            layer = target.get_submodule(row.path)
-            torch_layer = registry.as_torch(layer, path=row.path)
-            rule_of_row = RULES.get(row.rule)
-            kind = "linear" if registry.is_linear(layer) else "conv"
-            why = ("it is not a registered rule" if rule_of_row is None else
-                   f"it applies to {rule_of_row.kind} layers" if rule_of_row.kind != kind else
-                   rule_of_row.skip_reason(torch_layer))
-            if why:  # only an edited plan gets here: decide() checks every rule it picks
-                raise ConfigError(f"expand: the plan gives '{row.path}' rule {row.rule!r}, but "
-                                  f"{why}. Set that row's rule to None or another rule.")
-            block = rule_of_row.build(torch_layer, r, init, path=row.path)
-            registry.attach(block, layer, torch_layer)
-            block.mode = mode
-            paths = [row.path, *row.aliases]
-            replace(target, paths, block)
-            swapped.append((paths, layer, block, row.call_sites))
+    built = [(row, *_build(target, row, r, init, mode)) for row in rows if row.rule]
+    swapped = []  # every block is built before any is swapped in: a failure changes nothing
+    for row, layer, block in built:
+        paths = [row.path, *row.aliases]
+        replace(target, paths, block)
+        swapped.append((paths, layer, block, row.call_sites))
     if view.checked and swapped:
         _check_calls(target, swapped, example_inputs if view.recorded else None)
     if plan is not None:
         log.info("expand(rule=%r, r=%g):\n%s", rule, r, plan)
     return target
+
+
+def _build(target: nn.Module, row: LayerPlan, r: float, init: str, mode: str
+           ) -> tuple[nn.Module, ExpandedBlock]:
+    """(the layer, its block) for one planned row; errors name the layer's path."""
+    layer = target.get_submodule(row.path)
+    torch_layer = registry.as_torch(layer, path=row.path)
+    rule = RULES.get(row.rule)
+    kind = "linear" if registry.is_linear(layer) else "conv"
+    why = ("it is not a registered rule" if rule is None else
+           f"it applies to {rule.kind} layers" if rule.kind != kind else
+           rule.skip_reason(torch_layer))
+    if why:  # only an edited plan gets here: decide() checks every rule it picks
+        raise ConfigError(f"expand: the plan gives '{row.path}' rule {row.rule!r}, but "
+                          f"{why}. Set that row's rule to None or another rule.")
+    try:
+        block = rule.build(torch_layer, r, init, path=row.path)
+    except ContractionError as exc:  # the block's own check: the rule built a wrong block
+        raise ConfigError(f"expand: rule {row.rule!r} could not build a block for "
+                          f"'{row.path}': {exc} Fix the rule's build, or exclude the layer."
+                          ) from None
+    registry.attach(block, layer, torch_layer)
+    block.mode = mode
+    return layer, block
 
 
 def _check_plan(plan: Plan, model: nn.Module, rule: RuleSpec, r: float, include: Patterns,

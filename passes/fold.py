@@ -50,8 +50,8 @@ from torch.utils._pytree import tree_leaves
 from expandfx.compander import bake, companded
 from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
-from expandfx.helpers import FOLD_TOLERANCES
-from expandfx.linear.ir import Affine, pad_from_pairs
+from expandfx.helpers import FOLD_TOLERANCES, rel_error
+from expandfx.linear.ir import PAD_MODES, Affine, pad_from_pairs
 from expandfx.surgery import blocks
 
 __all__ = ["FoldReport", "fold"]
@@ -59,8 +59,6 @@ __all__ = ["FoldReport", "fold"]
 Tensor = torch.Tensor
 META_KEY = "expandfx.fold"
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
-             "circular": "circular"}
 
 
 @dataclass
@@ -119,7 +117,7 @@ def fold(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
         want = reference(*inputs)
     with _seeded(inputs), _restored(gm, state):
         found = analyse(gm, inputs)
-    traced = _rel(want, found.output)
+    traced = rel_error(want, found.output)
     if traced > tol:
         raise ConfigError(f"fold: the FX trace of {type(model).__name__} does not compute what "
                           f"the model does on example_inputs (relative difference "
@@ -132,7 +130,7 @@ def fold(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     report = FoldReport(kept=_kept(gm, found, chosen), tolerance=tol)
     _rewrite(gm, chosen, report)
     with _seeded(inputs), _restored(gm, state), torch.no_grad():
-        report.error = _rel(want, gm(*inputs))
+        report.error = rel_error(want, gm(*inputs))
     if report.error > tol:
         raise ContractionError(f"fold: the folded {type(model).__name__} differs from the model "
                                f"by {report.error:.1e} × max|output| on example_inputs "
@@ -183,7 +181,7 @@ def _build(group: Group, found: Analysis) -> _Folded:
     else:
         sym = g.symmetric_padding
         if sym is None:
-            pad = (pad_from_pairs(g.padding), _PAD_MODE[g.padding_mode])
+            pad = (pad_from_pairs(g.padding), PAD_MODES[g.padding_mode])
         layer = _CONV[g.dims](a.in_channels, a.out_channels, a.kernel, stride=g.stride,
                               padding=sym if sym is not None else 0, dilation=g.dilation,
                               groups=g.groups,
@@ -214,7 +212,7 @@ class _GroupCheck(fx.Interpreter):
         folded = self.at_root.get(n)
         if folded is not None:
             source = folded.group.source
-            self.errors[n] = _rel(out, folded(self.stash[source]))
+            self.errors[n] = rel_error(out, folded(self.stash[source]))
             self.pending[source] -= 1
             if not self.pending[source]:
                 del self.stash[source]
@@ -236,7 +234,9 @@ def _checked(gm: fx.GraphModule, chosen: list[_Folded], found: Analysis,
         for m in f.group.members:
             found.why.setdefault(m, f"its group {render(f.group.tree)} folds to a layer that "
                                     f"differs by {err:.1e} × max|output| on the example input "
-                                    f"(tolerance {tol:g}); kept unfolded — please report this")
+                                    f"(tolerance {tol:g}); kept unfolded. Likely causes: a layer "
+                                    f"edited after construction, or an in-place op between the "
+                                    f"branches; else please report it")
     return good
 
 
@@ -301,22 +301,6 @@ def _unique(name: str, taken: set[str]) -> str:
         out, i = f"{name}{i}", i + 1
     taken.add(out)
     return out
-
-
-def _rel(want: Any, got: Any) -> float:
-    """max |got − want| / max |want| over every tensor returned (``inf`` if they differ in
-    structure or shape)."""
-    a = [t for t in tree_leaves(want) if isinstance(t, Tensor)]
-    b = [t for t in tree_leaves(got) if isinstance(t, Tensor)]
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(a, b, strict=True):
-        if x.numel() == 0:
-            continue
-        x, y = x.detach().double(), y.detach().double()
-        worst = max(worst, ((x - y).abs().max() / x.abs().max().clamp_min(1e-30)).item())
-    return worst
 
 
 def _dtype(model: nn.Module) -> torch.dtype:

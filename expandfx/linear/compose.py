@@ -1,8 +1,9 @@
 """Exact algebra of linear chains: the one home of kernel composition and bias propagation.
 
-Every pass that folds a chain (``contract``, later collapsed execution) calls
-:func:`compose_chain`. Weights use PyTorch's layouts: a convolution weight is
-``[out, in // groups, *kernel]``, a linear weight ``[out, in]``.
+:func:`expandfx.linear.fold.fold` composes every chain with :func:`compose_chain` (and
+chain blocks whose factors share one ``groups`` call it directly, for speed). Weights use
+PyTorch's layouts: a convolution weight is ``[out, in // groups, *kernel]``, a linear
+weight ``[out, in]``.
 
 Example::
 
@@ -198,7 +199,7 @@ def compose_chain(layers: Sequence[WeightBias], groups: int = 1) -> WeightBias:
 
     All layers share ``groups``; only the padding of the first layer, the stride
     of a layer followed solely by pointwise layers, and one common dilation are
-    allowed — the chains :mod:`expandfx.passes` builds. Composition of affine maps
+    allowed — :func:`expandfx.linear.fold.chain` checks that first. Composition of affine maps
     is associative, so the pairs are folded in the order that costs the fewest
     multiply-accumulates (as for a matrix chain). Works in the dtype given:
     ``contract`` passes float64, collapsed execution the working dtype.

@@ -4,7 +4,7 @@
 parts one after another; ``Par`` applies its parts to the same input and *sums* them;
 ``Identity`` is the input itself (a residual branch). BatchNorm in eval mode is a per-channel
 affine map (:func:`batchnorm`). :func:`expandfx.linear.fold.fold` turns any legal tree into
-one ``Affine`` — see ``docs/design.md §3``. No ``nn.Module`` code lives here: the same
+one ``Affine`` — see ``docs/design.md §3``. No module subclasses live here: the same
 nodes describe an expanded block's topology (leaves are the paths of its factor modules)
 and the tensors being folded (leaves are ``Affine``).
 
@@ -26,8 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Affine", "Geometry", "Identity", "Node", "Par", "Seq", "batchnorm",
-           "explicit_padding", "leaves", "map_leaves", "multiplicity", "run"]
+__all__ = ["PAD_MODES", "Affine", "Geometry", "Identity", "Node", "Par", "Seq", "batchnorm",
+           "explicit_padding", "leaves", "map_leaves", "multiplicity", "pad_from_pairs",
+           "pairs_from_pad", "run"]
+
+# a conv's padding_mode -> the F.pad mode that pads the same way
+PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
+             "circular": "circular"}
 
 Tensor = torch.Tensor
 Pairs = tuple[tuple[int, int], ...]
@@ -36,12 +41,24 @@ Pairs = tuple[tuple[int, int], ...]
 def explicit_padding(conv: nn.Module) -> list[int]:
     """The padding a conv applies, in ``F.pad`` order (last dim first, left/right).
 
-    Resolves ``padding="same"`` (asymmetric for even effective kernels) and
-    ``"valid"`` exactly as PyTorch does.
+    Read from the live ``padding`` (and ``dilation``) as ``forward`` does for zero padding —
+    code that edits ``conv.padding`` after construction (dilated segmentation backbones) is
+    seen — resolving ``"same"`` (asymmetric for even effective kernels) and ``"valid"``
+    exactly as PyTorch does; other modes pad by the amounts fixed at construction.
     """
+    if conv.padding_mode != "zeros":
+        return list(conv._reversed_padding_repeated_twice)
+    dims = len(conv.kernel_size)
     if conv.padding == "valid":
-        return [0] * (2 * len(conv.kernel_size))
-    return list(conv._reversed_padding_repeated_twice)
+        return [0] * (2 * dims)
+    out = []
+    for i in reversed(range(dims)):
+        if conv.padding == "same":
+            total = conv.dilation[i] * (conv.kernel_size[i] - 1)
+            out += [total // 2, total - total // 2]
+        else:
+            out += [conv.padding[i], conv.padding[i]]
+    return out
 
 
 def pairs_from_pad(pad: list[int] | tuple[int, ...]) -> Pairs:

@@ -34,7 +34,7 @@ from ..linear.ir import explicit_padding, pairs_from_pad
 from .base import Rule
 from .factors import conv_factor, match_requires_grad
 
-__all__ = ["RULE", "build", "skip_reason"]
+__all__ = ["RULE", "build", "dirac", "has_identity", "skip_reason"]
 
 
 def skip_reason(conv: nn.Module) -> str | None:
