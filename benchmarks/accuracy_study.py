@@ -64,6 +64,8 @@ PROTOCOLS = {  # name -> fit() keyword arguments (lr comes from the sweep or is 
     # the same sweep with each block's lr divided by its measured step gain, re-measured
     # every 10 steps by fit() through ParamGroups.rescale (issue 10's follow-up)
     "sweep-measured": {"weight_decay": 5e-4, "chain_lr": "measured", "schedule": "cosine"},
+    # lr/N corrected for the factors' growth, re-applied every 10 steps (ParamGroups.rescale)
+    "sweep-norm": {"weight_decay": 5e-4, "chain_lr": "norm", "schedule": "cosine"},
     "authors": {"lr": 0.01, "weight_decay": 0.0, "chain_lr": None, "schedule": "step"},
 }
 
@@ -145,7 +147,7 @@ def tasks(quick: bool, threads: int, variants: list[str] | None = None,
           datasets: list[str] | None = None, epochs: int | None = None) -> list[tuple]:
     seeds, lrs = ((0,), (0.05,)) if quick else (SEEDS, lrs or LRS)
     fixed_epochs = epochs
-    protocols = protocols or list(PROTOCOLS)
+    protocols = protocols or ["sweep", "authors"]  # the others are follow-ups, on request
     out = []
     order = sorted(variants or VARIANTS, key=lambda v: PRIORITY.index(v))  # most needed first
     for variant in order:
@@ -261,6 +263,9 @@ def write(records: list[dict], meta: dict, out: Path) -> None:
                             "each block's factors get lr / (its measured step gain, "
                             "`expandfx.optim.step_gain`), re-measured every 10 steps "
                             "(`ParamGroups.rescale`)."),
+                           ("sweep-norm", "**Protocol sweep-norm** — as sweep, but with "
+                            "`chain_lr=\"norm\"` (lr/N corrected for the factors' growth), "
+                            "re-applied every 10 steps (`ParamGroups.rescale`)."),
                            ("authors", "**Protocol authors** — the ExpandNets authors' recipe:"
                             " SGD lr 0.01 ÷10 at 1/3 and 2/3 of training, momentum 0.9, no "
                             "weight decay, plain SGD on every parameter.")):
