@@ -63,9 +63,11 @@ PROTOCOLS = {  # name -> fit() keyword arguments (lr comes from the sweep or is 
     "sweep": {"weight_decay": 5e-4, "chain_lr": "1/N", "schedule": "cosine"},
     # the same sweep with each block's lr divided by its measured step gain, re-measured
     # every 10 steps by fit() through ParamGroups.rescale (issue 10's follow-up)
-    "sweep-measured": {"weight_decay": 5e-4, "chain_lr": "measured", "schedule": "cosine"},
+    "sweep-measured": {"weight_decay": 5e-4, "chain_lr": "measured", "schedule": "cosine",
+                       "rescale_every": 10},
     # lr/N corrected for the factors' growth, re-applied every 10 steps (ParamGroups.rescale)
-    "sweep-norm": {"weight_decay": 5e-4, "chain_lr": "norm", "schedule": "cosine"},
+    "sweep-norm": {"weight_decay": 5e-4, "chain_lr": "norm", "schedule": "cosine",
+                   "rescale_every": 10},
     "authors": {"lr": 0.01, "weight_decay": 0.0, "chain_lr": None, "schedule": "step"},
 }
 

@@ -84,15 +84,17 @@ def fit(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int
         *, lr: float = 0.05, weight_decay: float = 5e-4, chain_lr: ChainLR = "1/N",
         schedule: str = "cosine", momentum: float = 0.9,
         val: tuple[torch.Tensor, torch.Tensor] | None = None,
-        on_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
+        on_epoch: Callable[[int], None] | None = None,
+        rescale_every: int | None = None) -> dict[str, Any]:
     """SGD (batch 64) with :func:`expandfx.param_groups`; accuracy after every epoch.
 
     ``schedule="cosine"`` anneals ``lr`` to 0; ``"step"`` is the ExpandNets authors'
     recipe (÷10 after each third of the epochs). A run whose loss becomes non-finite
     stops and is marked ``diverged`` (its remaining epochs score chance accuracy).
     Returns ``{"test": [...], "val": [...], "diverged": bool}``; ``on_epoch(e)`` runs
-    before epoch ``e``. Every 10 steps ``groups.rescale()`` re-applies a learning-rate rule
-    that depends on the weights (``chain_lr="measured"``; a no-op for ``"1/N"``).
+    before epoch ``e``. ``rescale_every=k`` calls ``groups.rescale()`` every k steps, which
+    re-applies a learning-rate rule that depends on the weights (``chain_lr="norm"``, a
+    callable; a no-op for ``"1/N"``).
     """
     from tqdm import tqdm
 
@@ -112,7 +114,7 @@ def fit(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int
             on_epoch(epoch)
         model.train()
         for step, idx in enumerate(torch.randperm(len(ytr), generator=gen).split(64)):
-            if step % 10 == 9:
+            if rescale_every and step % rescale_every == rescale_every - 1:
                 groups.rescale()
             opt.zero_grad()
             loss = F.cross_entropy(model(xtr[idx]), ytr[idx]) + groups.penalty()
