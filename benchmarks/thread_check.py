@@ -7,7 +7,8 @@ cell by cell (data set × variant × lr: mean final test accuracy and divergent 
 
     python benchmarks/accuracy_study.py --threads 2 --jobs 1 --protocols sweep \\
         --variants compact,FC,CK,CK+FC,CL+FC --lrs 0.05,0.1 --out /tmp/threads2
-    python benchmarks/thread_check.py results/accuracy_study.json /tmp/threads2/accuracy_study.json
+    python benchmarks/thread_check.py results/accuracy_study.json \
+        /tmp/threads2/accuracy_study.json [results/thread_check.md]   # output (default shown)
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main(argv: list[str]) -> int:
         lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | {n} | {100 * ma:.2f} ({da}) | "
                      f"{100 * mb:.2f} ({db}) | {100 * (mb - ma):+.2f} |")
     lines.append(f"\nLargest |Δ|: {100 * worst:.2f} points over {len(set(a) & set(b))} cells.")
-    (RESULTS / "thread_check.md").write_text("\n".join(lines) + "\n")
+    out = Path(argv[2]) if len(argv) > 2 else RESULTS / "thread_check.md"
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
