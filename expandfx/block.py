@@ -220,11 +220,9 @@ class ExpandedBlock(nn.Module):
             self.branches = nn.ModuleDict(
                 {name: nn.ModuleList(f) if isinstance(f, list) else f
                  for name, f in layers.items()})
-            self.topology: Node = Par(tuple(_branch_topology(f"branches.{name}", f)
-                                            for name, f in self.branches.items()))
         else:
             self.layers = nn.ModuleList(layers)
-            self.topology = _chain_topology("layers", len(layers))
+        self.topology: Node = self._current_topology()  # fixed now; check() compares
         self.rule = rule
         self.r = float(r)
         self.pre_pad = pre_pad
@@ -259,7 +257,7 @@ class ExpandedBlock(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:  # blocks pickled before topologies
         super().__setstate__(state)
         if "topology" not in self.__dict__:
-            self.topology = _chain_topology("layers", len(self.layers))
+            self.topology = self._current_topology()
 
     @property
     def is_chain(self) -> bool:
@@ -476,12 +474,13 @@ class ExpandedBlock(nn.Module):
                 f"({type(self.act).__name__}) from nonlinear-counterpart init, so it is not a "
                 f"linear chain. Call expandfx.linearize(model) to remove it (the weights stay), "
                 f"train on as an ExpandNet, then contract.")
-        current = [layer_signature(self.get_submodule(p)) if _has(self, p) else (None,)
-                   for p in self.factor_paths]
-        if current != self.signatures or self._current_topology() != self.topology:
+        now = self._current_topology()
+        current = [layer_signature(self.get_submodule(p)) for p in leaves(now)
+                   if not isinstance(p, Identity)]
+        if now != self.topology or current != self.signatures:
             raise ContractionError(
                 f"contract: block {where} was edited after expansion: its layers are now "
-                f"{[getattr(s[0], '__name__', 'missing') for s in current]} with "
+                f"{[s[0].__name__ for s in current]} with "
                 f"hyperparameters that differ from the {len(self.signatures)} linear layers "
                 f"expand() built. Only an unchanged linear topology folds exactly: restore the "
                 f"block (e.g. remove inserted nonlinearities) or re-create the model with "
@@ -608,14 +607,6 @@ def _branch_topology(path: str, factor: nn.Module) -> Node:
 def _params_named(block: ExpandedBlock, names: set[str]) -> bool:
     """Whether ``names`` are exactly the block's branches that hold parameters."""
     return names == {n for n, m in block.branches.items() if any(True for _ in m.parameters())}
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def _tracing_or_transformed() -> bool:

@@ -25,6 +25,7 @@ from expandfx.errors import ConfigError, ContractionError
 from expandfx.planning import INITS, LayerPlan, Patterns, Plan, check_r, decide
 from expandfx.planning import plan as make_plan
 from expandfx.rules import RULES
+from expandfx.rules.base import layer_kind
 from expandfx.rules.spec import RuleSpec
 from expandfx.surgery import replace
 from expandfx.tracing import GraphView, inspect
@@ -120,9 +121,8 @@ def _build(target: nn.Module, row: LayerPlan, r: float, init: str, mode: str
     layer = target.get_submodule(row.path)
     torch_layer = registry.as_torch(layer, path=row.path)
     rule = RULES.get(row.rule)
-    kind = "linear" if registry.is_linear(layer) else "conv"
     why = ("it is not a registered rule" if rule is None else
-           f"it applies to {rule.kind} layers" if rule.kind != kind else
+           f"it applies to {rule.kind} layers" if rule.kind != layer_kind(layer) else
            rule.skip_reason(torch_layer))
     if why:  # only an edited plan gets here: decide() checks every rule it picks
         raise ConfigError(f"expand: the plan gives '{row.path}' rule {row.rule!r}, but "

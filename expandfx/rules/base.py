@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import registry
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     from ..block import ExpandedBlock
 
-__all__ = ["RULES", "Rule", "find", "register_rule", "unregister_rule"]
+__all__ = ["RULES", "Rule", "find", "layer_kind", "register_rule", "unregister_rule"]
 
 
 @dataclass(frozen=True)
@@ -82,3 +83,9 @@ def find(name: str) -> Rule | None:
     """The registered rule called ``name`` (any case), or ``None``."""
     folded = name.strip().casefold()
     return next((r for n, r in RULES.items() if n.casefold() == folded), None)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """The :attr:`Rule.kind` that applies to a conv/linear ``module``: ``"linear"`` or
+    ``"conv"``."""
+    return "linear" if registry.is_linear(module) else "conv"

@@ -19,10 +19,9 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
-from .. import registry
 from ..errors import ConfigError
 from ..helpers import first_match
-from .base import RULES, find
+from .base import RULES, find, layer_kind
 
 __all__ = ["RuleSpec", "check_spec", "parse", "pick"]
 
@@ -81,7 +80,7 @@ def pick(spec: RuleSpec | tuple[str, str], name: str, module: nn.Module
     if rule is None:
         return None, f"{where} gives None"
     parts = parse(rule, where=f"{where} for '{name}'")
-    kind = "linear" if registry.is_linear(module) else "conv"
+    kind = layer_kind(module)
     chosen = [p for p in parts if RULES[p].kind == kind]
     if not chosen:
         return None, f"rule {rule} does not apply to {type(module).__name__}"
