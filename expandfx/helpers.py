@@ -33,7 +33,8 @@ from torch.utils._pytree import tree_leaves
 
 from .block import ExpandedBlock
 
-__all__ = ["FOLD_TOLERANCES", "first_match", "randomize_factors", "rel_error", "text_table"]
+__all__ = ["FOLD_TOLERANCES", "first_match", "model_dtype", "randomize_factors", "rel_error",
+           "text_table"]
 
 # rel_error allowed between a model and its folded form, per dtype (docs/design.md §4)
 FOLD_TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3,
@@ -60,6 +61,11 @@ def rel_error(ref: Any, got: Any) -> float:
             x, y = x.detach().double(), y.detach().double()
             worst = max(worst, ((x - y).abs().max() / x.abs().max().clamp_min(1e-30)).item())
     return worst
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def randomize_factors(model: nn.Module, seed: int = 0) -> None:

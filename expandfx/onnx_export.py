@@ -40,16 +40,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compander import bake, companded
+from .compander import bake
 from .errors import ConfigError, ExpandFXError
-from .helpers import FOLD_TOLERANCES, rel_error
-from .passes.contract import contract
+from .helpers import FOLD_TOLERANCES, model_dtype, rel_error
+from .passes.contract import deployable
 from .passes.fold import fold
 from .registry import original_template
 from .surgery import blocks, replace
 
 __all__ = ["ExportReport", "FOLD_TOLERANCES", "TOLERANCES", "VerificationError", "check_report",
-           "compact_architecture", "deployable", "export_onnx", "graph_summary", "verify_onnx"]
+           "compact_architecture", "export_onnx", "graph_summary", "verify_onnx"]
 
 
 log = logging.getLogger("expandfx")
@@ -170,7 +170,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         onnx.checker.check_model(report.path, full_check=True)
     except Exception as exc:  # onnx raises ValidationError / InferenceError
         hint = (" ONNX has no bfloat16 Conv/Gemm: export a float32 copy (model.float())."
-                if _dtype(deploy) == torch.bfloat16 else "")
+                if model_dtype(deploy) == torch.bfloat16 else "")
         raise ConfigError(f"export_onnx: onnx.checker rejected the exported "
                           f"{type(model).__name__}: {str(exc).splitlines()[0]}.{hint}") from exc
     _describe(report, onnx.load(report.path))
@@ -215,8 +215,10 @@ def _prepare(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
                           f"device and has no values to export. Materialize the model first "
                           f"(model.to_empty(device='cpu') and load_state_dict).")
     deploy, transformed = deployable(model)
+    for line in transformed:
+        log.info("export_onnx: %s (on a copy)", line)
     deploy.eval()
-    dtype = _dtype(deploy)
+    dtype = model_dtype(deploy)
     default_rtol, default_atol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     report = ExportReport(path=os.fspath(path), transformed=transformed,
                           rtol=default_rtol if rtol is None else rtol,
@@ -251,10 +253,6 @@ def _original(model: nn.Module, report: ExportReport) -> nn.Module | None:
     return copy.deepcopy(model).eval() if report.transformed else None
 
 
-def _dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters()), torch.float32)
-
-
 def check_report(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,
                  dynamic_batch: bool, n_random: int, original: nn.Module | None = None) -> None:
     """Run onnxruntime at both optimization levels; raise VerificationError on a mismatch."""
@@ -268,25 +266,6 @@ def check_report(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], report: Ex
                 if not report.numerics_pass else
                 "the exported graph differs from the compact architecture")
         raise VerificationError(f"export_onnx: {what}.", report)
-
-
-def deployable(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """A copy of ``model`` with Ψ baked and every expanded block contracted."""
-    n_blocks, n_comp = len(blocks(model)), len(companded(model))
-    done = []
-    if n_blocks:
-        out = contract(model)  # copies, bakes, folds
-        done.append(f"contracted {n_blocks} expanded block(s) into their original layers")
-        if n_comp:
-            done.append(f"baked {n_comp} companded weight(s)")
-    elif n_comp:
-        out = bake(model)
-        done.append(f"baked {n_comp} companded weight(s)")
-    else:
-        out = copy.deepcopy(model)
-    for line in done:
-        log.info("export_onnx: %s (on a copy)", line)
-    return out, done
 
 
 def compact_architecture(model: nn.Module) -> nn.Module:

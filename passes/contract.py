@@ -29,7 +29,7 @@ from expandfx.compander import bake, companded
 from expandfx.copying import copy_model
 from expandfx.surgery import blocks, replace
 
-__all__ = ["contract"]
+__all__ = ["contract", "deployable"]
 
 
 def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -48,3 +48,18 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             return block.contract("<root>")
         replace(target, paths, block.contract(paths[0]))
     return target
+
+
+def deployable(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` with Ψ baked and every expanded block contracted, and what was
+    done (lines for a log or report)."""
+    n_blocks, n_comp = len(blocks(model)), len(companded(model))
+    done = []
+    if n_blocks:
+        out = contract(model)  # copies, bakes, folds
+        done.append(f"contracted {n_blocks} expanded block(s) into their original layers")
+    else:
+        out = bake(model) if n_comp else copy_model(model, "deployable")
+    if n_comp:
+        done.append(f"baked {n_comp} companded weight(s)")
+    return out, done

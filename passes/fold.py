@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from expandfx.passes.contract import contract
+from expandfx.passes.contract import deployable
 from expandfx.passes.linear_groups import (
     Analysis,
     Group,
@@ -47,12 +47,10 @@ from expandfx.passes.linear_groups import (
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from expandfx.compander import bake, companded
 from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
-from expandfx.helpers import FOLD_TOLERANCES, rel_error
+from expandfx.helpers import FOLD_TOLERANCES, model_dtype, rel_error
 from expandfx.linear.ir import PAD_MODES, Affine, pad_from_pairs
-from expandfx.surgery import blocks
 
 __all__ = ["FoldReport", "fold"]
 
@@ -110,8 +108,8 @@ def fold(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     reference = copy_model(model, "fold")
-    gm = _trace(_deployable(model), type(model).__name__)
-    tol = FOLD_TOLERANCES.get(_dtype(gm), 1e-5)
+    gm = _trace(deployable(model)[0], type(model).__name__)
+    tol = FOLD_TOLERANCES.get(model_dtype(gm), 1e-5)
     state = {k: b.detach().clone() for k, b in gm.named_buffers()}
     with _seeded(inputs), torch.no_grad():
         want = reference(*inputs)
@@ -139,13 +137,6 @@ def fold(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
                                f"and use the model unfolded.\n{report}")
     gm.meta[META_KEY] = report
     return gm
-
-
-def _deployable(model: nn.Module) -> nn.Module:
-    """A copy with Ψ baked and expanded blocks contracted."""
-    if blocks(model):
-        return contract(model)
-    return bake(model) if companded(model) else copy_model(model, "fold")
 
 
 def _trace(root: nn.Module, name: str) -> fx.GraphModule:
@@ -301,10 +292,6 @@ def _unique(name: str, taken: set[str]) -> str:
         out, i = f"{name}{i}", i + 1
     taken.add(out)
     return out
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 @contextlib.contextmanager
