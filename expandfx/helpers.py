@@ -6,7 +6,8 @@
   only because the factors are at init;
 - :func:`first_match` — the first glob pattern a module path matches (include, exclude,
   rule mappings);
-- :func:`text_table` — aligned plain-text columns (plans, compander summaries).
+- :func:`text_table` — aligned plain-text columns (plans, compander summaries);
+- :func:`human` — a parameter or MAC count for a message (``21.70M``).
 
 Example::
 
@@ -33,8 +34,8 @@ from torch.utils._pytree import tree_leaves
 
 from .block import ExpandedBlock
 
-__all__ = ["FOLD_TOLERANCES", "first_match", "model_dtype", "randomize_factors", "rel_error",
-           "text_table"]
+__all__ = ["FOLD_TOLERANCES", "first_match", "human", "model_dtype", "randomize_factors",
+           "rel_error", "text_table"]
 
 # rel_error allowed between a model and its folded form, per dtype (docs/design.md §4)
 FOLD_TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3,
@@ -94,3 +95,11 @@ def text_table(rows: Sequence[Sequence[Any]], rule_after_header: bool = False) -
     if rule_after_header:
         lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def human(n: int) -> str:
+    """A count for a message: ``21.70M``, ``512``."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)

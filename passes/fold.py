@@ -1,17 +1,20 @@
 """Fold: every linear subgraph of any model into one plain conv/linear layer, verified.
 
-Requires: a model FX can trace, and ``example_inputs`` for one forward. Ensures: a
-``torch.fx.GraphModule`` computing the same function on those inputs (checked, else
-``ContractionError``), in which every legal linear subgraph is one plain layer; the given
-model is untouched. Recipe: copy the model (baking companded weights, contracting expanded
-blocks); trace it with FX keeping conv/linear/BatchNorm calls as leaves; run it on
-``example_inputs`` to check each leaf and learn the shapes; group the linear subgraphs
-(:mod:`expandfx.passes.linear_groups`: conv/linear → eval-mode BatchNorm, chains, branches
-over one input summed — RepVGG, ACNet, DBB, MobileOne, ``x + conv(x)``); fold each with
-:func:`expandfx.linear.fold` in float64; check every folded layer on the value it replaces
-and swap it in; compare the folded model with the given one (``docs/design.md §4``).
-``gm.meta["expandfx.fold"]`` (a :class:`FoldReport`) says what became what, and why the rest
-was kept.
+Requires: ``example_inputs`` for one forward. Ensures: the model's eval-mode form computing
+the same function on those inputs (checked, else ``ContractionError``), never larger — no
+more parameters, no more MACs at those shapes — in which every linear subgraph that is
+cheaper as one layer is one plain layer; the given model is untouched. Recipe: copy the
+model (baking companded weights, contracting expanded blocks); trace it with FX keeping
+conv/linear/BatchNorm calls as leaves; run it on ``example_inputs`` to check each leaf and
+learn the shapes; group the linear subgraphs (:mod:`expandfx.passes.linear_groups`:
+conv/linear → eval-mode BatchNorm, chains, branches over one input summed — RepVGG, ACNet,
+DBB, MobileOne, ``x + conv(x)`` — each merge made only where it costs no more); fold each
+with :func:`expandfx.linear.fold` in float64; check every folded layer on the value it
+replaces and swap it in; then fold the BatchNorms FX could not see (inside modules kept
+whole, behind reshapes) from a recorded forward (:mod:`expandfx.passes.fold_norms`), which is
+also the whole pass for a model FX cannot trace; compare the result with the model
+(``docs/design.md §4``). ``result.meta["expandfx.fold"]`` (a :class:`FoldReport`) says what
+became what, and why the rest was kept.
 
 Example::
 
@@ -27,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +39,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from expandfx.passes.contract import deployable
+from expandfx.passes.fold_norms import fold_norms
 from expandfx.passes.linear_groups import (
     Analysis,
     Group,
@@ -69,6 +74,7 @@ class FoldReport:
     kept: list[dict[str, str]] = field(default_factory=list)
     error: float | None = None
     tolerance: float = 1e-5
+    graph: str = "torch.fx"  # how the data flow was seen: "torch.fx" or "recorded forward"
 
     def __str__(self) -> str:
         n_in = sum(len(f["modules"]) for f in self.folded)
@@ -96,58 +102,124 @@ class _Folded:
         return self.layer(x)
 
 
-def fold(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
-    """``model`` with every maximal linear subgraph folded into one plain layer, as a
-    verified :class:`torch.fx.GraphModule` (the model itself is not changed).
+def fold(model: nn.Module, example_inputs: Any = None, *, allow_larger: bool = False
+         ) -> nn.Module:
+    """``model``'s eval-mode form with every linear subgraph folded into one plain layer
+    where that costs no more, verified on ``example_inputs``; the model is not changed.
 
+    Returns a :class:`torch.fx.GraphModule` when FX can trace the model; otherwise a copy of
+    the model in its own class with each BatchNorm folded into its layer and replaced by
+    ``nn.Identity`` (found by a recorded forward, :mod:`expandfx.passes.fold_norms`; chains
+    and sums need a graph and stay). Either way ``result.meta["expandfx.fold"]`` is the
+    :class:`FoldReport`. A chain or sum is merged only if the merged layer has no more
+    parameters and no more MACs at the example's shapes than its parts — a depthwise conv
+    and the pointwise conv after it stay two layers; ``allow_larger=True`` merges anyway.
     ``example_inputs`` (a tensor or a tuple of ``forward``'s positional arguments) drive the
     checks: subclassed layers must compute the plain op on them, every folded layer must match
-    its subgraph, and the folded model the given one, in the model's current mode. BatchNorms
-    in training mode are kept (they are not linear). Raises :class:`ConfigError` when FX
-    cannot trace the model, :class:`ContractionError` when the result would differ.
+    what it replaces, and the result the model in eval mode. Raises :class:`ConfigError`
+    without example inputs or when the model rejects them, :class:`ContractionError` when the
+    result would differ.
     """
+    name = type(model).__name__
+    if example_inputs is None:
+        raise ConfigError(f"fold: pass example_inputs, a tensor or a tuple of {name}.forward's "
+                          f"positional arguments (e.g. fold(model, (torch.randn(1, 3, 224, "
+                          f"224),))): fold runs the model once to learn its shapes and to "
+                          f"verify every folded layer.")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    reference = copy_model(model, "fold")
-    gm = _trace(deployable(model)[0], type(model).__name__)
-    tol = FOLD_TOLERANCES.get(model_dtype(gm), 1e-5)
-    state = {k: b.detach().clone() for k, b in gm.named_buffers()}
-    with _seeded(inputs), torch.no_grad():
-        want = reference(*inputs)
-    with _seeded(inputs), _restored(gm, state):
-        found = analyse(gm, inputs)
-    traced = rel_error(want, found.output)
-    if traced > tol:
-        raise ConfigError(f"fold: the FX trace of {type(model).__name__} does not compute what "
-                          f"the model does on example_inputs (relative difference "
-                          f"{traced:.1e}): its forward has data-dependent behaviour FX cannot "
-                          f"record. Move that part into a submodule and pass a model whose "
-                          f"forward traces faithfully.")
+    if model.training or any(m.training for m in model.modules()):
+        warnings.warn(f"fold: {name} is in training mode; folding its eval-mode form (BatchNorm "
+                      f"with running statistics, no dropout). Call model.eval() first to "
+                      f"silence this.", stacklevel=2)
+    reference = copy_model(model, "fold").eval()
+    try:
+        with _seeded(inputs), torch.no_grad():
+            want = reference(*inputs)
+    except Exception as exc:  # the model's own error, whatever its type
+        raise ConfigError(f"fold: {name} fails on example_inputs ({type(exc).__name__}: "
+                          f"{_first_line(exc)}). fold needs inputs forward accepts: a tensor "
+                          f"or a tuple of its positional arguments, of the shape and dtype "
+                          f"the model is meant for.") from exc
+    tol = FOLD_TOLERANCES.get(model_dtype(model), 1e-5)
+    try:
+        gm = _trace(deployable(model)[0].eval(), name)
+        state = {k: b.detach().clone() for k, b in gm.named_buffers()}
+        with _seeded(inputs), _restored(gm, state):
+            found = analyse(gm, inputs, allow_larger)
+        traced = rel_error(want, found.output)
+        if traced > tol:
+            raise ConfigError(f"the FX trace of {name} does not compute what the model does "
+                              f"on example_inputs (relative difference {traced:.1e}): its "
+                              f"forward has data-dependent behaviour FX cannot record")
+    except Exception as exc:  # FX fails in many ways; the recorded forward needs none of them
+        return _fold_recorded(model, inputs, want, tol, _first_line(exc))
     chosen = [_build(g, found) for g in found.groups if _eligible(g, found)]
     with _seeded(inputs), _restored(gm, state):
         chosen = _checked(gm, chosen, found, inputs, tol)
     report = FoldReport(kept=_kept(gm, found, chosen), tolerance=tol)
-    _rewrite(gm, chosen, report)
-    with _seeded(inputs), _restored(gm, state), torch.no_grad():
-        report.error = rel_error(want, gm(*inputs))
-    if report.error > tol:
-        raise ContractionError(f"fold: the folded {type(model).__name__} differs from the model "
+    _rewrite(gm, chosen, report, found.consts)
+    with _seeded(inputs), torch.no_grad():  # the norms FX kept inside modules or behind reshapes
+        inside, kept = fold_norms(gm, inputs, tol)
+    if inside:
+        _drop_identities(gm)
+        gone = {f"'{m}' " for f in inside for m in f["modules"]}
+        report.kept = [k for k in report.kept if not k["node"].startswith(tuple(gone))]
+        report.folded += inside
+    seen = {k["node"] for k in report.kept}
+    report.kept += [k for k in kept if k["node"] not in seen]
+    return _verified(gm, inputs, want, report)
+
+
+def _fold_recorded(model: nn.Module, inputs: tuple[Any, ...], want: Any, tol: float,
+                   why: str) -> nn.Module:
+    """The model's own class with each provable layer → BatchNorm pair folded."""
+    out = deployable(model)[0].eval()
+    with _seeded(inputs), torch.no_grad():
+        done, kept = fold_norms(out, inputs, tol)
+    note = {"node": "the model's graph", "reason": (
+        f"torch.fx cannot trace {type(model).__name__} ({why}); BatchNorms were folded into "
+        f"their layers from a recorded forward (the model keeps its class), and chains or "
+        f"sums of layers, which need a graph, were left as they are")}
+    return _verified(out, inputs, want, FoldReport(done, [note, *kept], tolerance=tol,
+                                                   graph="recorded forward"))
+
+
+def _verified(out: nn.Module, inputs: tuple[Any, ...], want: Any, report: FoldReport
+              ) -> nn.Module:
+    with _seeded(inputs), torch.no_grad():
+        report.error = rel_error(want, out(*inputs))
+    if report.error > report.tolerance:
+        raise ContractionError(f"fold: the folded {type(out).__name__} differs from the model "
                                f"by {report.error:.1e} × max|output| on example_inputs "
-                               f"(tolerance {tol:g}) although each folded layer matched its "
-                               f"subgraph; this is a bug in expandfx.fold — please report it "
-                               f"and use the model unfolded.\n{report}")
-    gm.meta[META_KEY] = report
-    return gm
+                               f"(tolerance {report.tolerance:g}) although each folded layer "
+                               f"matched what it replaces; this is a bug in expandfx.fold — "
+                               f"please report it and use the model unfolded.\n{report}")
+    meta = out.__dict__.get("meta")
+    if not isinstance(meta, dict):
+        meta = {}
+        object.__setattr__(out, "meta", meta)
+    meta[META_KEY] = report
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _drop_identities(gm: fx.GraphModule) -> None:
+    """Remove the calls of the ``nn.Identity`` modules norm folding left in the graph."""
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity
+                and len(node.args) == 1 and not node.kwargs):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 def _trace(root: nn.Module, name: str) -> fx.GraphModule:
-    try:
-        graph = LeafTracer().trace(root)
-    except Exception as exc:  # FX raises many types; name the model and the fix
-        raise ConfigError(f"fold: torch.fx cannot trace {name} "
-                          f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]}). fold "
-                          f"needs a symbolically traceable forward: move data-dependent "
-                          f"control flow into a submodule (or a function marked with "
-                          f"torch.fx.wrap), which FX then keeps as one opaque call.") from exc
+    graph = LeafTracer().trace(root)
     gm = fx.GraphModule(root, graph, class_name=f"Folded{name}")
     gm.training = root.training
     return gm
@@ -261,8 +333,10 @@ def _alone(node: fx.Node, found: Analysis, gm: fx.GraphModule) -> str:
             f"{', '.join(near(u) for u in users) or 'nothing'}")
 
 
-def _rewrite(gm: fx.GraphModule, chosen: list[_Folded], report: FoldReport) -> None:
-    """Swap each group for a call of its folded layer; drop the replaced nodes and modules."""
+def _rewrite(gm: fx.GraphModule, chosen: list[_Folded], report: FoldReport,
+             consts: set[fx.Node]) -> None:
+    """Swap each group for a call of its folded layer; drop the replaced nodes, modules and
+    the constants (a layer-scale gamma) only they read."""
     graph, replaced, removable = gm.graph, {}, set()
     taken = {name for name, _ in gm.named_modules()}
     for f in chosen:
@@ -280,7 +354,13 @@ def _rewrite(gm: fx.GraphModule, chosen: list[_Folded], report: FoldReport) -> N
         spec = repr(f.layer) + (f" after F.pad({f.pad[0]}, mode={f.pad[1]!r})" if f.pad else "")
         report.folded.append({"layer": f.name, "modules": members,
                               "formula": render(f.group.tree), "as": spec})
-    graph.eliminate_dead_code(is_impure_node=lambda n: n not in removable)
+    attrs = {n.target for n in graph.nodes if n.op == "get_attr"}
+    graph.eliminate_dead_code(is_impure_node=lambda n: n not in removable and n not in consts)
+    called = [n.target for n in graph.nodes if n.op == "call_module"]
+    for target in attrs - {n.target for n in graph.nodes if n.op == "get_attr"}:
+        owner, _, name = target.rpartition(".")  # a folded-in gamma: drop the parameter
+        if not any(owner == t or owner.startswith(f"{t}.") for t in called):
+            delattr(gm.get_submodule(owner), name)
     gm.delete_all_unused_submodules()
     graph.lint()
     gm.recompile()

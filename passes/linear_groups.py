@@ -20,10 +20,12 @@ Example::
 
 from __future__ import annotations
 
+import math
 import operator
 import sys
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,12 +37,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from expandfx import registry
 from expandfx.block import CONV_TYPES, torch_layer_type
 from expandfx.errors import ConfigError, FoldError
-from expandfx.linear import Affine, Identity, Par, Seq, batchnorm, fold
+from expandfx.helpers import human
+from expandfx.linear import Affine, Geometry, Identity, Par, Seq, batchnorm, fold
 from expandfx.linear.ir import Node, leaves, map_leaves
 
 __all__ = ["Analysis", "Group", "LeafTracer", "analyse", "describe", "leaf_count", "render"]
 
 Tensor = torch.Tensor
+Cost = tuple[int, int]  # (parameters, MACs at the example input's shapes)
 _EXACT = {nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
           nn.BatchNorm3d}
 _DROPOUTS = {nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -81,6 +85,7 @@ class Group:
     tree: Node
     members: list[fx.Node]
     folded: Affine | Identity
+    cost: Cost = (0, 0)  # (parameters, MACs) of the group as it would be deployed
 
 
 @dataclass
@@ -93,21 +98,32 @@ class Analysis:
     layers: dict[fx.Node, nn.Module]
     why: dict[fx.Node, str] = field(default_factory=dict)
     output: Any = None
+    # x * gamma, x / c, -x: (x, the map, the parameters it holds), and constant nodes
+    scales: dict[fx.Node, tuple[fx.Node, Affine, int]] = field(default_factory=dict)
+    consts: set[fx.Node] = field(default_factory=set)
 
     def is_layer(self, node: fx.Node) -> bool:
         """A conv/linear leaf (not a BatchNorm)."""
         return node in self.layers and not isinstance(self.layers[node], _BatchNorm)
 
 
-def analyse(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Analysis:
+def analyse(gm: fx.GraphModule, inputs: tuple[Any, ...], allow_larger: bool = False
+            ) -> Analysis:
     """Run ``gm`` on ``inputs`` (``no_grad``) to check leaves and record shapes, drop the
-    no-op nodes, and group the linear subgraphs. Edits ``gm.graph`` (no-ops removed only)."""
+    no-op nodes, and group the linear subgraphs — merged only where that costs no more
+    parameters and MACs than the parts, unless ``allow_larger``. Edits ``gm.graph``
+    (no-ops removed only)."""
     recorder = _Recorder(gm)
     with torch.no_grad():
         output = recorder.run(*inputs)
     _drop_no_ops(gm, recorder.shapes)
-    found = Analysis([], recorder.layers, dict(recorder.why), output)
-    best = _grow(gm.graph, found, recorder.shapes)
+    found = Analysis([], recorder.layers, dict(recorder.why), output,
+                     consts=set(recorder.consts))
+    for node in gm.graph.nodes:
+        scale = _scale(node, recorder.consts, recorder.shapes)
+        if scale is not None:
+            found.scales[node] = scale
+    best = _grow(gm.graph, found, recorder.shapes, allow_larger)
     claimed: set[fx.Node] = set()
     for node in reversed(gm.graph.nodes):
         group = best.get(node)
@@ -151,6 +167,7 @@ class _Recorder(fx.Interpreter):
         self.shapes: dict[fx.Node, tuple[torch.Size, torch.dtype]] = {}
         self.layers: dict[fx.Node, nn.Module] = {}
         self.why: dict[fx.Node, str] = {}
+        self.consts: dict[fx.Node, Any] = {}  # values that depend on no input: a gamma
 
     def run_node(self, n: fx.Node) -> Any:
         plain, check = None, None
@@ -165,6 +182,10 @@ class _Recorder(fx.Interpreter):
         out = super().run_node(n)
         if isinstance(out, Tensor):
             self.shapes[n] = (out.shape, out.dtype)
+        inputs = [a for a in _flat((n.args, n.kwargs)) if isinstance(a, fx.Node)]
+        if n.op == "get_attr" or (n.op in ("call_function", "call_method") and inputs
+                                  and all(a in self.consts for a in inputs)):
+            self.consts[n] = out
         if plain is not None:
             problem = check(out) if callable(check) else None
             if problem:
@@ -265,7 +286,7 @@ def _drop_no_ops(gm: fx.GraphModule, shapes: dict) -> None:
                 same = node.args[0]
         elif _add_target(node) and len(node.args) == 2 and not node.kwargs:
             a, b = node.args
-            x = b if _is_zero(a) else a if _is_zero(b) else None
+            x = a if _is_zero(b) else b if _is_zero(a) and not _is_sub(node) else None
             if isinstance(x, fx.Node) and x in shapes and shapes[x][1].is_floating_point:
                 same = x
         if isinstance(same, fx.Node):
@@ -274,8 +295,7 @@ def _drop_no_ops(gm: fx.GraphModule, shapes: dict) -> None:
 
 
 def _add_target(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in _ADDS)
-            or (node.op == "call_method" and node.target == "add"))
+    return _of(node, _ADDS, "add") or _of(node, _SUBS, "sub")
 
 
 def _is_zero(value: Any) -> bool:
@@ -291,12 +311,17 @@ def _is_sum(node: fx.Node, shapes: dict) -> bool:
             and None not in found and found == {shapes.get(node)})
 
 
-def _grow(graph: fx.Graph, found: Analysis, shapes: dict) -> dict[fx.Node, Group]:
-    """The largest foldable expression ending at each leaf or sum, in graph order."""
+def _grow(graph: fx.Graph, found: Analysis, shapes: dict, allow_larger: bool
+          ) -> dict[fx.Node, Group]:
+    """The largest foldable expression ending at each leaf or sum, in graph order, merged
+    only where the merged layer costs no more than its parts (unless ``allow_larger``)."""
     best: dict[fx.Node, Group] = {}
     affines: dict[fx.Node, Affine] = {}
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
 
     def affine(n: fx.Node) -> Affine:
+        if n in found.scales:
+            return found.scales[n][1]
         if n not in affines:
             layer = found.layers[n]
             affines[n] = (batchnorm(layer, len(shapes[n][0]) - 2)
@@ -317,32 +342,172 @@ def _grow(graph: fx.Graph, found: Analysis, shapes: dict) -> dict[fx.Node, Group
               and _count(user.args, value) == 1)
         return best[value] if ok else None
 
+    def leaf_cost(n: fx.Node) -> Cost:
+        """A leaf's own cost; a module called from several places keeps its parameters
+        whatever this call folds into, so they count for nothing here."""
+        out = math.prod(shapes[n][0])
+        if n in found.scales:
+            return found.scales[n][2], out
+        layer = found.layers[n]
+        params = sum(p.numel() for p in layer.parameters()) if calls[n.target] == 1 else 0
+        return params, out if isinstance(layer, _BatchNorm) else out * _fan_in(affine(n))
+
+    def cheap(merged: Affine | str, parts: list[Group], root: fx.Node) -> Affine | str:
+        """``merged`` if it costs no more than ``parts`` kept apart, else why not."""
+        if not isinstance(merged, Affine) or allow_larger:
+            return merged
+        cost = affine_cost(merged, shapes[root][0])
+        apart = tuple(sum(c) for c in zip(*(p.cost for p in parts), strict=True))
+        if cost[0] <= apart[0] and cost[1] <= apart[1]:
+            return merged
+        return (f"merging would cost {human(cost[0])} parameters and {human(cost[1])} MACs "
+                f"instead of {human(apart[0])} and {human(apart[1])}; kept as "
+                f"{len(parts)} layers (fold(..., allow_larger=True) merges regardless)")
+
     for node in graph.nodes:
-        if node in found.layers:
-            src = node.args[0]
+        if node in found.layers or node in found.scales:
+            src = found.scales[node][0] if node in found.scales else node.args[0]
+            alone = Group(node, src, node, [node], affine(node).to(torch.float64),
+                          leaf_cost(node))
             inner = below(src, node)
             if inner is not None:
                 folded = _rank_mismatch(inner.folded, affine(node), shapes[src][0]) or \
-                    attempt(Seq, [inner.folded, node])
+                    cheap(attempt(Seq, [inner.folded, node]), [inner, alone], node)
                 if isinstance(folded, Affine):
                     best[node] = Group(node, inner.source, _join(Seq, inner.tree, node),
-                                       [*inner.members, node], folded)
+                                       [*inner.members, node], folded,
+                                       affine_cost(folded, shapes[node][0]))
                     continue
                 found.why.setdefault(node, f"not folded with what computes its input "
                                            f"({render(inner.tree)}): {folded}")
-            best[node] = Group(node, src, node, [node], affine(node).to(torch.float64))
+            best[node] = alone
         elif _is_sum(node, shapes):
             parts = [below(a, node) or Group(a, a, Identity(), [], Identity()) for a in node.args]
             sources = {p.source for p in parts}
             if len(sources) == 1 and any(p.members for p in parts):
+                maps = [p.folded for p in parts]
+                if _is_sub(node):  # a − b = a + (−1)·b
+                    maps[1] = Seq((maps[1], _negation(maps, shapes[node][0])))
+                    parts[1] = replace(parts[1], tree=_join(Seq, parts[1].tree, NEGATED))
                 tree = _join(Par, *(p.tree for p in parts))
-                folded = attempt(Par, [p.folded for p in parts])
+                folded = cheap(attempt(Par, maps), parts, node)
                 if isinstance(folded, Affine):
                     members = [m for p in parts for m in p.members]
-                    best[node] = Group(node, sources.pop(), tree, [*members, node], folded)
+                    best[node] = Group(node, sources.pop(), tree, [*members, node], folded,
+                                       affine_cost(folded, shapes[node][0]))
                 else:
                     found.why[node] = f"the sum {render(tree)} is not one layer: {folded}"
     return best
+
+
+def affine_cost(a: Affine, out_shape: tuple[int, ...]) -> Cost:
+    """(parameters, MACs) of one layer computing ``a`` with output ``out_shape``: output
+    elements × weight fan-in, the convention of :mod:`expandfx.linear.costs`."""
+    params = a.weight.numel() + (0 if a.bias is None else a.bias.numel())
+    return params, math.prod(out_shape) * _fan_in(a)
+
+
+def _fan_in(a: Affine) -> int:
+    return a.weight[0].numel()
+
+
+class _Negated:
+    """The ``−1`` of a subtraction, as a leaf of a group's tree (it has no graph node)."""
+
+    target = "(−1)"
+
+
+NEGATED = _Negated()
+_SUBS = {operator.sub, torch.sub, torch.Tensor.sub}
+_MULS = {operator.mul, torch.mul, torch.Tensor.mul}
+_DIVS = {operator.truediv, torch.div, torch.Tensor.div}
+_NEGS = {operator.neg, torch.neg, torch.Tensor.neg}
+
+
+def _is_sub(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in _SUBS)
+            or (node.op == "call_method" and node.target == "sub"))
+
+
+def _of(node: fx.Node, functions: set, method: str) -> bool:
+    return ((node.op == "call_function" and node.target in functions)
+            or (node.op == "call_method" and node.target == method))
+
+
+def _scale(node: fx.Node, consts: dict[fx.Node, Any], shapes: dict
+           ) -> tuple[fx.Node, Affine, int] | None:
+    """``x * c``, ``c * x``, ``x / c`` or ``-x`` with ``c`` a number or a constant tensor that
+    scales per channel (dim 1, or the last dim), as (x, the map, the parameters it holds)."""
+    if node.kwargs or node not in shapes:
+        return None
+    args = node.args
+    if _of(node, _NEGS, "neg") and len(args) == 1:
+        x, c, inverse = args[0], -1.0, False
+    elif _of(node, _MULS, "mul") and len(args) == 2:
+        x, c = (args[1], args[0]) if _constant(args[0], consts) else args
+        inverse = False
+    elif _of(node, _DIVS, "div") and len(args) == 2:
+        x, c, inverse = args[0], args[1], True
+    else:
+        return None
+    if not isinstance(x, fx.Node) or x in consts or x not in shapes or \
+            not _constant(c, consts) or shapes[x] != shapes[node]:
+        return None
+    value = consts[c] if isinstance(c, fx.Node) else torch.tensor(float(c))
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        return None
+    value = value.detach().to(torch.float64)
+    value = 1 / value if inverse else value
+    shape = shapes[x][0]
+    owned = sum(consts[a].numel() for a in _attrs(c) if len(a.users) == 1)
+    if value.numel() == 1 and len(shape) >= 2:
+        n = shape[-1] if len(shape) == 2 else shape[1]
+        value = value.reshape(1).expand(n)
+    elif len(shape) >= 3 and tuple(value.shape) in _per_channel(shape, 1):
+        value = value.reshape(-1)
+    elif len(shape) >= 2 and tuple(value.shape) in _per_channel(shape, len(shape) - 1):
+        return x, Affine(torch.diag(value.reshape(-1)), None, Geometry.linear()), owned
+    else:
+        return None
+    if len(shape) == 2:
+        return x, Affine(torch.diag(value), None, Geometry.linear()), owned
+    dims = len(shape) - 2
+    return x, Affine(value.reshape(-1, 1, *(1,) * dims), None,
+                     Geometry.pointwise(dims, groups=value.numel())), owned
+
+
+def _per_channel(shape: torch.Size, dim: int) -> set[tuple[int, ...]]:
+    """The shapes of a tensor that broadcasts along every dim of ``shape`` but ``dim``."""
+    full = tuple(n if i == dim else 1 for i, n in enumerate(shape))
+    return {full[i:] for i in range(dim + 1)}
+
+
+def _constant(value: Any, consts: dict[fx.Node, Any]) -> bool:
+    if isinstance(value, fx.Node):
+        return value in consts
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _attrs(value: Any) -> list[fx.Node]:
+    """The ``get_attr`` nodes a constant is computed from, through single-use nodes."""
+    if not isinstance(value, fx.Node):
+        return []
+    if value.op == "get_attr":
+        return [value]
+    return [a for arg in _flat((value.args, value.kwargs)) if isinstance(arg, fx.Node)
+            and len(arg.users) == 1 for a in _attrs(arg)]
+
+
+def _negation(maps: list[Affine | Identity], shape: torch.Size) -> Affine:
+    """``−1`` in the layout of the other maps of a sum (dim 1, or the last dim)."""
+    linear = len(shape) == 2 or any(isinstance(m, Affine) and m.geometry.dims == 0
+                                    for m in maps)
+    n = shape[-1] if linear else shape[1]
+    ones = -torch.ones(n, dtype=torch.float64)
+    if linear:
+        return Affine(torch.diag(ones), None, Geometry.linear())
+    dims = len(shape) - 2
+    return Affine(ones.reshape(-1, 1, *(1,) * dims), None, Geometry.pointwise(dims, groups=n))
 
 
 def _rank_mismatch(first: Affine, then: Affine, shape: torch.Size) -> str | None:

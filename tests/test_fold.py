@@ -188,13 +188,29 @@ def test_dbb_style_chain_branch_folds(groups):
         "(reduce → expand.0 → expand.1) + (kxk.0 → kxk.1)")
 
 
-def test_depthwise_chain_and_mixed_groups_fold():
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
-                          rbn(nn.BatchNorm2d(8)), nn.Conv2d(8, 16, 1, groups=2),
-                          rbn(nn.BatchNorm2d(16)), nn.ReLU()).eval()
-    gm = folded(model, torch.randn(2, 8, 7, 7))
+def depthwise_separable() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+                         rbn(nn.BatchNorm2d(8)), nn.Conv2d(8, 16, 1, groups=2),
+                         rbn(nn.BatchNorm2d(16)), nn.ReLU()).eval()
+
+
+def test_depthwise_then_pointwise_stays_two_layers():
+    """Merged, the pair would be a dense grouped 3×3 (592 parameters for 200): kept apart,
+    each with its BatchNorm folded, and the report gives the numbers."""
+    gm = folded(depthwise_separable(), torch.randn(2, 8, 7, 7))
+    convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.groups, c.kernel_size) for c in convs] == [(8, (3, 3)), (2, (1, 1))]
+    assert count(gm, BN) == 0
+    assert ("merging would cost 592 parameters and 56.45K MACs instead of 160 and 13.33K"
+            in reasons(gm))
+    assert "allow_larger=True" in reasons(gm)
+
+
+def test_allow_larger_merges_depthwise_and_pointwise():
+    gm = efx.fold(depthwise_separable(), (torch.randn(2, 8, 7, 7),), allow_larger=True)
     (conv,) = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
     assert conv.groups == 2 and conv.out_channels == 16 and count(gm, BN) == 0
+    assert gm.meta["expandfx.fold"].error <= TOL
 
 
 def test_linear_batchnorm1d_mlp():
@@ -227,14 +243,17 @@ def test_asymmetric_same_padding_gets_an_explicit_pad():
     assert "F.pad([1, 2, 1, 2]" in gm.meta["expandfx.fold"].folded[0]["as"]
 
 
-def test_batchnorm_in_training_mode_is_kept_without_side_effects():
-    model = nn.Sequential(ConvBN(3, 4, 3), nn.ReLU())
+def test_model_in_training_mode_folds_its_eval_form_with_a_warning():
+    model = nn.Sequential(ConvBN(3, 4, 3), nn.Dropout(0.5), nn.ReLU())
     model.train()
     stats = copy.deepcopy(model.state_dict())
-    gm = folded(model, torch.randn(4, 3, 8, 8))
-    assert count(gm, nn.Conv2d) == 1 and count(gm, BN) == 1
-    assert "BatchNorm in training mode" in reasons(gm) and "model.eval()" in reasons(gm)
-    assert state_equal(stats, gm.state_dict())  # the example runs left no statistics behind
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(UserWarning, match="Sequential is in training mode; folding its eval"):
+        gm = efx.fold(model, (x,))
+    assert model.training and state_equal(stats, model.state_dict())  # the model untouched
+    assert not gm.training and count(gm, nn.Conv2d) == 1 and count(gm, BN, nn.Dropout) == 0
+    with torch.no_grad():
+        assert rel_err(copy.deepcopy(model).eval()(x), gm(x)) <= TOL
 
 
 def test_relu_between_convs_is_kept():
@@ -312,17 +331,31 @@ def test_timm_layer_subclasses_are_checked_numerically():
     assert "'3' (BatchNormAct2d) does not compute plain F.batch_norm (eval)" in text
 
 
-def test_untraceable_model_is_a_config_error():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 1)
+class Branchy(nn.Module):
+    """Data-dependent control flow: FX cannot trace it."""
 
-        def forward(self, x):
-            return self.conv(x) if x.sum() > 0 else x
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, bias=False), rbn(nn.BatchNorm2d(4))
+        self.head = nn.Linear(4, 2)
 
-    with pytest.raises(ConfigError, match="torch.fx cannot trace Branchy"):
-        efx.fold(Branchy().eval(), (torch.randn(1, 3, 4, 4),))
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.head(y.mean((2, 3))) if x.sum() > 0 else y.sum()
+
+
+def test_untraceable_model_folds_from_a_recorded_forward():
+    model, x = Branchy().eval(), torch.randn(2, 3, 8, 8).abs()
+    out = efx.fold(model, (x,))
+    assert type(out) is Branchy and type(out.bn) is nn.Identity and type(model.bn) is not \
+        nn.Identity
+    assert out.conv.bias is not None and count(out, BN) == 0
+    report = out.meta["expandfx.fold"]
+    assert report.graph == "recorded forward" and report.error <= TOL
+    assert report.folded[0]["modules"] == ["conv", "bn"]
+    assert "torch.fx cannot trace Branchy" in report.kept[0]["reason"]
+    with torch.no_grad():
+        assert rel_err(model(x), out(x)) <= TOL
 
 
 def test_expanded_model_is_contracted_then_folded():

@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import registry
 from ..block import base_type
+from ..helpers import human as _human
 from ..helpers import text_table
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
@@ -132,9 +133,3 @@ def _arrow(before: int | None, after: int | None) -> str:
         return "?"
     return _human(before) if before == after else f"{_human(before)} → {_human(after)}"
 
-
-def _human(n: int) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
