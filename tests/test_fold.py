@@ -17,7 +17,6 @@ from support import rel_err, state_equal
 from torch import nn
 
 import expandfx as efx
-from expandfx.errors import ConfigError
 
 TOL = 1e-5  # docs/design.md §4, float32
 

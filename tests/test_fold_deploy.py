@@ -1,0 +1,239 @@
+"""fold as a deployment compiler: never larger than its input, sees inside every module, and
+works where FX cannot trace — on models the rest of the suite does not use (timm FastViT,
+EfficientViT-MSRA, LeViT, torchvision MnasNet, Hugging Face ResNet/MobileViT/RegNet), plus
+the invariant over the model zoo and the bad inputs fold answers with a ConfigError."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from support import rel_err
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import expandfx as efx
+from expandfx.conformance import ZOO, ZOO_INPUT, build_zoo_model
+from expandfx.errors import ConfigError
+
+TOL = 1e-5  # docs/design.md §4, float32
+BN = nn.modules.batchnorm._BatchNorm
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def macs(model: nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def norms(model: nn.Module) -> int:
+    return sum(isinstance(m, BN) for m in model.modules())
+
+
+def calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Random BatchNorm affine parameters and running statistics from one training forward
+    (a BatchNorm at init is the identity map: folding it would prove nothing)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BN) and m.affine:
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.1, generator=gen)
+        model.train()(torch.randn(x.shape, generator=gen))
+    return model.eval()
+
+
+def checked_fold(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Fold; assert exact, no more parameters or MACs than the input, model untouched."""
+    before = copy.deepcopy(model.state_dict())
+    out = efx.fold(model, (x,))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert rel_err(model(x), out(x)) <= TOL
+    assert out.meta["expandfx.fold"].error <= TOL
+    assert params(out) <= params(model) and macs(out, x) <= macs(model, x)
+    return out
+
+
+def timm_model(name: str, size: int) -> tuple[nn.Module, torch.Tensor]:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size)
+    return calibrated(timm.create_model(name, pretrained=False, num_classes=10), x), x
+
+
+# 1. never larger ---------------------------------------------------------------------------
+
+def test_fastvit_is_never_larger_and_beats_timm():
+    """Before: a depthwise conv merged with the pointwise conv after it made fastvit_t8 grow
+    from 3.26 M to 70.2 M parameters. Now it is smaller than timm's reparameterize_model
+    (the RepMixer's ``x + γ·(mixer(x) − norm(x))`` folds into one depthwise conv too)."""
+    from timm.utils.model import reparameterize_model
+
+    model, x = timm_model("fastvit_t8", 64)
+    out = checked_fold(model, x)
+    timm_way = reparameterize_model(copy.deepcopy(model))
+    assert params(out) <= params(timm_way) and macs(out, x) <= macs(timm_way, x)
+    assert norms(out) <= norms(timm_way) and norms(out) == 0
+    kept = "\n".join(k["reason"] for k in out.meta["expandfx.fold"].kept)
+    assert "merging would cost" in kept and "allow_larger=True" in kept
+
+
+def test_torchvision_mnasnet_is_never_larger():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    model = calibrated(tv.models.mnasnet0_5(num_classes=10), x)
+    out = checked_fold(model, x)
+    assert norms(out) == 0 and params(out) < params(model)
+
+
+class SharedConv(nn.Module):
+    """One conv called twice, each call followed by its own BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(torch.relu(x)))
+
+
+def test_a_conv_called_twice_is_not_duplicated():
+    """Before: each call folded with its BatchNorm into its own conv, 164 → 296 parameters."""
+    x = torch.randn(2, 4, 8, 8)
+    model = calibrated(SharedConv(), x)
+    out = checked_fold(model, x)
+    assert params(out) <= params(model) == 164
+    assert sum(isinstance(m, nn.Conv2d) for m in out.modules()) == 1
+
+
+# 2. inside every module -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["efficientvit_m0", "levit_128s"])
+def test_norms_inside_modules_and_behind_reshapes_fold(name):
+    """Before: efficientvit_m0 kept 54 BatchNorms (inside LocalWindowAttention, which FX
+    keeps whole) and levit_128s 46 (Linear → flatten(0, 1) → BatchNorm1d, timm's LinearNorm);
+    timm's reparameterize_model removes them all, and so does fold now."""
+    from timm.utils.model import reparameterize_model
+
+    model, x = timm_model(name, 224)
+    out = checked_fold(model, x)
+    timm_way = reparameterize_model(copy.deepcopy(model))
+    assert norms(out) == norms(timm_way) == 0
+    assert params(out) <= params(timm_way) and macs(out, x) <= macs(timm_way, x)
+
+
+def test_linear_norm_behind_a_reshape():
+    class LinearNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.bn = nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            x = self.linear(x)
+            return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+    x = torch.randn(3, 5, 6)
+    model = calibrated(LinearNorm(), torch.randn(3, 5, 6))
+    out = checked_fold(model, x)
+    assert norms(out) == 0 and out.linear.bias is not None
+
+
+def test_a_reshape_that_moves_the_feature_dim_does_not_fold():
+    """BatchNorm1d on [N, C, L] normalises dim 1; a Linear's features are the last dim."""
+    class Moved(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.bn = nn.Linear(6, 4), nn.BatchNorm1d(5)
+
+        def forward(self, x):  # [3, 5, 6] → [3, 5, 4]: dim 1 has size 5, not the features
+            return self.bn(self.linear(x))
+
+    x = torch.randn(3, 5, 6)
+    out = checked_fold(calibrated(Moved(), x), x)
+    assert norms(out) == 1
+
+
+# 3. models FX cannot trace -----------------------------------------------------------------
+
+def hf(name: str):
+    transformers = pytest.importorskip("transformers")
+    configs = {
+        "ResNet": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                       layer_type="basic", num_labels=3),
+        "MobileViT": dict(image_size=32, patch_size=2, hidden_sizes=[16, 16, 16],
+                          neck_hidden_sizes=[8, 8, 16, 16, 16, 32, 64], num_attention_heads=2,
+                          num_labels=3),
+        "RegNet": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4,
+                       num_labels=3),
+    }
+    config = getattr(transformers, f"{name}Config")(**configs[name])
+    torch.manual_seed(0)
+    return getattr(transformers, f"{name}ForImageClassification")(config)
+
+
+@pytest.mark.parametrize("name", ["ResNet", "MobileViT", "RegNet"])
+def test_hugging_face_vision_models_fold(name):
+    """Before: "symbolically traced variables cannot be used as inputs to control flow"."""
+    x = torch.randn(2, 3, 32, 32)
+    model = calibrated(hf(name), x)
+    out = efx.fold(model, (x,))
+    assert type(out) is type(model) and norms(model) > 0 and norms(out) == 0
+    report = out.meta["expandfx.fold"]
+    assert report.graph == "recorded forward" and report.error <= TOL
+    with torch.no_grad():
+        assert rel_err(model(x).logits, out(x).logits) <= TOL
+    assert params(out) < params(model) and macs(out, x) <= macs(model, x)
+    loaded = type(model)(model.config)  # the user's class: its checkpoints load into it
+    missing = loaded.load_state_dict(out.state_dict(), strict=False).missing_keys
+    assert missing and all("normalization" in k or "norm" in k for k in missing)
+
+
+def test_export_onnx_fold_hugging_face_resnet(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    report = efx.export_onnx(calibrated(hf("ResNet"), x), (x,), tmp_path / "m.onnx",
+                             fold=True)
+    assert report.passed
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "Conv" in ops and "BatchNormalization" not in ops
+
+
+# the invariant over the model zoo ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_fold_never_increases_parameters_or_macs(name):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    x = torch.randn(ZOO_INPUT)
+    checked_fold(calibrated(build_zoo_model(name), x), x)
+
+
+# bad input ---------------------------------------------------------------------------------
+
+def test_fold_without_example_inputs_says_what_it_needs():
+    with pytest.raises(ConfigError, match="fold: pass example_inputs, a tensor or a tuple"):
+        efx.fold(nn.Conv2d(3, 4, 3).eval())
+
+
+def test_fold_with_inputs_the_model_rejects_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"fold: Conv2d fails on example_inputs "
+                                          r"\(RuntimeError: .*fold needs inputs forward"):
+        efx.fold(nn.Conv2d(3, 4, 3).eval(), (torch.randn(2, 5, 8, 8),))
