@@ -20,12 +20,14 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -438,7 +440,11 @@ def _scale(node: fx.Node, consts: dict[fx.Node, Any], shapes: dict
            ) -> tuple[fx.Node, Affine, int] | None:
     """``x * c``, ``c * x``, ``x / c`` or ``-x`` with ``c`` a number or a constant tensor that
     scales per channel (dim 1, or the last dim), as (x, the map, the parameters it holds)."""
-    if node.kwargs or node not in shapes:
+    if node not in shapes:
+        return None
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return _functional_batchnorm(node, consts, shapes)
+    if node.kwargs:
         return None
     args = node.args
     if _of(node, _NEGS, "neg") and len(args) == 1:
@@ -474,6 +480,30 @@ def _scale(node: fx.Node, consts: dict[fx.Node, Any], shapes: dict
     dims = len(shape) - 2
     return x, Affine(value.reshape(-1, 1, *(1,) * dims), None,
                      Geometry.pointwise(dims, groups=value.numel())), owned
+
+
+def _functional_batchnorm(node: fx.Node, consts: dict[fx.Node, Any], shapes: dict
+                          ) -> tuple[fx.Node, Affine, int] | None:
+    """``F.batch_norm(x, mean, var, w, b, training=False, …)`` on constant tensors (buffers
+    and parameters read with ``get_attr``) as its per-channel affine map."""
+    try:
+        bound = inspect.signature(F.batch_norm).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    a = bound.arguments
+    x, tensors = a["input"], [a[k] for k in ("running_mean", "running_var", "weight", "bias")]
+    if a["training"] is not False or not isinstance(x, fx.Node) or x not in shapes or \
+            len(shapes[x][0]) < 2 or any(t is not None and t not in consts for t in tensors):
+        return None
+    mean, var, weight, bias = (None if t is None else consts[t].detach().double()
+                               for t in tensors)
+    if mean is None or var is None:
+        return None
+    stats = SimpleNamespace(running_mean=mean, running_var=var, weight=weight, bias=bias,
+                            eps=float(a["eps"]))
+    owned = sum(consts[t].numel() for t in tensors[2:] if t is not None and len(t.users) == 1)
+    return x, batchnorm(stats, len(shapes[x][0]) - 2), owned
 
 
 def _per_channel(shape: torch.Size, dim: int) -> set[tuple[int, ...]]:

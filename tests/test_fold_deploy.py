@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from support import rel_err
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -237,3 +238,50 @@ def test_fold_with_inputs_the_model_rejects_is_a_config_error():
     with pytest.raises(ConfigError, match=r"fold: Conv2d fails on example_inputs "
                                           r"\(RuntimeError: .*fold needs inputs forward"):
         efx.fold(nn.Conv2d(3, 4, 3).eval(), (torch.randn(2, 5, 8, 8),))
+
+
+# what the FX view folds beyond modules ------------------------------------------------------
+
+class Functional(nn.Module):
+    """A conv → F.batch_norm on buffers, then a layer scale, a negation and a division."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+        self.w, self.b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.gamma = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x):
+        y = F.batch_norm(self.conv(x), self.mean, self.var, self.w, self.b, False, 0.1, 1e-3)
+        return torch.relu(-(y * self.gamma) / 3.0)
+
+
+def test_functional_batch_norm_and_scales_fold_into_the_conv():
+    x = torch.randn(2, 3, 8, 8)
+    gm = checked_fold(Functional().eval(), x)
+    assert [type(m) for m in gm.modules()][1:] == [nn.Conv2d]  # one conv, no parameters else
+    assert params(gm) == 4 * 3 * 9 + 4
+    assert gm.meta["expandfx.fold"].folded[0]["formula"].count("→") == 4
+
+
+class Mixer(nn.Module):
+    """fastvit's RepMixer: x + γ·(mixer(x) − norm(x)), each a depthwise conv → BN / a BN."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.mixer = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+                                   nn.BatchNorm2d(c))
+        self.norm = nn.BatchNorm2d(c)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1))
+
+    def forward(self, x):
+        return x + self.gamma * (self.mixer(x) - self.norm(x))
+
+
+def test_a_subtraction_under_a_layer_scale_folds_into_one_depthwise_conv():
+    x = torch.randn(2, 6, 8, 8)
+    gm = checked_fold(calibrated(Mixer(), x), x)
+    (conv,) = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
+    assert conv.groups == 6 and params(gm) == 6 * 9 + 6 and "sub" not in gm.code
