@@ -93,13 +93,28 @@ def test_fastvit_is_never_larger_and_beats_timm():
     assert "merging would cost" in kept and "allow_larger=True" in kept
 
 
-def test_torchvision_mnasnet_is_never_larger():
+def mnasnet() -> tuple[nn.Module, torch.Tensor]:
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
-    model = calibrated(tv.models.mnasnet0_5(num_classes=10), x)
+    return calibrated(tv.models.mnasnet0_5(num_classes=10), x), x
+
+
+def test_torchvision_mnasnet_is_never_larger():
+    model, x = mnasnet()
     out = checked_fold(model, x)
     assert norms(out) == 0 and params(out) < params(model)
+
+
+def test_export_onnx_fold_torchvision_mnasnet(tmp_path):
+    import onnx
+
+    model, x = mnasnet()
+    report = efx.export_onnx(model, (x,), tmp_path / "m.onnx", fold=True)
+    assert report.passed
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert "BatchNormalization" not in ops
+    assert ops.count("Conv") == sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 class SharedConv(nn.Module):
