@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 _SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
@@ -41,6 +42,16 @@ def pytest_configure(config):
     # `HYPOTHESIS_PROFILE=fuzz make test` (see README): many more random cases
     settings.register_profile("fuzz", deadline=None, max_examples=2000)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the duration of a test: two threads on the shared 2-core
+    machine thrash, and fold's checks are small."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_sessionfinish(session, exitstatus):

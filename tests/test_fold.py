@@ -19,15 +19,7 @@ from torch import nn
 import expandfx as efx
 
 TOL = 1e-5  # docs/design.md §4, float32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on the shared 2-core machine thrash; these checks are small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rbn(bn: nn.Module, seed: int = 0, spread: float = 1.0) -> nn.Module:

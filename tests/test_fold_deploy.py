@@ -20,14 +20,7 @@ from expandfx.errors import ConfigError
 
 TOL = 1e-5  # docs/design.md §4, float32
 BN = nn.modules.batchnorm._BatchNorm
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params(model: nn.Module) -> int:
