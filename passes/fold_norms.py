@@ -130,6 +130,9 @@ class _Recorder(TorchFunctionMode):
         self.outputs: dict[int, _Output] = {}
         self.keep: list[Tensor] = []  # keeps recorded tensors alive, so ids stay unique
         self.active_norm: list[int] = []
+        self.running: set[int] = set()  # the layers whose forward is running
+        self.weights = {id(p): key for key, rec in layers.items()
+                        for p in (rec.module.weight, rec.module.bias) if p is not None}
         self.paused = False  # the hooks' own checks are not part of the model's data flow
 
     def track(self, t: Tensor, src: _Output) -> None:
@@ -143,6 +146,11 @@ class _Recorder(TorchFunctionMode):
         name = _name(func)
         if self.paused or name in _METADATA:
             return result
+        flat = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        for t in flat:  # a weight used outside its layer would change with the fold
+            owner = self.weights.get(id(t))
+            if owner is not None and owner not in self.running:
+                self.layers[owner].readers.append(f"{name} (on its weight)")
         found = [(i, self.outputs[id(t)]) for i, t in enumerate(tree_leaves((args, kwargs)))
                  if isinstance(t, Tensor) and id(t) in self.outputs]
         for i, src in found:
@@ -172,10 +180,12 @@ def _record(model: nn.Module, inputs: tuple[Any, ...], layers: dict[int, _Layer]
     def layer_in(m: nn.Module, args: tuple) -> None:
         rec = layers[id(m)]
         rec.calls += 1
+        recorder.running.add(id(m))
         if rec.calls == 1 and len(args) == 1 and isinstance(args[0], Tensor):
             rec.x = args[0].detach().clone()
 
     def layer_out(m: nn.Module, args: tuple, out: Any) -> None:
+        recorder.running.discard(id(m))
         rec = layers[id(m)]
         if rec.calls != 1 or rec.x is None or not isinstance(out, Tensor):
             return
@@ -242,8 +252,8 @@ def _why_not(norm: _Norm, layers: dict[int, _Layer], paths: dict[int, list[str]]
         return f"its input comes from {lname}, which {layer.plain}"
     if layer.readers or layer.norm == -1:
         who = ", ".join(dict.fromkeys(layer.readers)) or "another BatchNorm"
-        return (f"the output of {lname} is also read by {who}; folding would change what "
-                f"they read")
+        return (f"the output or weight of {lname} is also read by {who}; folding would "
+                f"change what they read")
     if norm.source.feature != 1 or norm.x_shape[1] != norm.module.num_features:
         return (f"it normalises dim 1 of a reshape of {lname}'s output, which is not the "
                 f"layer's feature dim; they do not fold")

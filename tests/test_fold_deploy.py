@@ -308,3 +308,24 @@ def test_a_subtraction_under_a_layer_scale_folds_into_one_depthwise_conv():
     gm = checked_fold(calibrated(Mixer(), x), x)
     (conv,) = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
     assert conv.groups == 6 and params(gm) == 6 * 9 + 6 and "sub" not in gm.code
+
+
+class TiedWeight(nn.Module):
+    """The conv's weight is read again, functionally, outside the conv: not foldable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if x.sum() > 0:  # untraceable: the recorded view decides
+            y = y + F.conv2d(x, self.conv.weight)
+        return y
+
+
+def test_a_weight_read_outside_its_layer_keeps_the_norm():
+    x = torch.randn(2, 4, 5, 5).abs()
+    out = checked_fold(calibrated(TiedWeight(), x), x)
+    assert norms(out) == 1
+    assert "read by conv2d (on its weight)" in str(out.meta["expandfx.fold"])
