@@ -303,8 +303,10 @@ def quantize_onnx(fp32_path: str, example_inputs: tuple[torch.Tensor, ...], cali
                     report.accuracy[name] = float((pred == ys).mean())
     report.timings["verify"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    report.latency_batch = int(held[0][0].shape[0]) if held[0][0].dim() else 1
-    report.latency_ms = _latency(fp32, int8, _feeds(names, held[0]), config.latency_runs)
+    size = [int(b[0].shape[0]) if b[0].dim() else 1 for b in held]
+    report.latency_batch = max(size)  # the largest held-out batch (a last one may be short)
+    report.latency_ms = _latency(fp32, int8, _feeds(names, held[size.index(max(size))]),
+                                 config.latency_runs)
     report.timings["latency"] = time.perf_counter() - t0
     _judge(report, config)
     return report
