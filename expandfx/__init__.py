@@ -26,12 +26,14 @@ from .passes.contract import contract
 from .passes.expand import expand
 from .passes.fold import FoldReport, fold
 from .planning import LayerPlan, Plan, plan
+from .quantize import Int8Config, Int8Report
 from .registry import register_layer, unregister_layer
 from .rules import Rule, register_rule, unregister_rule
 
 __all__ = [
     "ChainLR", "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
-    "ExportReport", "FoldError", "FoldReport", "LayerPlan", "ParamGroups", "Plan", "Psi", "Rule",
+    "ExportReport", "FoldError", "FoldReport", "Int8Config", "Int8Report", "LayerPlan",
+    "ParamGroups", "Plan", "Psi", "Rule",
     "VerificationError", "bake", "chain_scale", "compand", "companded", "contract",
     "decay_groups", "expand", "export_onnx", "fold", "frozen", "linearize", "modified_adaptive",
     "nonlinear_counterpart", "param_groups", "plan", "register_layer", "register_rule",

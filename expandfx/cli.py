@@ -4,6 +4,7 @@
     expandfx plan smallnet_7x7 --rule CK+FC --r 4 --input 1,3,32,32
     expandfx check tiny_resnet --rule CL --r 2 --input 2,3,32,32
     expandfx export smallnet_7x7 --weights big.pt --rule CL --r 4 --input 1,3,32,32 --out m.onnx
+    expandfx export smallnet_digits --weights m.pt --out m.onnx --int8 --data x.pt --calibrate 256
 
 MODEL is an in-repo model name (``expandfx models``) or ``package.module:factory``.
 """
@@ -190,8 +191,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CLIError(f"checkpoint does not fit {args.model}: {' '.join(lines[:3])[:400]}"
                        ) from None
     x = example_input(model, args.model, args.input)
+    int8 = _int8_arguments(args, x) if args.int8 else {}
     try:
-        report = efx.export_onnx(model, (x,), args.out)
+        report = efx.export_onnx(model, (x,), args.out, **int8)
     except efx.VerificationError as exc:
         print(exc.report)
         print("FAIL")
@@ -200,6 +202,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(report.to_json())
     return 0
+
+
+def _int8_arguments(args: argparse.Namespace, x: torch.Tensor) -> dict[str, Any]:
+    """export_onnx's int8 keywords: --data's samples (a tensor, or {"x": ..., "y": ...} /
+    (x, y) with labels), or random ones like the example input (a smoke test only)."""
+    from .quantize import Int8Config, split_samples
+
+    y = None
+    if args.data:
+        try:
+            data = torch.load(args.data, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CLIError(f"cannot read --data {args.data!r} with weights_only=True: "
+                           f"{str(exc).splitlines()[0]}") from None
+        data, y = ((data.get("x"), data.get("y")) if isinstance(data, dict) else
+                   tuple(data) if isinstance(data, tuple | list) and len(data) == 2 else
+                   (data, None))
+        if not isinstance(data, torch.Tensor):
+            raise CLIError(f"--data {args.data!r}: save a tensor of inputs, or {{'x': inputs, "
+                           f"'y': labels}}, with torch.save")
+    else:
+        print(f"--int8 without --data: calibrating on {args.calibrate} random inputs (a smoke "
+              f"test of the pipeline; pass --data with real inputs for a deployment)")
+        data = torch.randn(args.calibrate + 64, *x.shape[1:], generator=torch.Generator()
+                           .manual_seed(0)) * x.std() + x.mean()
+    try:
+        batches, labels, held = split_samples(data.float(), y, args.calibrate, batch=32)
+    except ExpandFXError as exc:
+        raise CLIError(str(exc).replace("split_samples", f"--data {args.data!r}")) from None
+    return {"quantize": Int8Config(holdout=held), "calibration": batches, "labels": labels}
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -266,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="ONNX file to write")
     e.add_argument("--psi", default="arctan", help="compander Ψ of a companded checkpoint")
     e.add_argument("--report", help="also write the JSON report here")
+    e.add_argument("--int8", action="store_true",
+                   help="also write OUT's stem + .int8.onnx: static int8 (QDQ, per-channel "
+                        "weights), verified against fp32 on held-out samples")
+    e.add_argument("--calibrate", type=positive, default=256, metavar="N",
+                   help="samples to calibrate on (default 256); the rest are held out")
+    e.add_argument("--data", help="torch.save'd inputs for --int8: a tensor, or {'x': ..., "
+                                  "'y': labels} for accuracies (default: random inputs)")
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list the in-repo models")

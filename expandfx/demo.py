@@ -5,7 +5,8 @@ Model: the paper's SmallNet shape adapted to 8×8 inputs (5×5 kernels, so CK ap
 Same recipe for both (SGD lr 0.05, momentum 0.9, cosine, several seeds), with the
 learning rates of :func:`expandfx.param_groups` (``lr/N`` for the factors of an N-factor
 block), one thread and deterministic kernels. Writes the ONNX file, a JSON report and a
-PNG of the curves.
+PNG of the curves. The deployed model is also exported in int8 (folded, static QDQ,
+calibrated on 256 training images) and compared with fp32 on the test set.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from expandfx.counting import param_count
 from expandfx.helpers import rel_error
 from expandfx.models import smallnet_digits
 from expandfx.optim import ChainLR
+from expandfx.quantize import split_samples
 
 __all__ = ["accuracy", "digits", "fit", "reproducible", "run_demo", "train"]
 
@@ -186,6 +188,12 @@ def _demo(out: Path, rule: str, r: float, epochs: int, seeds: int, quick: bool,
     deployed.load_state_dict(small.state_dict())  # same class, same keys
     onnx_path = out / "smallnet_digits.onnx"
     report = efx.export_onnx(big, (xte[:4],), onnx_path)
+    # int8: folded (BN absorbed), calibrated on 256 training images, verified on the test set
+    batches, labels, held = split_samples(torch.cat([xtr[:256], xte]),
+                                          torch.cat([data[1][:256], yte]), calibrate=256)
+    int8 = efx.export_onnx(deployed, (xte[:4],), out / "smallnet_digits_folded.onnx",
+                           quantize=efx.Int8Config(holdout=held), calibration=batches,
+                           labels=labels).int8
 
     totals = plan.totals()
     summary = {
@@ -198,6 +206,7 @@ def _demo(out: Path, rule: str, r: float, epochs: int, seeds: int, quick: bool,
         "contract_rel_error": fold_err,
         "deployed_accuracy": accuracy(deployed, xte, yte),
         "onnx": json.loads(report.to_json()),
+        "int8": int8.to_dict(),
         "curves": curves,
     }
     (out / "report.json").write_text(json.dumps(summary, indent=1))
@@ -220,8 +229,17 @@ def _demo(out: Path, rule: str, r: float, epochs: int, seeds: int, quick: bool,
             print(f"onnxruntime ({level} optimizations) vs torch, {name}: max abs "
                   f"{e['max_abs']:.2e}, max rel {e['max_rel']:.2e}")
     print(f"structure of the ONNX graph = compact architecture: {report.structure_matches}")
-    print(f"wrote {onnx_path}, {out / 'report.json'}, {out / 'curves.png'}")
-    ok = fold_err <= 1e-5 and report.passed
+    size, ms = int8.size_bytes, int8.latency_ms
+    print(f"\n{'deployed, onnxruntime':28}{'test acc':>10}{'file bytes':>12}{'latency':>10}"
+          f"  (batch {int8.latency_batch}, {int8.config['threads']} thread)")
+    for name in ("fp32", "int8"):
+        print(f"{name + (' (folded)' if name == 'fp32' else ' (QDQ, per-channel)'):28}"
+              f"{int8.accuracy[name]:>10.4f}{size[name]:>12,}{ms[name]:>8.3f}ms")
+    print(f"int8 vs fp32 on the test set: SQNR {int8.sqnr_db['held-out']:.1f} dB, top-1 "
+          f"agreement {int8.agreement['held-out']:.4f}; int8/fp32 size "
+          f"{size['int8'] / size['fp32']:.2f}×, latency {int8.latency_ratio:.2f}×")
+    print(f"wrote {onnx_path}, {int8.path}, {out / 'report.json'}, {out / 'curves.png'}")
+    ok = fold_err <= 1e-5 and report.passed and int8.passed
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

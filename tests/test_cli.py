@@ -89,6 +89,11 @@ def test_demo_quick_writes_its_outputs(tmp_path):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["contract_rel_error"] <= 1e-5 and report["onnx"]["passed"]
     assert report["params_test"] < report["params_train"]
+    int8 = report["int8"]  # the deployed model in int8 beside fp32: accuracy, size, latency
+    assert int8["passed"] and (tmp_path / "demo" / "smallnet_digits_folded.int8.onnx").is_file()
+    assert int8["size_bytes"]["int8"] < int8["size_bytes"]["fp32"] and int8["latency_ratio"] > 0
+    assert abs(int8["accuracy"]["int8"] - int8["accuracy"]["fp32"]) <= 0.02  # 3 epochs only
+    assert "int8 (QDQ, per-channel)" in out.stdout and "SQNR" in out.stdout
 
 
 def test_export_of_a_companded_compact_model_with_a_layers_submodule(tmp_path):
@@ -126,3 +131,27 @@ def test_check_strict_fails_when_the_rule_expands_nothing(tmp_path):
     assert out.returncode == 2
     assert "expanded no layer of CNN1D" in out.stderr and "2-D convolutions" in out.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_int8_with_data_and_labels(tmp_path):
+    from expandfx.demo import digits
+    from expandfx.models import smallnet_digits
+
+    torch.manual_seed(0)
+    ckpt, data = tmp_path / "m.pt", tmp_path / "x.pt"
+    torch.save(smallnet_digits().state_dict(), ckpt)
+    xtr, ytr, _, _ = digits()
+    torch.save({"x": xtr[:320], "y": ytr[:320]}, data)
+    args = ["export", "smallnet_digits", "--weights", str(ckpt), "--out", str(tmp_path / "m.onnx"),
+            "--int8", "--report", str(tmp_path / "r.json")]
+    out = cli(*args, "--data", str(data), "--calibrate", "256")
+    assert out.returncode == 0, out.stderr
+    assert "int8 export" in out.stdout and "held-out accuracy" in out.stdout
+    report = json.loads((tmp_path / "r.json").read_text())["int8"]
+    assert report["passed"] and report["heldout_samples"] == 64
+    assert report["calibration_batches"] == 8 and report["sqnr_db"]["held-out"] > 20
+    assert (tmp_path / "m.int8.onnx").stat().st_size < (tmp_path / "m.onnx").stat().st_size
+    too_few = cli(*args, "--data", str(data), "--calibrate", "320")
+    assert too_few.returncode == 2 and "at least one held out" in too_few.stderr
+    random = cli(*args)  # no --data: random inputs, said so
+    assert random.returncode == 0 and "smoke test" in random.stdout

@@ -132,3 +132,32 @@ def test_dict_and_nested_outputs_are_verified(tmp_path):
     assert report.passed and len(report.outputs) == 3
     assert report.fold_error is not None and report.fold_error <= 1e-5
     assert all(len(level) == 3 for level in report.errors.values())
+
+
+def test_fp32_atol_scales_with_the_output(tmp_path):
+    """A deep net's float32 rounding grows with its outputs (timm mobilenetv4_conv_small:
+    6.1e-5 at magnitude 60): a fixed atol of 1e-5 failed it. The scaled atol passes an
+    error of 1e-6 of the output's scale, and still fails one of 1e-3 (negative control)."""
+    torch.manual_seed(0)
+    model = nn.Linear(32, 10).eval()
+    with torch.no_grad():
+        model.weight.mul_(60.0)
+    x = torch.randn(8, 32)
+    path = tmp_path / "big.onnx"
+    efx.export_onnx(model, (x,), path)
+    scale = model(x).abs().max().item()
+    assert scale > 30
+    proto = onnx.load(str(path))
+    bias = next(t for t in proto.graph.initializer if onnx.numpy_helper.to_array(t).ndim == 1)
+    original = onnx.numpy_helper.to_array(bias).copy()
+    for shift, passes in ((1e-6 * scale, True), (1e-3 * scale, False)):
+        shifted = (original + shift).astype(np.float32)
+        bias.CopyFrom(onnx.numpy_helper.from_array(shifted, bias.name))
+        onnx.save(proto, str(path))
+        if passes:  # the old check (atol 1e-5 absolute) rejected this
+            report = efx.verify_onnx(model, (x,), path, n_random=1)
+            worst = max(e["max_abs"] for lv in report.errors.values() for e in lv.values())
+            assert report.passed and worst > 1e-5
+        else:
+            with pytest.raises(efx.VerificationError, match="onnxruntime disagrees"):
+                efx.verify_onnx(model, (x,), path, n_random=1)

@@ -148,3 +148,20 @@ def test_training_inside_reproducible_is_bitwise_repeatable_and_state_is_restore
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
     assert "EXPANDFX_AUTO_MEASURE" not in os.environ
+
+
+def test_quantization_study_quick_run_resumes(tmp_path):
+    study = load("quantization_study")
+    assert study.main(["--quick", "--out", str(tmp_path), "--rules", "compact", "RepVGG-BN"]) == 0
+    lines = (tmp_path / "quantization.partial.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["rule"] for r in records] == ["compact", "RepVGG-BN"]
+    for r in records:  # per-branch BNs folded away: the compact net's 4 layers, int8 measured
+        assert len(r["weights"]) == 4 and all(w["max_over_std"] > 1 for w in r["weights"])
+        for q in r["int8"].values():
+            assert q["quantized_layers"] == [4, 4] and q["sqnr_db"] > 15
+            assert q["size_bytes"]["int8"] < q["size_bytes"]["fp32"]
+    assert set(records[0]["int8"]) == {"minmax/per-channel", "minmax/per-tensor"}
+    assert "| RepVGG-BN |" in (tmp_path / "quantization_study.md").read_text()
+    assert study.main(["--quick", "--out", str(tmp_path), "--rules", "compact"]) == 0  # resumed
+    assert (tmp_path / "quantization.partial.jsonl").read_text().splitlines() == lines
