@@ -391,3 +391,88 @@ def test_nonlinear_counterpart_refuses_a_module_instance():
         efx.nonlinear_counterpart(big, nn.ReLU())
     with pytest.raises(efx.ConfigError, match=r"returned Tensor"):
         efx.nonlinear_counterpart(big, lambda: torch.zeros(1))
+
+
+# --- issue #22: the promises users rely on ------------------------------------------------
+
+
+class UserNet(nn.Module):
+    """The new user's model of issue #22: a 5×5 stem, a depthwise-separable block with a
+    residual, attention, a GRU, a transposed-conv decoder and two Linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 5, padding=2)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 16, 1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.gru = nn.GRU(16, 16, batch_first=True)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pw(self.dw(x))
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        t, _ = self.attn(t, t, t)
+        t, _ = self.gru(t)
+        x = self.up(t.transpose(1, 2).reshape(b, c, h, w))
+        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
+
+
+USER_X = torch.randn(2, 3, 8, 8)
+
+
+def test_exact_mapping_key_raises_even_when_other_layers_expand():
+    with pytest.raises(efx.ConfigError, match=r"'dw' was requested exactly \(rule mapping key "
+                                              r"'dw'\).*no odd size > 3.*map it to None"):
+        efx.expand(UserNet(), {"dw": "CK", "*": "CK"}, 2, example_inputs=(USER_X,))
+    # a glob is no request: the same layer is skipped with its reason, the stem expands
+    big = efx.expand(UserNet(), {"d*": "CK", "*": "CK"}, 4, example_inputs=(USER_X,))
+    assert isinstance(big.stem, efx.ExpandedBlock) and type(big.dw) is nn.Conv2d
+    # a key mapped to None is the user's own choice: no error
+    big = efx.expand(UserNet(), {"dw": None, "*": "CK"}, 4, example_inputs=(USER_X,))
+    assert type(big.dw) is nn.Conv2d
+
+
+def test_exact_include_raises_even_when_other_layers_expand():
+    with pytest.raises(efx.ConfigError, match=r"'attn.out_proj' was requested exactly "
+                                              r"\(include=\['attn.out_proj'\]\).*"
+                                              r"MultiheadAttention.*drop it from include="):
+        efx.expand(UserNet(), "FC", 2, include=["*", "attn.out_proj"], example_inputs=(USER_X,))
+    with pytest.raises(efx.ConfigError, match=r"'fc1' was requested exactly.*rule CL does not "
+                                              r"apply to Linear"):
+        efx.expand(UserNet(), "CL", 2, include=["*", "fc1"], example_inputs=(USER_X,))
+    # exclude= is the user's choice too: it wins over an exact include, silently
+    big = efx.expand(UserNet(), "FC", 2, include=["*", "fc1"], exclude=["fc1"],
+                     example_inputs=(USER_X,))
+    assert type(big.fc1) is nn.Linear
+
+
+def test_an_expansion_that_would_contract_the_layer_is_skipped_or_raises():
+    model = UserNet()
+    row = next(r for r in efx.plan(model, "CK", 2, example_inputs=(USER_X,)).rows
+               if r.path == "stem")
+    # CK at r=2: factors (6,3,3,3) and (16,6,3,3) hold 1,048 parameters for a 1,216 layer
+    assert row.rule is None
+    assert row.reason == ("CK at r=2 on 'stem' would hold 1.05K parameters for a 1.22K layer, "
+                          "so it cannot represent every weight of the layer it replaces: use "
+                          "r >= 2.25 (or another rule)")
+    with pytest.raises(efx.ConfigError, match=r"'stem' was requested exactly.*1.05K parameters"):
+        efx.expand(model, {"stem": "CK"}, 2, example_inputs=(USER_X,))
+    big = efx.expand(model, {"stem": "CK"}, 2.25, example_inputs=(USER_X,))  # the fix it names
+    assert sum(p.numel() for p in big.stem.parameters()) == 1220 >= 1216
+
+
+def test_an_expansion_below_the_layers_rank_is_skipped():
+    # FC at r=0.5 on 8→8: more parameters (3 layers) but rank ≤ 4 < 8
+    plan = efx.plan(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), "FC", 0.5)
+    assert "rank at most 4 (per group) where the layer reaches rank 8" in plan.rows[0].reason
+    assert "use r >= 1" in plan.rows[0].reason
+    # CL at r=0.5 on a 3×3 conv 1→8: 82 parameters for 80, but the last 1×1 has 4 inputs
+    plan = efx.plan(nn.Sequential(nn.Conv2d(1, 8, 3)), "CL", 0.5)
+    assert "rank at most 4" in plan.rows[0].reason and "reaches rank 8" in plan.rows[0].reason
+    # depthwise: widths round up to one channel per group, which reaches every weight
+    assert efx.plan(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), "CL", 0.5).rows[0].rule == "CL"
