@@ -83,7 +83,7 @@ def _output_reason(path: str, view: GraphView) -> str:
     mapping = "{" + repr(path) + ": 'FC', ...}"
     return (f"the model's output layer ({how}); the FC rule leaves it alone, as the paper's "
             f"authors do. To expand it, name it exactly: include=['*', {path!r}] or a rule "
-            f"mapping {mapping}")
+            f"mapping {mapping} (command line: --include '*,{path}')")
 
 
 def _last_linear(layers: list[tuple[int, nn.Module]], inside_block: dict[int, str]) -> set[int]:
@@ -147,8 +147,8 @@ def _graph_reason(module: nn.Module, ctx: _Context) -> str | None:
 def _reject_lazy(path: str, module: nn.Module) -> None:
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise ConfigError(f"expand: '{path}' ({type(module).__name__}) is a lazy module that has "
-                          f"not been initialized. Run one forward pass with a real input first "
-                          f"(or pass example_inputs and call the model once), then expand.")
+                          f"not been initialized: its shapes are unknown until it sees an input. "
+                          f"Call the model once on a real input (model(x)), then expand.")
 
 
 def _unusable(path: str, module: nn.Module, explicit: bool) -> str | None:
