@@ -579,3 +579,46 @@ def test_torchscript_of_an_expanded_model_says_to_contract_first():
     scripted = torch.jit.script(efx.contract(big))
     with torch.no_grad():
         assert (scripted(x) - big(x)).abs().max() <= 1e-5 * big(x).abs().max()
+
+
+def test_every_layer_holding_a_linear_map_is_listed_with_its_reason():
+    plan = efx.plan(UserNet(), "CL+FC", 2, example_inputs=(USER_X,))
+    rows = {row.path: row for row in plan.rows}
+    assert list(rows) == ["stem", "dw", "pw", "attn", "attn.out_proj", "gru", "up", "fc1", "fc2"]
+    assert "transposed convolutions are not a layer type" in rows["up"].reason
+    assert rows["up"].layer == "ConvTranspose2d(16→8, k2, s2)"
+    assert "weight_ih/weight_hh" in rows["gru"].reason and rows["gru"].layer == "GRU(16→16)"
+    assert "in_proj_weight" in rows["attn"].reason
+    # the attention row counts its own weights only: out_proj has its own row
+    assert rows["attn"].params_before == 3 * 16 * 16 + 3 * 16
+    assert plan.totals()["params_before"] == sum(p.numel() for p in UserNet().parameters())
+
+
+def test_mac_totals_say_what_they_leave_out():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = UserNet().eval()
+    plan = efx.plan(model, "CL", 2, example_inputs=(USER_X,))
+    assert [row.path for row in plan.uncounted] == ["attn", "attn.out_proj", "gru"]
+    text = str(plan)
+    total_line = next(line for line in text.splitlines() if line.startswith("total"))
+    assert "?" not in total_line
+    assert ("MAC totals leave out 3 layer(s) with no MAC count: attn (MultiheadAttention), "
+            "attn.out_proj (Linear), gru (GRU)") in text
+    # the transposed conv is counted, as torch's flop counter counts it
+    up = next(row for row in plan.rows if row.path == "up")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.up(torch.randn(2, 16, 8, 8))
+    assert up.macs_before == counter.get_total_flops() // 2 == 2 * 16 * 64 * 8 * 4
+
+
+def test_a_pattern_matching_an_unhandled_layer_reports_the_type_not_the_mapping():
+    with pytest.raises(efx.ConfigError, match=r"'up' was requested exactly \(rule mapping key "
+                                              r"'up'\).*transposed convolutions"):
+        efx.plan(UserNet(), {"up": "CL", "*": "CL"}, 2, example_inputs=(USER_X,))
+    row = next(r for r in efx.plan(UserNet(), {"u*": "CL", "*": "CL"}, 2,
+                                   example_inputs=(USER_X,)).rows if r.path == "up")
+    assert "no pattern of the rule mapping matches" not in row.reason
+    assert "transposed convolutions" in row.reason
+    with pytest.raises(efx.ConfigError, match=r"'gru' was requested exactly.*weight_ih"):
+        efx.expand(UserNet(), "CL+FC", 2, include=["*", "gru"], example_inputs=(USER_X,))

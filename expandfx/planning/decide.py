@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from .legality import (
     check_r,
     how_requested,
     requested_explicitly,
+    unhandled_reason,
 )
 from .report import LayerPlan, Plan, describe
 
@@ -73,6 +75,13 @@ def plan(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
 
     shapes = input_shapes(model, example_inputs, [row.module for row in rows])
     for row in rows:
+        if unhandled_reason(row.module):  # its own weights only (MultiheadAttention.out_proj
+            row.params_before = row.params_after = sum(  # has its own row)
+                p.numel() for p in row.module.parameters(recurse=False))
+            shape = shapes.get(id(row.module))
+            if shape is not None:
+                row.macs_before = row.macs_after = unhandled_macs(row.module, shape)
+            continue
         layer = registry.as_torch(row.module, device="meta", path=row.path)
         row.params_before = row.params_after = param_count(row.module)
         shape = shapes.get(id(row.module))
@@ -124,11 +133,14 @@ def decide(model: nn.Module, rule: RuleSpec, r: float, *, include: Patterns = No
                     if isinstance(b, ExpandedBlock) for m in b.modules()}
     layers = [(key, m) for key, m in modules.items()
               if registry.is_layer(m) or _is_parametrized_layer(m)]
+    handled = {key for key, _ in layers}
+    listed = [(key, m) for key, m in modules.items()  # every holder of a linear map's weight
+              if key in handled or unhandled_reason(m) is not None]
     output = view.output_layers if view.checked else _last_linear(layers, inside_block)
     ctx = _Context(view, rule, include, exclude, inside_block, _opaque_children(model),
                    owners, output, r)
     rows = []
-    for key, module in layers:
+    for key, module in listed:
         path = paths[key][0]
         _reject_lazy(path, module)
         row = LayerPlan(path=path, layer=describe(module), rule=None,
@@ -170,6 +182,9 @@ def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
     hit = first_match(path, ctx.exclude)
     if hit:
         return None, f"excluded by {hit!r}"
+    unhandled = unhandled_reason(module)
+    if unhandled:  # whatever the rule spec says: its pattern may match, the type is the cause
+        return None, unhandled
     rule, reason = pick(ctx.rule, path, module)
     if rule is None:
         return None, reason
@@ -187,6 +202,16 @@ def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
     if rule == "FC" and id(module) in ctx.output and not explicit:
         return None, _output_reason(path, ctx.view)
     return rule, None
+
+
+def unhandled_macs(module: nn.Module, shape: tuple[int, ...]) -> int | None:
+    """MACs of a transposed convolution on an input of ``shape`` (every input element
+    meets ``out/groups · prod(kernel)`` weights, as torch's flop counter has it); ``None``
+    for the modules whose cost the plan does not model (RNNs, attention)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        per = module.out_channels // module.groups * math.prod(module.kernel_size)
+        return math.prod(shape) * per
+    return None
 
 
 def _meta_builder(rule: str, layer: nn.Module, path: str) -> Callable[[float], ExpandedBlock]:

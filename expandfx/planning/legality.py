@@ -32,7 +32,8 @@ from ..rules.spec import RuleSpec
 from ..tracing import GraphView
 from .report import _human
 
-__all__ = ["capacity_reason", "check_r", "how_requested", "requested_explicitly"]
+__all__ = ["capacity_reason", "check_r", "how_requested", "requested_explicitly",
+           "unhandled_reason"]
 
 if TYPE_CHECKING:
     from .decide import _Context
@@ -301,3 +302,20 @@ def _rank_bound(block: ExpandedBlock, layer: nn.Module) -> tuple[int, int] | Non
         return reach_in, need_in
     return None
 
+
+
+def unhandled_reason(module: nn.Module) -> str | None:
+    """Why a module that holds a linear map's weight is not a layer expandfx handles (so the
+    plan lists it with this reason), or ``None`` for every other module."""
+    cls = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return (f"{cls}: transposed convolutions are not a layer type expandfx expands yet "
+                f"(no rule handles them)")
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return (f"{cls} applies its weight_ih/weight_hh matrices itself, inside its "
+                f"recurrence: not a layer type expandfx expands")
+    if isinstance(module, nn.MultiheadAttention):
+        return (f"{cls} applies its input projection (in_proj_weight) itself, in "
+                f"F.multi_head_attention_forward: not a layer type expandfx expands (its "
+                f"out_proj has its own row)")
+    return None
