@@ -299,10 +299,11 @@ def test_convtranspose_then_batchnorm_folds_to_one_convtranspose():
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2)
         bn.weight.normal_()
-    one = fold(Seq((Affine.of(up), batchnorm(bn, 2))), torch.float64)
+    up, bn = up.double(), bn.double()
+    one = fold(Seq((Affine.of(up), batchnorm(bn, 2))))
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     with torch.no_grad():
-        want = bn.double()(up.double()(x))
+        want = bn(up(x))
         got = F.conv_transpose2d(x, one.weight, one.bias, stride=2, padding=1, output_padding=1)
     assert got.shape == (2, 4, 10, 10) and rel_err(want, got) <= 1e-12
 
