@@ -75,7 +75,8 @@ def evaluate(model: torch.nn.Module, loader, device: str) -> float:
 def train_phase(model: torch.nn.Module, loader, test_loader, args: argparse.Namespace,
                 history: list[dict], chain_lr: str) -> None:
     """The paper's recipe, with the learning rates of :func:`expandfx.param_groups`."""
-    groups = efx.param_groups(model, args.lr, weight_decay=5e-4, chain_lr=chain_lr)
+    groups = efx.param_groups(model, args.lr, weight_decay=5e-4, chain_lr=chain_lr,
+                              decay_bias_and_norm=True)  # the paper's recipe decays everything
     opt = torch.optim.SGD(groups, momentum=0.9)
     milestones = [args.epochs // 3, 2 * args.epochs // 3]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)

@@ -232,6 +232,7 @@ class ExpandedBlock(nn.Module):
         object.__setattr__(self, "template", parameter_free_copy(original))
         self.train(original.training)
         self._check_fold_matches(rule)
+        self.register_load_state_dict_post_hook(_drop_explained_keys)
         groups = getattr(self.template, "groups", 1)
         self._plain_chain = self.is_chain and all(
             getattr(f, "groups", 1) == groups for f in self.layers)
@@ -254,10 +255,22 @@ class ExpandedBlock(nn.Module):
                 f"{found}, but the {type(self.template).__name__} they replace has {want}; the "
                 f"rule built a block that does not compute a map of that layer.")
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` cannot compile a block (its forward interprets a topology):
+        say so, and what to do, instead of TorchScript's error about a lambda."""
+        raise ConfigError(f"torch.jit.script: the model holds an expanded block "
+                          f"({self.rule}, r={self.r:g}, replacing a "
+                          f"{type(self.template).__name__}), which TorchScript cannot compile. "
+                          f"Contract first and script the compact model "
+                          f"(torch.jit.script(expandfx.contract(model))); torch.compile works on "
+                          f"expanded models.")
+
     def __setstate__(self, state: dict[str, Any]) -> None:  # blocks pickled before topologies
         super().__setstate__(state)
         if "topology" not in self.__dict__:
             self.topology = self._current_topology()
+        if _drop_explained_keys not in self._load_state_dict_post_hooks.values():
+            self.register_load_state_dict_post_hook(_drop_explained_keys)
 
     @property
     def is_chain(self) -> bool:
@@ -542,6 +555,7 @@ class ExpandedBlock(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         error_msgs: list[str] = args[-1]
         path = prefix.rstrip(".") or "<root>"
+        before = len(error_msgs)
         if prefix + "weight" in state_dict:
             error_msgs.append(
                 f"'{path}' is an expanded block ({self.rule}, r={self.r:g}) but the checkpoint "
@@ -566,6 +580,9 @@ class ExpandedBlock(nn.Module):
                     f"checkpoint."
                 )
                 break
+        # our diagnosis explains this block's missing/unexpected keys: _drop_explained_keys
+        # removes them after loading, so that torch's message leads with the diagnosis
+        self.__dict__["_explained_prefix"] = prefix if len(error_msgs) > before else None
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _structure_mismatch(self, state_dict: dict[str, Any], prefix: str
@@ -620,6 +637,17 @@ def _fx_tracing() -> bool:
     trace = torch.fx._symbolic_trace
     check = getattr(trace, "is_fx_symbolic_tracing", None) or trace.is_fx_tracing
     return bool(check())
+
+
+def _drop_explained_keys(block: nn.Module, incompatible: Any) -> None:
+    """A load_state_dict post-hook: once a block has diagnosed a checkpoint mismatch (another
+    rule or r, a compact checkpoint), the missing and unexpected keys under it are what that
+    diagnosis explains; torch would list them (kilobytes of keys) before it."""
+    prefix = block.__dict__.pop("_explained_prefix", None)
+    if prefix is None:
+        return
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        keys[:] = [k for k in keys if not k.startswith(prefix)]
 
 
 def _autocast(x: torch.Tensor) -> bool:

@@ -32,7 +32,7 @@ from .snapshot import training_flags
 
 __all__ = ["BLOCK_KEY", "CLIError", "EPILOG", "block_keys", "build_parser", "cmd_check",
            "cmd_demo", "cmd_export", "cmd_models", "cmd_plan", "default_input", "example_input",
-           "load_model", "main", "parse_shape", "positive"]
+           "load_model", "main", "parse_shape", "patterns", "positive"]
 
 
 EPILOG = """\
@@ -116,17 +116,28 @@ def block_keys(keys: list[str], own: set[str]) -> bool:
     return False
 
 
+def patterns(args: argparse.Namespace) -> dict[str, list[str] | None]:
+    """``include=`` / ``exclude=`` from ``--include a,b --include c`` (comma-separated globs)."""
+    def split(values: list[str] | None) -> list[str] | None:
+        if values is None:
+            return None
+        return [p.strip() for v in values for p in v.split(",") if p.strip()]
+    return {"include": split(getattr(args, "include", None)),
+            "exclude": split(getattr(args, "exclude", None))}
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     x = example_input(model, args.model, args.input)
-    print(efx.plan(model, args.rule, args.r, example_inputs=(x,)))
+    print(efx.plan(model, args.rule, args.r, example_inputs=(x,), **patterns(args)))
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     model = load_model(args.model).eval()
     x = example_input(model, args.model, args.input)
-    big = efx.expand(model, args.rule, args.r, mode=args.mode, strict=args.strict).eval()
+    big = efx.expand(model, args.rule, args.r, mode=args.mode, strict=args.strict,
+                     **patterns(args)).eval()
     n_blocks = sum(isinstance(m, efx.ExpandedBlock) for m in big.modules())
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # randomize the factors: a check on trained-like weights
@@ -180,16 +191,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.rule is None or args.r is None:
             raise CLIError(f"{str(path)!r} is a checkpoint of an expanded model: pass the rule "
                            f"and r it was expanded with (--rule ... --r ...)")
-        model = efx.expand(model, args.rule, args.r)
+        model = efx.expand(model, args.rule, args.r, **patterns(args))
     if any(k.endswith(".parametrizations.weight.original") and k not in model.state_dict()
            for k in state):
         efx.compand(model, psi=args.psi)
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # torch's header, then one problem per line: ours come first
         lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
-        raise CLIError(f"checkpoint does not fit {args.model}: {' '.join(lines[:3])[:400]}"
-                       ) from None
+        problems = lines[1:] or lines
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CLIError(f"checkpoint does not fit {args.model}: {problems[0]}{more}") from None
     x = example_input(model, args.model, args.input)
     int8 = _int8_arguments(args, x) if args.int8 else {}
     try:
@@ -279,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--r", type=float, default=r_default,
                        help=f"expansion rate (default: {r_default})")
         p.add_argument("--input", help="input shape, e.g. 1,3,32,32 (in-repo models: known)")
+        p.add_argument("--include", action="append", metavar="GLOBS",
+                       help="expand only layers matching these module-path globs, comma-"
+                            "separated (repeatable); an exact path is an explicit request, "
+                            "e.g. --include '*,classifier.2' also expands the output layer")
+        p.add_argument("--exclude", action="append", metavar="GLOBS",
+                       help="leave layers matching these globs alone (comma-separated)")
 
     p = sub.add_parser("plan", help="the per-layer expansion plan")
     common(p)

@@ -102,7 +102,9 @@ def fit(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int
 
     xtr, ytr, xte, yte = data
     gen = torch.Generator().manual_seed(seed)
-    groups = efx.param_groups(model, lr, weight_decay, chain_lr=chain_lr)
+    # every parameter decays, as when the recorded demo and study results were made
+    groups = efx.param_groups(model, lr, weight_decay, chain_lr=chain_lr,
+                              decay_bias_and_norm=True)
     opt = torch.optim.SGD(groups, momentum=momentum)
     if schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)

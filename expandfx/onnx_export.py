@@ -30,6 +30,8 @@ import io
 import json
 import logging
 import os
+import re
+import sys
 import tempfile
 import time
 import warnings
@@ -94,6 +96,7 @@ class ExportReport:
     timings: dict[str, float] = field(default_factory=dict)
     verified: bool = False
     int8: Int8Report | None = None  # export_onnx(quantize="int8"): expandfx/quantize.py
+    export_log: str = ""  # what the exporter printed and logged, captured (ANSI codes removed)
 
     @property
     def structure_matches(self) -> bool | None:
@@ -177,10 +180,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     config = as_config(quantize, calibration)
     fold = config is not None if fold is None else fold
     inputs, deploy, report = _prepare(model, example_inputs, path, rtol, atol)
+    _check_runs(deploy, inputs, model)
     if fold:
         deploy = _folded(deploy, inputs, report)
     t0 = time.perf_counter()
-    _export(deploy, inputs, report.path, dynamic_batch, opset)
+    _export(deploy, inputs, report.path, dynamic_batch, opset, report)
     report.timings["export"] = time.perf_counter() - t0
     import onnx
 
@@ -250,6 +254,53 @@ def _prepare(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
                           atol=default_atol if atol is None else atol,
                           fold_tolerance=FOLD_TOLERANCES.get(dtype, 1e-5))
     return inputs, deploy, report
+
+
+def _check_runs(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], model: nn.Module) -> None:
+    """Run the eval-mode deployable copy eagerly on the inputs first: a shape or type error is
+    then reported in one line, not from inside the exporter's trace."""
+    try:
+        with torch.no_grad():
+            deploy(*inputs)
+    except Exception as exc:  # the user's forward may raise anything
+        shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+                           for x in inputs)
+        raise ConfigError(f"export_onnx: {type(model).__name__} (eval mode) fails on the given "
+                          f"inputs [{shapes}]: {type(exc).__name__}: {_first_line(exc)}. Pass "
+                          f"inputs its forward accepts.") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return _ANSI.sub("", str(exc)).strip().split("\n")[0] or type(exc).__name__
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@contextlib.contextmanager
+def _captured(into: list[str]):
+    """Everything the exporter prints or logs (torch's loggers write to stderr through their
+    own handlers, which redirecting sys.stderr does not reach), appended to ``into``."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+
+    def to_console(h: logging.Handler) -> bool:
+        return type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout,
+                                                                   sys.__stderr__)
+
+    saved = [(lg, lg.handlers[:]) for lg in loggers if any(map(to_console, lg.handlers))]
+    try:
+        for lg, handlers in saved:
+            lg.handlers = [handler if to_console(h) else h for h in handlers]
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        for lg, handlers in saved:
+            lg.handlers = handlers
+        into.append(_ANSI.sub("", buffer.getvalue()))
 
 
 def _folded(deploy: nn.Module, inputs: tuple[torch.Tensor, ...],
@@ -324,28 +375,39 @@ def graph_summary(proto: Any) -> tuple[dict[str, int], int]:
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str,
-            dynamic_batch: bool, opset: int | None) -> None:
+            dynamic_batch: bool, opset: int | None, report: ExportReport | None = None) -> None:
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
     shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         shapes = tuple({0: batch} if x.dim() > 0 else None for x in inputs)
-    quiet = io.StringIO()
+    captured: list[str] = []
     noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = noisy.level
     try:
         noisy.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..." lines
-        with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), torch.no_grad():
+        with _captured(captured), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)  # exporter internals
             torch.onnx.export(model, inputs, path, dynamo=True, external_data=big,
                               dynamic_shapes=shapes, opset_version=opset, verbose=False)
     except Exception as exc:  # the exporter raises many types; name the model and the fix
-        raise ConfigError(f"export_onnx: torch.onnx.export failed for {type(model).__name__}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Check that the "
-                          f"model exports in eval mode with these inputs (try "
-                          f"dynamic_batch=False for a model with a fixed batch).") from exc
+        cause = exc  # the exporter wraps the real error ("step 1/3 of exporting ...")
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        text = _ANSI.sub("", str(cause))
+        batch = dynamic_batch and any(w in text for w in ("onstraints violated", "specializ"))
+        hint = (" The batch dimension is exported as dynamic: try dynamic_batch=False for a "
+                "model with a fixed batch." if batch else "")
+        error = ConfigError(f"export_onnx: torch.onnx.export failed for "
+                            f"{type(model).__name__} (eval mode): {type(cause).__name__}: "
+                            f"{_first_line(cause)}.{hint} The exporter's log is in the "
+                            f"exception's export_log.")
+        error.export_log = "".join(captured)  # type: ignore[attr-defined]
+        raise error from exc
     finally:
         noisy.setLevel(level)
+    if report is not None:
+        report.export_log += "".join(captured)
 
 
 def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,
@@ -360,7 +422,13 @@ def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportRe
     names = [n for n, _ in report.inputs]
     out_names = [n for n, _ in report.outputs]
     with torch.no_grad():
-        expected = [_outputs(model, trial) for trial in trials]
+        try:
+            expected = [_outputs(model, trial) for trial in trials]
+        except Exception as exc:  # the inputs themselves ran: another batch size failed
+            raise ConfigError(f"export_onnx: {type(model).__name__} fails at batch size "
+                              f"{trials[-1][0].shape[0]} ({type(exc).__name__}: "
+                              f"{_first_line(exc)}), which the dynamic-batch check runs; pass "
+                              f"dynamic_batch=False for a model with a fixed batch.") from exc
         if original is not None:  # the deployable copy must compute what the user's model does
             report.fold_error = max(
                 max((rel_error(w, g) for w, g in zip(_outputs(original, trial), want,

@@ -18,6 +18,15 @@ Two rules, both about *what the optimizer should see* rather than what the model
   loss (its gradient is ``weight_decay · Ψ(v) · Ψ'(v)``, ordinary decay of ``w`` under the
   chain rule); with learnable ``a, b`` decay acts on ``v`` (optimizer ``weight_decay``),
   never on ``a`` or ``b``. Every other parameter gets ordinary decay.
+- **Who decays what** (the conventions of timm's ``param_groups_weight_decay`` and the
+  Hugging Face Trainer). ``weight_decay=None`` (the default) writes no ``weight_decay``
+  into the groups that decay, so the optimizer's own setting applies
+  (``AdamW(groups)``: 0.01; ``AdamW(groups, weight_decay=0.5)``: 0.5); a number sets it
+  for them. Biases and normalization parameters (every parameter with ``ndim <= 1`` or a
+  name ending in ``bias``, timm's rule) get ``weight_decay=0`` by default
+  (``decay_bias_and_norm=True`` decays them too, as before): decaying a BatchNorm's scale
+  or a bias only shrinks a parameter that costs nothing to keep, and the factors' biases
+  of an expanded block are biases too.
 
 Example::
 
@@ -34,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +72,18 @@ class ParamGroups(list):
         self._penalty = penalty
         self._tracked = tracked or []
         self._chain_lr = chain_lr
+
+    def __repr__(self) -> str:
+        """One line per group: how many parameters, their lr and decay (no tensors)."""
+        lines = []
+        for group in self:
+            params = group["params"]
+            lr = f"lr={group['lr']:.4g}" if "lr" in group else "lr=optimizer's"
+            wd = (f"weight_decay={group['weight_decay']:g}" if "weight_decay" in group
+                  else "weight_decay=optimizer's")
+            lines.append(f"  {len(params)} tensors ({sum(p.numel() for p in params):,} "
+                         f"values): {lr}, {wd}")
+        return f"ParamGroups({len(self)} groups\n" + "\n".join(lines) + ")"
 
     def penalty(self) -> torch.Tensor:
         """``weight_decay/2 · Σ‖Ψ(v)‖²`` over fixed-``a, b`` companded weights (add to the loss)."""
@@ -168,20 +190,26 @@ def _growth(weight: torch.Tensor) -> float:
     return weight.detach().norm().item() * math.sqrt(3 * fan_in / weight.numel())
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                 chain_lr: ChainLR = "1/N") -> ParamGroups:
+def param_groups(model: nn.Module, lr: float, weight_decay: float | None = None,
+                 chain_lr: ChainLR = "1/N", *, decay_bias_and_norm: bool = False
+                 ) -> ParamGroups:
     """Parameter groups for any ``torch.optim`` optimizer, with the rules of this module.
 
     Args:
         model: a compact, expanded and/or companded model.
         lr: the learning rate you would use for the compact model.
-        weight_decay: ordinary L2 decay, applied to companded weights as the compander
-            paper says (see the module docstring).
+        weight_decay: ``None`` (default): the optimizer's own ``weight_decay`` applies to
+            the parameters that decay; a number: that decay, applied to companded weights
+            as the compander paper says (see the module docstring). The penalty of
+            fixed-``a, b`` companded weights needs the number.
         chain_lr: ``"1/N"`` (default: each factor of an N-factor block gets ``lr / N``),
             ``"norm"`` (``lr/N`` corrected for how much the factors have grown, see
             :func:`chain_scale`; for linearized +Init models and fine-tuning),
             ``None`` (every parameter gets ``lr``), a number (every factor gets
             ``lr · chain_lr``) or a callable ``(block) -> scale``.
+        decay_bias_and_norm: ``False`` (default): biases and normalization parameters
+            (``ndim <= 1`` or named ``*bias``) get ``weight_decay=0``, as in timm and the
+            Hugging Face Trainer; ``True``: they decay like every other parameter.
 
     Returns a :class:`ParamGroups` (a list of dicts; parameters with the same learning rate
     and decay share a group, except that rules which depend on the weights give each block
@@ -189,21 +217,23 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     it is zero unless the model has fixed-``a, b`` companded weights.
     """
     _check_number(lr, "lr")
-    return _build(model, lr, weight_decay, chain_lr)
+    return _build(model, lr, weight_decay, chain_lr, decay_bias_and_norm)
 
 
 def decay_groups(model: nn.Module, weight_decay: float
                  ) -> tuple[list[dict[str, Any]], Callable[[], torch.Tensor]]:
     """``(groups, penalty)`` with the compander decay rules only: a thin alias of
-    :func:`param_groups` with ``chain_lr=None`` and the optimizer's own ``lr``.
-    Prefer :func:`param_groups`, which also hands out per-factor learning rates."""
-    groups = _build(model, None, weight_decay, None)
+    :func:`param_groups` with ``chain_lr=None``, the optimizer's own ``lr`` and (as it always
+    did) decay on biases and norms too. Prefer :func:`param_groups`, which also hands out
+    per-factor learning rates and exempts biases and norms."""
+    groups = _build(model, None, weight_decay, None, True)
     return list(groups), groups.penalty
 
 
-def _build(model: nn.Module, lr: float | None, weight_decay: float, chain_lr: ChainLR
-           ) -> ParamGroups:
-    _check_number(weight_decay, "weight_decay", allow_zero=True)
+def _build(model: nn.Module, lr: float | None, weight_decay: float | None, chain_lr: ChainLR,
+           decay_bias_and_norm: bool) -> ParamGroups:
+    if weight_decay is not None:
+        _check_number(weight_decay, "weight_decay", allow_zero=True)
     found = companded(model)
     not_factors = {id(t) for _, _, comp in found for t in (comp.a, comp.b)}
     scale: dict[int, float] = {}  # factor parameters (weights, v, biases) -> lr factor
@@ -219,6 +249,10 @@ def _build(model: nn.Module, lr: float | None, weight_decay: float, chain_lr: Ch
                     if dynamic:
                         owner.setdefault(id(p), block)
     decay: dict[int, float] = {}  # optimizer decay where it differs from weight_decay
+    if not decay_bias_and_norm:
+        for name, p in model.named_parameters():
+            if p.dim() <= 1 or name.endswith("bias"):
+                decay[id(p)] = 0.0
     fixed = []
     for _, layer, comp in found:
         v = layer.parametrizations["weight"].original
@@ -237,7 +271,9 @@ def _build(model: nn.Module, lr: float | None, weight_decay: float, chain_lr: Ch
         key = (s, wd, id(block) if block is not None else None)
         group = groups.get(key)
         if group is None:
-            group = groups[key] = {"params": [], "weight_decay": wd}
+            group = groups[key] = {"params": []}
+            if wd is not None:
+                group["weight_decay"] = wd
             if lr is not None:
                 group["lr"] = lr * s
             if block is not None:
@@ -245,8 +281,16 @@ def _build(model: nn.Module, lr: float | None, weight_decay: float, chain_lr: Ch
                 tracked.append((group, block))
         group["params"].append(p)
 
+    if fixed and weight_decay is None:
+        warnings.warn(f"param_groups: {type(model).__name__} has {len(fixed)} companded "
+                      f"weights with fixed a, b, whose decay is groups.penalty() on Ψ(v), not "
+                      f"the optimizer's; without weight_decay= it is zero. Pass "
+                      f"param_groups(..., weight_decay=wd) to decay them.", stacklevel=3)
+
     def penalty() -> torch.Tensor:
         total = torch.zeros(())
+        if not weight_decay:
+            return total
         for layer in fixed:
             total = total + layer.weight.pow(2).sum()
         return 0.5 * weight_decay * total

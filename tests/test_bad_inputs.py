@@ -39,8 +39,9 @@ def test_unknown_init():
 
 def test_lazy_module_names_path_and_fix():
     model = nn.Sequential(nn.LazyConv2d(8, 3))
-    with pytest.raises(efx.ConfigError, match=r"'0'.*lazy.*forward pass"):
-        efx.expand(model)
+    with pytest.raises(efx.ConfigError, match=r"'0'.*lazy.*model\(x\)") as err:
+        efx.expand(model, example_inputs=(torch.randn(1, 3, 8, 8),))
+    assert "example_inputs" not in str(err.value)  # they do not initialize it (issue #22)
     model(torch.randn(1, 3, 8, 8))  # initialized: now a plain Conv2d and expandable
     assert isinstance(efx.expand(model)[0], efx.ExpandedBlock)
 
@@ -104,6 +105,26 @@ def test_checkpoint_of_another_expansion():
     ckpt = efx.expand(net(), r=2).state_dict()
     with pytest.raises(RuntimeError, match=r"'0'.*layers.0.weight.*same rule and r"):
         efx.expand(net(), r=4).load_state_dict(ckpt)
+
+
+def test_checkpoint_of_another_rule_leads_with_the_diagnosis():
+    """Issue #22: expandfx's diagnosis used to come after 1–2 KB of torch's key lists."""
+    ckpt = efx.expand(smallnet_7x7(), "CL", r=2).state_dict()
+    with pytest.raises(RuntimeError) as err:
+        efx.expand(smallnet_7x7(), "ACNet", r=2).load_state_dict(ckpt)
+    lines = str(err.value).splitlines()
+    assert "the checkpoint was saved from another expansion rule" in lines[1]
+    assert "Missing key(s)" not in str(err.value) and "Unexpected key(s)" not in str(err.value)
+    with pytest.raises(RuntimeError) as err:  # a compact checkpoint: the same
+        efx.expand(smallnet_7x7(), "CL", r=2).load_state_dict(smallnet_7x7().state_dict())
+    assert "is an expanded block (CL, r=2) but the checkpoint holds a compact layer" in \
+        str(err.value).splitlines()[1]
+    assert "Missing key(s)" not in str(err.value)
+    # keys that the diagnosis does not explain are still listed
+    ckpt = efx.expand(smallnet_7x7(), "CL", r=2).state_dict()
+    ckpt["extra.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"extra.weight\""):
+        efx.expand(smallnet_7x7(), "ACNet", r=2).load_state_dict(ckpt)
 
 
 def test_non_tensor_example_inputs():
@@ -306,9 +327,57 @@ def test_export_of_bfloat16_model_says_to_cast(tmp_path):
         efx.export_onnx(model, (torch.randn(2, 3, 32, 32).bfloat16(),), tmp_path / "m.onnx")
 
 
-def test_export_with_wrong_input_shape_names_model_and_fix(tmp_path):
-    with pytest.raises(efx.ConfigError, match=r"export failed for SmallNet.*eval mode"):
+def test_export_with_wrong_input_shape_names_model_and_fix(tmp_path, capfd):
+    # issue #22: the model runs eagerly first; one line, the real shape error, no ANSI codes,
+    # no advice about a dynamic batch that does not apply, no exporter log on the console
+    with pytest.raises(efx.ConfigError, match=r"SmallNet \(eval mode\) fails on the given "
+                                              r"inputs \[\(2, 3, 7, 7\) float32\]: RuntimeError"
+                                              r".*Kernel size can't be greater") as err:
         efx.export_onnx(smallnet_3x3(), (torch.randn(2, 3, 7, 7),), tmp_path / "m.onnx")
+    text = str(err.value)
+    assert "\n" not in text and "\x1b" not in text and "dynamic_batch" not in text
+    out, errs = capfd.readouterr()
+    assert "always_classified" not in errs and "_trace.py" not in errs
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x - 1  # torch.export cannot trace this branch
+
+
+def test_exporter_failure_keeps_its_log_off_the_console(tmp_path, capfd):
+    model = nn.Sequential(nn.Linear(3, 3), DataDependent())
+    with pytest.raises(efx.ConfigError, match=r"torch.onnx.export failed for Sequential "
+                                              r"\(eval mode\): GuardOnDataDependentSymNode: "
+                                              r"Could not guard on data-dependent") as err:
+        efx.export_onnx(model, (torch.randn(2, 3),), tmp_path / "m.onnx")
+    text = str(err.value)
+    assert "\x1b" not in text and "step 1/3" not in text and "dynamic_batch" not in text
+    assert "def forward(" in err.value.export_log  # the exporter's graph dump: kept ...
+    out, errs = capfd.readouterr()
+    assert "def forward(" not in errs + out and "data-dependent" not in errs + out  # not printed
+
+
+def test_model_with_a_fixed_batch_gets_the_dynamic_batch_advice(tmp_path):
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return x.reshape(2, -1)
+
+    model = nn.Sequential(nn.Linear(3, 3), Fixed())
+    with pytest.raises(efx.ConfigError, match=r"Sequential fails at batch size 5 .*shape "
+                                              r"'\[2, -1\]' is invalid.*dynamic_batch=False"):
+        efx.export_onnx(model, (torch.randn(2, 3),), tmp_path / "m.onnx")
+    assert efx.export_onnx(model, (torch.randn(2, 3),), tmp_path / "m.onnx",
+                           dynamic_batch=False).passed
+
+
+def test_a_successful_export_keeps_the_exporter_log_in_the_report(tmp_path, capfd):
+    report = efx.export_onnx(nn.Sequential(nn.Linear(3, 3)), (torch.randn(2, 3),),
+                             tmp_path / "m.onnx")
+    assert report.passed and isinstance(report.export_log, str)
+    assert "export_log" in report.to_json()
+    out, errs = capfd.readouterr()
+    assert "torch.onnx" not in out + errs
 
 
 def test_half_precision_model_round_trips_within_fp16_tolerance(tmp_path):
@@ -391,3 +460,165 @@ def test_nonlinear_counterpart_refuses_a_module_instance():
         efx.nonlinear_counterpart(big, nn.ReLU())
     with pytest.raises(efx.ConfigError, match=r"returned Tensor"):
         efx.nonlinear_counterpart(big, lambda: torch.zeros(1))
+
+
+# --- issue #22: the promises users rely on ------------------------------------------------
+
+
+class UserNet(nn.Module):
+    """The new user's model of issue #22: a 5×5 stem, a depthwise-separable block with a
+    residual, attention, a GRU, a transposed-conv decoder and two Linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 5, padding=2)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 16, 1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.gru = nn.GRU(16, 16, batch_first=True)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pw(self.dw(x))
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        t, _ = self.attn(t, t, t)
+        t, _ = self.gru(t)
+        x = self.up(t.transpose(1, 2).reshape(b, c, h, w))
+        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
+
+
+USER_X = torch.randn(2, 3, 8, 8)
+
+
+def test_exact_mapping_key_raises_even_when_other_layers_expand():
+    with pytest.raises(efx.ConfigError, match=r"'dw' was requested exactly \(rule mapping key "
+                                              r"'dw'\).*no odd size > 3.*map it to None"):
+        efx.expand(UserNet(), {"dw": "CK", "*": "CK"}, 2, example_inputs=(USER_X,))
+    # a glob is no request: the same layer is skipped with its reason, the stem expands
+    big = efx.expand(UserNet(), {"d*": "CK", "*": "CK"}, 4, example_inputs=(USER_X,))
+    assert isinstance(big.stem, efx.ExpandedBlock) and type(big.dw) is nn.Conv2d
+    # a key mapped to None is the user's own choice: no error
+    big = efx.expand(UserNet(), {"dw": None, "*": "CK"}, 4, example_inputs=(USER_X,))
+    assert type(big.dw) is nn.Conv2d
+
+
+def test_exact_include_raises_even_when_other_layers_expand():
+    with pytest.raises(efx.ConfigError, match=r"'attn.out_proj' was requested exactly "
+                                              r"\(include=\['attn.out_proj'\]\).*"
+                                              r"MultiheadAttention.*drop it from include="):
+        efx.expand(UserNet(), "FC", 2, include=["*", "attn.out_proj"], example_inputs=(USER_X,))
+    with pytest.raises(efx.ConfigError, match=r"'fc1' was requested exactly.*rule CL does not "
+                                              r"apply to Linear"):
+        efx.expand(UserNet(), "CL", 2, include=["*", "fc1"], example_inputs=(USER_X,))
+    # exclude= is the user's choice too: it wins over an exact include, silently
+    big = efx.expand(UserNet(), "CL+FC", 2, include=["*", "fc1"], exclude=["fc1"],
+                     example_inputs=(USER_X,))
+    assert type(big.fc1) is nn.Linear
+
+
+def test_an_expansion_that_would_contract_the_layer_is_skipped_or_raises():
+    model = UserNet()
+    row = next(r for r in efx.plan(model, "CK", 2, example_inputs=(USER_X,)).rows
+               if r.path == "stem")
+    # CK at r=2: factors (6,3,3,3) and (16,6,3,3) hold 1,048 parameters for a 1,216 layer
+    assert row.rule is None
+    assert row.reason == ("CK at r=2 on 'stem' would hold 1.05K parameters for a 1.22K layer, "
+                          "so it cannot represent every weight of the layer it replaces: use "
+                          "r >= 2.25 (or another rule)")
+    with pytest.raises(efx.ConfigError, match=r"'stem' was requested exactly.*1.05K parameters"):
+        efx.expand(model, {"stem": "CK"}, 2, example_inputs=(USER_X,))
+    big = efx.expand(model, {"stem": "CK"}, 2.25, example_inputs=(USER_X,))  # the fix it names
+    assert sum(p.numel() for p in big.stem.parameters()) == 1220 >= 1216
+
+
+def test_an_expansion_below_the_layers_rank_is_skipped():
+    # FC at r=0.5 on 8→8: more parameters (3 layers) but rank ≤ 4 < 8
+    plan = efx.plan(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), "FC", 0.5)
+    assert "rank at most 4 (per group) where the layer reaches rank 8" in plan.rows[0].reason
+    assert "use r >= 1" in plan.rows[0].reason
+    # CL at r=0.5 on a 3×3 conv 1→8: 82 parameters for 80, but the last 1×1 has 4 inputs
+    plan = efx.plan(nn.Sequential(nn.Conv2d(1, 8, 3)), "CL", 0.5)
+    assert "rank at most 4" in plan.rows[0].reason and "reaches rank 8" in plan.rows[0].reason
+    # depthwise: widths round up to one channel per group, which reaches every weight
+    assert efx.plan(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), "CL", 0.5).rows[0].rule == "CL"
+
+
+def test_cli_checkpoint_of_another_rule_keeps_the_whole_diagnosis(tmp_path):
+    ckpt = tmp_path / "cl.pt"
+    torch.save(efx.expand(smallnet_7x7(), "CL", r=2).state_dict(), ckpt)
+    out = cli("export", "smallnet_7x7", "--weights", str(ckpt), "--rule", "CK", "--r", "2",
+              "--out", str(tmp_path / "m.onnx"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "Expand the fresh model with the same rule and r as the checkpoint." in out.stderr
+    assert "Missing key" not in out.stderr
+
+
+def test_cli_include_reaches_the_output_layer_and_exact_names_raise(tmp_path):
+    out = cli("plan", "smallnet_7x7", "--rule", "FC", "--include", "*,classifier.2")
+    assert out.returncode == 0
+    row = next(line for line in out.stdout.splitlines() if line.startswith("classifier.2"))
+    assert " FC " in row and "650 → " in row
+    out = cli("plan", "smallnet_7x7", "--rule", "FC", "--include", "*", "--exclude",
+              "classifier.0")
+    row = next(line for line in out.stdout.splitlines() if line.startswith("classifier.0"))
+    assert "excluded by 'classifier.0'" in row
+    out = cli("plan", "smallnet_7x7", "--rule", "CK", "--r", "1", "--include", "features.0")
+    assert out.returncode == 2 and "'features.0' was requested exactly" in out.stderr
+
+
+def test_torchscript_of_an_expanded_model_says_to_contract_first():
+    big = efx.expand(smallnet_3x3(), "CL", r=2)
+    with pytest.raises(efx.ConfigError, match=r"expanded block \(CL, r=2, replacing a Conv2d\)"
+                                              r".*torch.jit.script\(expandfx.contract\(model\)\)"):
+        torch.jit.script(big)
+    x = torch.randn(1, 3, 32, 32)
+    scripted = torch.jit.script(efx.contract(big))
+    with torch.no_grad():
+        assert (scripted(x) - big(x)).abs().max() <= 1e-5 * big(x).abs().max()
+
+
+def test_every_layer_holding_a_linear_map_is_listed_with_its_reason():
+    plan = efx.plan(UserNet(), "CL+FC", 2, example_inputs=(USER_X,))
+    rows = {row.path: row for row in plan.rows}
+    assert list(rows) == ["stem", "dw", "pw", "attn", "attn.out_proj", "gru", "up", "fc1", "fc2"]
+    assert "transposed convolutions are not a layer type" in rows["up"].reason
+    assert rows["up"].layer == "ConvTranspose2d(16→8, k2, s2)"
+    assert "weight_ih/weight_hh" in rows["gru"].reason and rows["gru"].layer == "GRU(16→16)"
+    assert "in_proj_weight" in rows["attn"].reason
+    # the attention row counts its own weights only: out_proj has its own row
+    assert rows["attn"].params_before == 3 * 16 * 16 + 3 * 16
+    assert plan.totals()["params_before"] == sum(p.numel() for p in UserNet().parameters())
+
+
+def test_mac_totals_say_what_they_leave_out():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = UserNet().eval()
+    plan = efx.plan(model, "CL", 2, example_inputs=(USER_X,))
+    assert [row.path for row in plan.uncounted] == ["attn", "attn.out_proj", "gru"]
+    text = str(plan)
+    total_line = next(line for line in text.splitlines() if line.startswith("total"))
+    assert "?" not in total_line
+    assert ("MAC totals leave out 3 layer(s) with no MAC count: attn (MultiheadAttention), "
+            "attn.out_proj (Linear), gru (GRU)") in text
+    # the transposed conv is counted, as torch's flop counter counts it
+    up = next(row for row in plan.rows if row.path == "up")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.up(torch.randn(2, 16, 8, 8))
+    assert up.macs_before == counter.get_total_flops() // 2 == 2 * 16 * 64 * 8 * 4
+
+
+def test_a_pattern_matching_an_unhandled_layer_reports_the_type_not_the_mapping():
+    with pytest.raises(efx.ConfigError, match=r"'up' was requested exactly \(rule mapping key "
+                                              r"'up'\).*transposed convolutions"):
+        efx.plan(UserNet(), {"up": "CL", "*": "CL"}, 2, example_inputs=(USER_X,))
+    row = next(r for r in efx.plan(UserNet(), {"u*": "CL", "*": "CL"}, 2,
+                                   example_inputs=(USER_X,)).rows if r.path == "up")
+    assert "no pattern of the rule mapping matches" not in row.reason
+    assert "transposed convolutions" in row.reason
+    with pytest.raises(efx.ConfigError, match=r"'gru' was requested exactly.*weight_ih"):
+        efx.expand(UserNet(), "CL+FC", 2, include=["*", "gru"], example_inputs=(USER_X,))

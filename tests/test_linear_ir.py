@@ -212,3 +212,110 @@ def test_multiplicity_counts_factors_a_step_moves() -> None:
     tree = Par((Seq(("a", "b", "c")), "d", Identity()))
     assert multiplicity(tree) == 4
     assert map_leaves(tree, str.upper) == Par((Seq(("A", "B", "C")), "D", Identity()))
+
+
+# --- transposed convolutions (issue #22) --------------------------------------------------
+
+TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+@st.composite
+def transposed_chains(draw):
+    """1×1 (bias-free) · ConvTranspose (every hyperparameter) · 1×1 · BatchNorm (eval)."""
+    dims = draw(st.sampled_from([1, 2, 3]))
+    g = draw(st.sampled_from([1, 1, 2, 3]))
+    m, p, q, n = (g * draw(st.integers(1, 3)) for _ in range(4))
+    kernel = tuple(draw(st.integers(1, 4 if dims < 3 else 3)) for _ in range(dims))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    # padding crops the output: at most half the dilated kernel keeps it non-empty
+    padding = tuple(draw(st.integers(0, d * (k - 1) // 2)) for k, d in zip(kernel, dilation,
+                                                                            strict=True))
+    # torch: output_padding < max(stride, dilation) per dim
+    out_pad = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation,
+                                                                         strict=True))
+    parts = draw(st.sampled_from(["pre", "post", "bn", "pre+post", "pre+post+bn"]))
+    layers = []
+    if "pre" in parts:
+        layers.append(CONV[dims](m, p, 1, groups=draw(st.sampled_from([1, g])), bias=False))
+    else:
+        p = m
+    layers.append(TRANSPOSED[dims](p, q, kernel, stride=stride, padding=padding,
+                                   output_padding=out_pad, dilation=dilation, groups=g,
+                                   bias=draw(st.booleans())))
+    if "post" in parts:
+        layers.append(CONV[dims](q, n, 1, groups=draw(st.sampled_from([1, g])),
+                                 bias=draw(st.booleans())))
+    else:
+        n = q
+    if "bn" in parts:
+        layers.append(BN[dims](n))
+    size = [draw(st.integers(1, 5 if dims < 3 else 3)) for _ in range(dims)]
+    return layers, (2, m, *size), dims
+
+
+def transposed_tree(layers, dims):
+    return Seq(tuple(batchnorm(layer, dims) if isinstance(layer, nn.modules.batchnorm._NormBase)
+                     else Affine.of(layer) for layer in layers))
+
+
+@settings(max_examples=examples(40, 400), deadline=None)
+@given(case=transposed_chains(), seed=st.integers(0, 99), dtype=st.sampled_from(
+    [torch.float32, torch.float64]))
+def test_chains_through_a_transposed_conv_fold_exactly(case, seed, dtype):
+    layers, shape, dims = case
+    torch.manual_seed(seed)
+    model = nn.Sequential(*layers).to(dtype).eval()
+    with torch.no_grad():
+        for layer in layers:
+            if isinstance(layer, nn.modules.batchnorm._NormBase):
+                layer.running_mean.normal_()
+                layer.running_var.uniform_(0.5, 2)
+                layer.weight.normal_()
+                layer.bias.normal_()
+        x = torch.randn(shape, dtype=dtype)
+        one = fold(transposed_tree(layers, dims))
+        t = next(m for m in layers if isinstance(m, nn.modules.conv._ConvTransposeNd))
+        assert one.geometry.transposed and one.in_channels == shape[1]
+        # the folded map is a ConvTranspose of the same class and hyperparameters
+        folded = type(t)(one.in_channels, one.out_channels, t.kernel_size, stride=t.stride,
+                         padding=t.padding, output_padding=t.output_padding,
+                         dilation=t.dilation, groups=one.geometry.groups,
+                         bias=one.bias is not None).to(dtype)
+        folded.weight.copy_(one.weight)
+        if one.bias is not None:
+            folded.bias.copy_(one.bias)
+        want, got = model(x), folded(x)
+    assert got.shape == want.shape
+    assert rel_err(want, got) <= (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_convtranspose_then_batchnorm_folds_to_one_convtranspose():
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+    up, bn = up.double(), bn.double()
+    one = fold(Seq((Affine.of(up), batchnorm(bn, 2))))
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        want = bn(up(x))
+        got = F.conv_transpose2d(x, one.weight, one.bias, stride=2, padding=1, output_padding=1)
+    assert got.shape == (2, 4, 10, 10) and rel_err(want, got) <= 1e-12
+
+
+@pytest.mark.parametrize(("layers", "match"), [
+    ([nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 4, 2, stride=2)], r"map 0.*biased.*unevenly"),
+    ([nn.ConvTranspose2d(4, 4, 2, stride=2), nn.Conv2d(4, 4, 3)], r"map 1.*spatial"),
+    ([nn.ConvTranspose2d(4, 4, 2, stride=2), nn.Conv2d(4, 4, 1, stride=2)], r"map 1.*strided"),
+    ([nn.ConvTranspose2d(4, 4, 2, stride=2), nn.ConvTranspose2d(4, 4, 2)], r"through one only"),
+])
+def test_chains_through_a_transposed_conv_that_do_not_fold_say_why(layers, match):
+    with pytest.raises(FoldError, match=match):
+        fold(Seq(tuple(Affine.of(layer) for layer in layers)))
+    with pytest.raises(FoldError, match=r"sum with a transposed"):
+        fold(Par((Affine.of(nn.ConvTranspose2d(4, 4, 2)), Affine.of(nn.ConvTranspose2d(4, 4, 2)))))

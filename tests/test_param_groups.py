@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import expandfx as efx
-from expandfx.models import smallnet_7x7
+from expandfx.models import TinyResNet, smallnet_7x7
 
 
 def fc_model() -> nn.Module:
@@ -35,7 +35,7 @@ def test_hand_computed_learning_rates():
     for p in model[2].parameters():  # the compact output layer
         assert lrs[id(p)] == 0.3
     assert len(lrs) == len(list(model.parameters()))  # every parameter exactly once
-    assert len(opt.param_groups) == 2  # same lr and decay share a group
+    assert len(opt.param_groups) == 4  # same lr and decay share a group (biases: no decay)
     # other rules
     no_rule = lr_of(torch.optim.SGD(efx.param_groups(model, lr=0.3, chain_lr=None)))
     assert set(no_rule.values()) == {0.3}
@@ -59,7 +59,8 @@ def test_one_hand_computed_sgd_step_for_a_three_factor_block():
     opt.step()
     for name, p in model.named_parameters():
         step = lr / 3 if name.startswith("0.layers.") else lr
-        expected = before[name] - step * (grads[name] + wd * before[name])
+        decay = 0.0 if name.endswith("bias") else wd  # biases are exempt by default
+        expected = before[name] - step * (grads[name] + decay * before[name])
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7)
     assert float(groups.penalty()) == 0.0  # no companded weights
 
@@ -87,7 +88,8 @@ def test_companded_expanded_model_gets_both_rules():
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     assert by_param[id(v)]["lr"] == pytest.approx(0.1)  # lr/3 for a CL factor
     assert by_param[id(v)]["weight_decay"] == 0.0  # fixed a, b: decay through the penalty
-    assert by_param[id(block.layers[1].bias)]["weight_decay"] == 0.01
+    assert by_param[id(block.layers[1].bias)]["weight_decay"] == 0.0  # biases: exempt
+    assert by_param[id(block.layers[1].bias)]["lr"] == pytest.approx(0.1)
     expected = 0.5 * 0.01 * sum(layer.weight.pow(2).sum() for _, layer, _ in efx.companded(big))
     torch.testing.assert_close(groups.penalty(), expected)
     # decay_groups: the thin alias, with the optimizer's own lr and no per-factor rule
@@ -168,3 +170,51 @@ def test_rescale_follows_a_weight_dependent_rule_and_keeps_scheduler_changes():
     before = [g["lr"] for g in static]
     static.rescale()  # "1/N" does not depend on the weights: nothing changes
     assert [g["lr"] for g in static] == before
+
+
+def test_weight_decay_is_left_to_the_optimizer_unless_given():
+    """Issue #22: param_groups used to write weight_decay=0.0 into every group, so
+    AdamW(groups, weight_decay=0.5) was ignored and AdamW(groups) got 0 instead of 0.01."""
+    model = efx.expand(smallnet_7x7(), "CL", r=2)
+    groups = efx.param_groups(model, lr=0.1)
+    adamw = torch.optim.AdamW(groups)
+    decays = {id(p): g["weight_decay"] for g in adamw.param_groups for p in g["params"]}
+    conv = model.features[0].layers[1]
+    assert decays[id(conv.weight)] == 0.01  # AdamW's default
+    assert decays[id(conv.bias)] == 0.0  # biases exempt, as in timm
+    adamw = torch.optim.AdamW(efx.param_groups(model, lr=0.1), weight_decay=0.5)
+    decays = {id(p): g["weight_decay"] for g in adamw.param_groups for p in g["params"]}
+    assert decays[id(conv.weight)] == 0.5 and decays[id(conv.bias)] == 0.0
+    sgd = torch.optim.SGD(efx.param_groups(model, lr=0.1, weight_decay=1e-3))
+    decays = {id(p): g["weight_decay"] for g in sgd.param_groups for p in g["params"]}
+    assert decays[id(conv.weight)] == 1e-3 and decays[id(conv.bias)] == 0.0
+
+
+def test_batchnorm_parameters_are_exempt_from_decay_unless_asked():
+    model = TinyResNet()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    by_param = {id(p): g for g in efx.param_groups(model, lr=0.1, weight_decay=5e-4)
+                for p in g["params"]}
+    assert by_param[id(bn.weight)]["weight_decay"] == 0.0
+    assert by_param[id(bn.bias)]["weight_decay"] == 0.0
+    assert by_param[id(conv.weight)]["weight_decay"] == 5e-4
+    every = {id(p): g for g in efx.param_groups(model, lr=0.1, weight_decay=5e-4,
+                                                 decay_bias_and_norm=True) for p in g["params"]}
+    assert every[id(bn.weight)]["weight_decay"] == 5e-4
+
+
+def test_companded_weights_without_weight_decay_are_warned_about():
+    big = efx.compand(smallnet_7x7(), a=1.0, b=0.7)
+    with pytest.warns(UserWarning, match=r"companded weights with fixed a, b.*weight_decay="):
+        groups = efx.param_groups(big, lr=0.1)
+    assert float(groups.penalty()) == 0.0
+    v = big.features[0].parametrizations.weight.original
+    assert next(g for g in groups if any(p is v for p in g["params"]))["weight_decay"] == 0.0
+
+
+def test_param_groups_repr_is_short_and_readable():
+    groups = efx.param_groups(TinyResNet(), lr=0.1)
+    text = repr(groups)
+    assert len(text) < 300 and "tensor(" not in text
+    assert text.startswith("ParamGroups(2 groups") and "weight_decay=optimizer's" in text

@@ -15,6 +15,15 @@ The rules (proofs in ``docs/design.md §3``):
   kernel is embedded into the largest at the offset its padding implies (RepVGG's centred
   padding is the common case) and every branch must then end at the same right edge.
   ``Identity`` branches are Dirac kernels (``in == out``, stride 1). Weights and biases add.
+- **Transposed convolutions** (:func:`_transposed_chain`). A chain holds at most one; every
+  other map is pointwise, unstrided and unpadded, and the maps before it are bias-free. A
+  per-pixel linear map commutes with the transposed convolution's scatter (it acts on
+  channels, the scatter on positions), so ``C ∘ T ∘ A`` is the transposed convolution of
+  kernel ``W[i, o, k] = Σ_{a,b} A[a, i] T[a, b, k] C[o, b]`` (per group) and bias
+  ``C b_T + b_C``. A bias before it is not foldable: a constant input scattered with stride
+  and cropping reaches border and stride-phase outputs through different numbers of taps,
+  so it is no constant. ConvTranspose → BatchNorm is the case ``A = 1``, ``C`` = the BN.
+  Sums of transposed convolutions are not folded.
 
 Example::
 
@@ -78,6 +87,8 @@ def chain(maps: list[Affine]) -> Affine:
                             f"{i + 1} takes {b.in_channels}")
     if dims == 0:
         return Affine(*compose_chain([(m.weight, m.bias) for m in maps], 1), Geometry.linear())
+    if any(m.geometry.transposed for m in maps):
+        return _transposed_chain(maps)
     maps = _padding_to_front(maps)
     stride = [1] * dims
     for i, m in enumerate(maps):
@@ -99,6 +110,9 @@ def chain(maps: list[Affine]) -> Affine:
 def total(maps: list[Affine], identities: int = 0) -> Affine:
     """The sum of ``maps`` (and ``identities`` copies of the input), as one map."""
     dims = _common_dims(maps, "sum")
+    if any(m.geometry.transposed for m in maps):
+        raise FoldError("a sum with a transposed convolution branch is not folded (only chains "
+                        "through one transposed convolution are)")
     ins, outs = {m.in_channels for m in maps}, {m.out_channels for m in maps}
     if len(ins) > 1 or len(outs) > 1:
         raise FoldError(f"the branches of a sum map {sorted(ins)} → {sorted(outs)} channels; "
@@ -156,6 +170,50 @@ def regroup(weight: torch.Tensor, groups: int, to: int) -> torch.Tensor:
     eye = torch.eye(ratio, dtype=weight.dtype, device=weight.device)
     mask = eye.reshape(1, ratio, 1, ratio, 1, *(1,) * len(kernel))
     return (blocks * mask).reshape(out, ratio * in_g, *kernel)
+
+
+def _transposed_chain(maps: list[Affine]) -> Affine:
+    """``after ∘ T ∘ before`` for one transposed convolution ``T`` (the rule above)."""
+    found = [i for i, m in enumerate(maps) if m.geometry.transposed]
+    if len(found) > 1:
+        raise FoldError(f"maps {found} of the chain are transposed convolutions; a chain folds "
+                        f"through one only")
+    (t,) = found
+    for j, m in enumerate(maps):
+        if j == t:
+            continue
+        why = ("spatial" if not m.pointwise else
+               "strided" if any(s > 1 for s in m.geometry.stride) else
+               "padded" if m.geometry.padded else
+               "biased (the transposed convolution would spread its bias unevenly over the "
+               "output)" if j < t and m.bias is not None else None)
+        if why:
+            raise FoldError(f"map {j} of the chain is {why}; around a transposed convolution "
+                            f"(map {t}) only pointwise, unstrided, unpadded maps fold, and "
+                            f"bias-free ones before it")
+    tr = maps[t]
+    before = chain(maps[:t]) if t > 0 else None
+    after = chain(maps[t + 1:]) if t + 1 < len(maps) else None
+    groups = math.gcd(*(m.geometry.groups for m in (before, tr, after) if m is not None))
+    ref = tr.weight
+    w = regroup(tr.weight, tr.geometry.groups, groups)  # [in, out_g, *k]: grouped on dim 0
+    w = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])  # [G, p_g, q_g, *k]
+    spatial = "".join("xyz"[:tr.geometry.dims])
+    if before is not None:  # [m, ...] ← A [p, m_g]: W[i, o] = Σ_a A[a, i] T[a, o]
+        a = regroup(before.weight, before.geometry.groups, groups)
+        a = a.reshape(groups, a.shape[0] // groups, a.shape[1])  # [G, p_g, m_g]
+        w = torch.einsum(f"gpm,gpq{spatial}->gmq{spatial}", a, w)
+    bias = tr.bias
+    if after is not None:  # C [n, q_g]: W[i, o] = Σ_b T[i, b] C[o, b]
+        c = regroup(after.weight, after.geometry.groups, groups)
+        c = c.reshape(groups, c.shape[0] // groups, c.shape[1])  # [G, n_g, q_g]
+        w = torch.einsum(f"gmq{spatial},gnq->gmn{spatial}", w, c)
+        if bias is not None:
+            bias = torch.einsum("gnq,gq->gn", c, bias.reshape(groups, -1)).reshape(-1)
+        if after.bias is not None:
+            bias = after.bias if bias is None else bias + after.bias
+    weight = w.reshape(w.shape[0] * w.shape[1], *w.shape[2:]).to(ref.dtype)
+    return Affine(weight, bias, replace(tr.geometry, groups=groups))
 
 
 def _padding_to_front(maps: list[Affine]) -> list[Affine]:

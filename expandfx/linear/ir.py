@@ -75,7 +75,11 @@ def pad_from_pairs(pairs: Pairs) -> list[int]:
 class Geometry:
     """How a map slides over its input: ``dims`` spatial dims (0 for a linear map), and per
     dim the stride, the padding ``(before, after)`` and the dilation; plus groups and the
-    padding mode (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``)."""
+    padding mode (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``).
+
+    ``transposed``: a transposed convolution (``ConvTransposeNd``), whose weight is laid out
+    ``[in, out // groups, *kernel]``, whose ``padding`` crops the output (as torch's does)
+    and which adds ``output_padding`` at the end of each dim."""
 
     dims: int
     stride: tuple[int, ...] = ()
@@ -83,6 +87,8 @@ class Geometry:
     dilation: tuple[int, ...] = ()
     groups: int = 1
     padding_mode: str = "zeros"
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
 
     @classmethod
     def linear(cls) -> Geometry:
@@ -99,6 +105,10 @@ class Geometry:
         if not hasattr(layer, "kernel_size"):
             return cls.linear()
         dims = len(layer.kernel_size)
+        if getattr(layer, "transposed", False):
+            return cls(dims, tuple(layer.stride), tuple((p, p) for p in layer.padding),
+                       tuple(layer.dilation), layer.groups, layer.padding_mode, True,
+                       tuple(layer.output_padding))
         return cls(dims, tuple(layer.stride), pairs_from_pad(explicit_padding(layer)),
                    tuple(layer.dilation), layer.groups, layer.padding_mode)
 
@@ -126,7 +136,8 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Affine:
-    """``y = W ⋆ x + b``: a conv (weight ``[out, in // groups, *kernel]``) or a linear map
+    """``y = W ⋆ x + b``: a conv (weight ``[out, in // groups, *kernel]``), a transposed conv
+    (weight ``[in, out // groups, *kernel]``, ``geometry.transposed``) or a linear map
     (weight ``[out, in]``), with its geometry."""
 
     weight: Tensor
@@ -140,10 +151,14 @@ class Affine:
 
     @property
     def in_channels(self) -> int:
+        if self.geometry.transposed:
+            return self.weight.shape[0]
         return self.weight.shape[1] * self.geometry.groups
 
     @property
     def out_channels(self) -> int:
+        if self.geometry.transposed:
+            return self.weight.shape[1] * self.geometry.groups
         return self.weight.shape[0]
 
     @property

@@ -14,8 +14,9 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 from .. import registry
 from ..block import ExpandedBlock
 from ..counting import param_count
-from ..errors import ConfigError
+from ..errors import ConfigError, ContractionError
 from ..helpers import first_match
 from ..linear.costs import layer_macs, sequential_macs
 from ..rules import RULES
@@ -42,8 +43,11 @@ from .legality import (
     _reject_lazy,
     _tied,
     _unusable,
+    capacity_reason,
     check_r,
+    how_requested,
     requested_explicitly,
+    unhandled_reason,
 )
 from .report import LayerPlan, Plan, describe
 
@@ -71,6 +75,13 @@ def plan(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
 
     shapes = input_shapes(model, example_inputs, [row.module for row in rows])
     for row in rows:
+        if unhandled_reason(row.module):  # its own weights only (MultiheadAttention.out_proj
+            row.params_before = row.params_after = sum(  # has its own row)
+                p.numel() for p in row.module.parameters(recurse=False))
+            shape = shapes.get(id(row.module))
+            if shape is not None:
+                row.macs_before = row.macs_after = unhandled_macs(row.module, shape)
+            continue
         layer = registry.as_torch(row.module, device="meta", path=row.path)
         row.params_before = row.params_after = param_count(row.module)
         shape = shapes.get(id(row.module))
@@ -98,13 +109,14 @@ class _Context:
     opaque: dict[int, str]
     owners: dict[int, set[str]]
     output: set[int]
+    r: float
 
 
 def decide(model: nn.Module, rule: RuleSpec, r: float, *, include: Patterns = None,
            exclude: Patterns = None, example_inputs: Any = None
            ) -> tuple[list[LayerPlan], GraphView]:
     """The rule or skip reason of every conv/linear layer, with its module paths."""
-    check_r(r)
+    r = check_r(r)
     check_spec(rule)
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     view = inspect(model, example_inputs)
@@ -121,11 +133,14 @@ def decide(model: nn.Module, rule: RuleSpec, r: float, *, include: Patterns = No
                     if isinstance(b, ExpandedBlock) for m in b.modules()}
     layers = [(key, m) for key, m in modules.items()
               if registry.is_layer(m) or _is_parametrized_layer(m)]
+    handled = {key for key, _ in layers}
+    listed = [(key, m) for key, m in modules.items()  # every holder of a linear map's weight
+              if key in handled or unhandled_reason(m) is not None]
     output = view.output_layers if view.checked else _last_linear(layers, inside_block)
     ctx = _Context(view, rule, include, exclude, inside_block, _opaque_children(model),
-                   owners, output)
+                   owners, output, r)
     rows = []
-    for key, module in layers:
+    for key, module in listed:
         path = paths[key][0]
         _reject_lazy(path, module)
         row = LayerPlan(path=path, layer=describe(module), rule=None,
@@ -138,6 +153,26 @@ def decide(model: nn.Module, rule: RuleSpec, r: float, *, include: Patterns = No
 
 def _choose(paths: list[str], module: nn.Module, ctx: _Context
             ) -> tuple[str | None, str | None]:
+    """``(rule, None)`` or ``(None, reason)`` for one layer; a ConfigError when the user
+    named this very layer (:func:`requested_explicitly`) and it cannot be expanded."""
+    rule, reason = _decide_layer(paths, module, ctx)
+    how = how_requested(paths, ctx.include, ctx.rule)
+    if reason is not None and how is not None and not _declined_by_user(reason):
+        undo = ("drop it from include=" if how.startswith("include") else
+                "map it to None or drop that key")
+        raise ConfigError(f"expand: '{paths[0]}' was requested exactly ({how}) but cannot be "
+                          f"expanded: {reason}. To leave it alone, {undo}.")
+    return rule, reason
+
+
+def _declined_by_user(reason: str) -> bool:
+    """Reasons that are the user's own choice (exclude=, a mapping value of None), which an
+    exact name does not override."""
+    return reason.startswith("excluded by ") or reason.endswith(" gives None")
+
+
+def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
+                  ) -> tuple[str | None, str | None]:
     """``(rule, None)`` or ``(None, reason)`` for one layer, in the order a user asks why."""
     path = paths[0]
     if id(module) in ctx.inside_block:
@@ -147,6 +182,9 @@ def _choose(paths: list[str], module: nn.Module, ctx: _Context
     hit = first_match(path, ctx.exclude)
     if hit:
         return None, f"excluded by {hit!r}"
+    unhandled = unhandled_reason(module)
+    if unhandled:  # whatever the rule spec says: its pattern may match, the type is the cause
+        return None, unhandled
     rule, reason = pick(ctx.rule, path, module)
     if rule is None:
         return None, reason
@@ -156,12 +194,36 @@ def _choose(paths: list[str], module: nn.Module, ctx: _Context
     if reason:
         return None, reason
 
-    reason = RULES[rule].skip_reason(registry.as_torch(module, device="meta", path=path))
+    layer = registry.as_torch(module, device="meta", path=path)
+    reason = RULES[rule].skip_reason(layer) or capacity_reason(
+        path, rule, layer, ctx.r, _meta_builder(rule, layer, path))
     if reason:
         return None, reason
     if rule == "FC" and id(module) in ctx.output and not explicit:
         return None, _output_reason(path, ctx.view)
     return rule, None
+
+
+def unhandled_macs(module: nn.Module, shape: tuple[int, ...]) -> int | None:
+    """MACs of a transposed convolution on an input of ``shape`` (every input element
+    meets ``out/groups · prod(kernel)`` weights, as torch's flop counter has it); ``None``
+    for the modules whose cost the plan does not model (RNNs, attention)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        per = module.out_channels // module.groups * math.prod(module.kernel_size)
+        return math.prod(shape) * per
+    return None
+
+
+def _meta_builder(rule: str, layer: nn.Module, path: str) -> Callable[[float], ExpandedBlock]:
+    """``r -> block`` of ``rule`` on ``layer`` (meta tensors); a rule that builds a wrong block
+    is refused naming the layer."""
+    def build(rate: float) -> ExpandedBlock:
+        try:
+            return RULES[rule].build(layer, rate, path=path, device="meta")
+        except ContractionError as exc:  # the block's own check: the rule built a wrong block
+            raise ConfigError(f"expand: rule {rule!r} could not build a block for '{path}': "
+                              f"{exc} Fix the rule's build, or exclude the layer.") from None
+    return build
 
 
 def input_shapes(model: nn.Module, example_inputs: Any,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,13 +24,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import registry
-from ..block import LAYER_TYPES, base_type, torch_layer_type
+from ..block import LAYER_TYPES, ExpandedBlock, base_type, torch_layer_type
+from ..counting import param_count
 from ..errors import ConfigError
 from ..helpers import first_match
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
+from .report import _human
 
-__all__ = ["check_r", "requested_explicitly"]
+__all__ = ["capacity_reason", "check_r", "how_requested", "requested_explicitly",
+           "unhandled_reason"]
 
 if TYPE_CHECKING:
     from .decide import _Context
@@ -52,13 +55,26 @@ def requested_explicitly(paths: list[str], include: list[str] | None,
     >>> requested_explicitly(["fc"], None, {"f*": "FC"})
     False
     """
-    if include is not None and any(p in include for p in paths):
-        return True
+    return how_requested(paths, include, rule) is not None
+
+
+def how_requested(paths: list[str], include: list[str] | None, rule: RuleSpec) -> str | None:
+    """How the user named this very layer (``"include=['fc']"``, ``"rule mapping key 'fc'"``),
+    or ``None`` when only a glob (or nothing) selects it.
+
+    >>> how_requested(["fc"], ["*", "fc"], "FC")
+    "include=['fc']"
+    """
+    if include is not None:
+        named = [p for p in paths if p in include]
+        if named:
+            return f"include=[{named[0]!r}]"
     spec = dict([rule]) if isinstance(rule, tuple) else rule
     if isinstance(spec, Mapping):
         matched = first_match(paths[0], spec)
-        return matched is not None and matched in paths
-    return False
+        if matched is not None and matched in paths:
+            return f"rule mapping key {matched!r}"
+    return None
 
 
 def _output_reason(path: str, view: GraphView) -> str:
@@ -68,7 +84,7 @@ def _output_reason(path: str, view: GraphView) -> str:
     mapping = "{" + repr(path) + ": 'FC', ...}"
     return (f"the model's output layer ({how}); the FC rule leaves it alone, as the paper's "
             f"authors do. To expand it, name it exactly: include=['*', {path!r}] or a rule "
-            f"mapping {mapping}")
+            f"mapping {mapping} (command line: --include '*,{path}')")
 
 
 def _last_linear(layers: list[tuple[int, nn.Module]], inside_block: dict[int, str]) -> set[int]:
@@ -132,8 +148,8 @@ def _graph_reason(module: nn.Module, ctx: _Context) -> str | None:
 def _reject_lazy(path: str, module: nn.Module) -> None:
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise ConfigError(f"expand: '{path}' ({type(module).__name__}) is a lazy module that has "
-                          f"not been initialized. Run one forward pass with a real input first "
-                          f"(or pass example_inputs and call the model once), then expand.")
+                          f"not been initialized: its shapes are unknown until it sees an input. "
+                          f"Call the model once on a real input (model(x)), then expand.")
 
 
 def _unusable(path: str, module: nn.Module, explicit: bool) -> str | None:
@@ -211,3 +227,95 @@ def _opaque_children(model: nn.Module) -> dict[int, str]:
                 if child is not module:
                     opaque.setdefault(id(child), f"'{path}' ({type(module).__name__})")
     return opaque
+
+
+def capacity_reason(path: str, rule: str, layer: nn.Module, r: float,
+                    build: Callable[[float], ExpandedBlock]) -> str | None:
+    """Why the expansion of ``layer`` (a torch layer) would *contract* it, or ``None``.
+
+    An expansion must be able to represent every weight of the layer it replaces (the
+    paper's premise: over-parameterization changes training, never what the network can
+    compute). Two necessary conditions are checked on the block ``build(r)`` (meta tensors):
+
+    - it holds at least as many parameters as the layer (the composed map is a polynomial
+      in the factors, so fewer parameters reach a set of lower dimension);
+    - for chains, the composed map can reach the layer's rank: cut the chain after factor
+      ``j``; the weight flattened to ``[n, m·K]`` is a product through ``c_j·S_after``
+      values (``c_j`` channels per group at the cut, ``S_after`` the taps of the composed
+      kernel of the factors after it), and flattened to ``[n·K, m]`` through ``c_j·S_before``.
+      A generic layer has rank ``min(n, m·K)`` and ``min(n·K, m)`` (per group).
+
+    The reason names the smallest ``r`` (in steps of 0.25) that passes both.
+    """
+    def problem(rate: float) -> str | None:
+        block = build(rate)
+        have, need = param_count(block), param_count(layer)
+        if have < need:
+            return (f"would hold {_human(have)} parameters for a {_human(need)} layer, so it "
+                    f"cannot represent every weight of the layer it replaces")
+        bound = _rank_bound(block, layer)
+        if bound is not None and bound[0] < bound[1]:
+            return (f"composes a map of rank at most {bound[0]} (per group) where the layer "
+                    f"reaches rank {bound[1]}, so it cannot represent every weight of the "
+                    f"layer it replaces")
+        return None
+
+    found = problem(r)
+    if found is None:
+        return None
+    fix = next((f"use r >= {c:g}" for c in (math.floor(r * 4) / 4 + k / 4 for k in range(1, 257))
+                if problem(c) is None), "no r up to 64 avoids it; use another rule")
+    return f"{rule} at r={r:g} on '{path}' {found}: {fix} (or another rule)"
+
+
+def _rank_bound(block: ExpandedBlock, layer: nn.Module) -> tuple[int, int] | None:
+    """(the chain's largest reachable rank, the layer's) over both flattenings, per group;
+    ``None`` for branches and for chains whose factors change the groups."""
+    if not block.is_chain:
+        return None
+    factors = list(block.layers)
+    groups = getattr(layer, "groups", 1)
+    if any(getattr(f, "groups", 1) != groups for f in factors):
+        return None
+
+    def channels(f: nn.Module, side: str) -> int:
+        if isinstance(f, nn.Linear):
+            return f.in_features if side == "in" else f.out_features
+        return (f.in_channels if side == "in" else f.out_channels) // groups
+
+    def taps(chain: list[nn.Module]) -> int:
+        sizes = [tuple(getattr(f, "kernel_size", ())) for f in chain]
+        dims = max((len(k) for k in sizes), default=0)
+        return math.prod(sum(k[d] - 1 for k in sizes if k) + 1 for d in range(dims))
+
+    m, n = channels(factors[0], "in"), channels(factors[-1], "out")
+    kernel = math.prod(tuple(getattr(layer, "kernel_size", ())))
+    cuts = range(1, len(factors))
+    reach_out = min((channels(factors[j - 1], "out") * taps(factors[j:]) for j in cuts),
+                    default=min(n, m * kernel))
+    reach_in = min((channels(factors[j - 1], "out") * taps(factors[:j]) for j in cuts),
+                   default=min(m, n * kernel))
+    need_out, need_in = min(n, m * kernel), min(m, n * kernel)
+    if reach_out < need_out:
+        return reach_out, need_out
+    if reach_in < need_in:
+        return reach_in, need_in
+    return None
+
+
+
+def unhandled_reason(module: nn.Module) -> str | None:
+    """Why a module that holds a linear map's weight is not a layer expandfx handles (so the
+    plan lists it with this reason), or ``None`` for every other module."""
+    cls = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return (f"{cls}: transposed convolutions are not a layer type expandfx expands yet "
+                f"(no rule handles them)")
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return (f"{cls} applies its weight_ih/weight_hh matrices itself, inside its "
+                f"recurrence: not a layer type expandfx expands")
+    if isinstance(module, nn.MultiheadAttention):
+        return (f"{cls} applies its input projection (in_proj_weight) itself, in "
+                f"F.multi_head_attention_forward: not a layer type expandfx expands (its "
+                f"out_proj has its own row)")
+    return None

@@ -66,11 +66,20 @@ class Plan:
         return [row for row in self.rows if not row.rule]
 
     def totals(self) -> dict[str, int | None]:
+        """Sums over the rows; MACs over the rows that have them (:attr:`uncounted` lists the
+        others), ``None`` when no row has them (no ``example_inputs``)."""
         def total(attr: str) -> int | None:
             values = [getattr(row, attr) for row in self.rows]
-            return None if any(v is None for v in values) else sum(values)
+            known = [v for v in values if v is not None]
+            return sum(known) if known or not values else None
         return {k: total(k) for k in ("params_before", "params_after", "macs_before",
                                       "macs_after")}
+
+    @property
+    def uncounted(self) -> list[LayerPlan]:
+        """Rows whose MACs the totals leave out: never called on ``example_inputs``, or a
+        module whose cost the plan does not model (RNNs, attention)."""
+        return [row for row in self.rows if row.macs_before is None]
 
     def __str__(self) -> str:
         head = ("layer", "type", "rule", "params", "MACs", "note")
@@ -89,6 +98,11 @@ class Plan:
                       _arrow(t["params_before"], t["params_after"]),
                       _arrow(t["macs_before"], t["macs_after"]), ""))
         out = text_table(lines, rule_after_header=True).split("\n")
+        left = self.uncounted
+        if left and t["macs_before"] is not None:
+            out.append(f"MAC totals leave out {len(left)} layer(s) with no MAC count: "
+                       + ", ".join(f"{row.path} ({row.layer.partition('(')[0]})"
+                                   for row in left))
         if self.recorded:
             out.append(f"FX could not trace the model ({self.trace_error}); call sites and "
                        f"direct weight reads were recorded from one forward pass on "
@@ -103,6 +117,11 @@ class Plan:
 
 def describe(layer: nn.Module) -> str:
     """``Conv2d(3→8, k7, s1, p3)`` — a short one-line description."""
+    if isinstance(layer, (nn.RNNBase, nn.RNNCellBase)):
+        layers = f", {layer.num_layers} layers" if getattr(layer, "num_layers", 1) > 1 else ""
+        return f"{type(layer).__name__}({layer.input_size}→{layer.hidden_size}{layers})"
+    if isinstance(layer, nn.MultiheadAttention):
+        return f"{type(layer).__name__}({layer.embed_dim}, {layer.num_heads} heads)"
     torch_layer = registry.as_torch(layer, device="meta")
     if torch_layer is not layer:  # a registered class: Conv1D(32→96)
         return type(layer).__name__ + "(" + describe(torch_layer).partition("(")[2]
@@ -111,8 +130,9 @@ def describe(layer: nn.Module) -> str:
         return f"Linear({layer.in_features}→{layer.out_features})"
     extras = [f"k{_short(layer.kernel_size)}"]
     for attr, tag, default in (("stride", "s", 1), ("padding", "p", 0),
-                               ("dilation", "d", 1), ("groups", "g", 1)):
-        value = getattr(layer, attr)
+                               ("output_padding", "op", 0), ("dilation", "d", 1),
+                               ("groups", "g", 1)):
+        value = getattr(layer, attr, default)
         if _short(value) != str(default):
             extras.append(f"{tag}{_short(value)}")
     if layer.padding_mode != "zeros":
