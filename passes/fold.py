@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from expandfx.passes.contract import deployable
 from expandfx.passes.fold_norms import fold_norms
 from expandfx.passes.linear_groups import (
+    TRANSPOSED,
     Analysis,
     Group,
     LeafTracer,
@@ -241,6 +242,11 @@ def _build(group: Group, found: Analysis) -> _Folded:
     pad = None
     if g.dims == 0:
         layer = nn.Linear(a.weight.shape[1], a.weight.shape[0], **kw)
+    elif g.transposed:
+        layer = TRANSPOSED[g.dims - 1](a.in_channels, a.out_channels, a.kernel, stride=g.stride,
+                                       padding=tuple(p for p, _ in g.padding),
+                                       output_padding=g.output_padding, groups=g.groups,
+                                       dilation=g.dilation, **kw)
     else:
         sym = g.symmetric_padding
         if sym is None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from expandfx.passes.linear_groups import TRANSPOSED
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
@@ -98,7 +99,8 @@ def fold_norms(model: nn.Module, inputs: tuple[Any, ...], tol: float = 1e-5
     for path, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(path)
     layers = {id(m): _Layer(m) for m in model.modules()
-              if registry.is_layer(m) and not parametrize.is_parametrized(m)}
+              if (registry.is_layer(m) or type(m) in TRANSPOSED)
+              and not parametrize.is_parametrized(m)}
     norms = {id(m): _Norm(m) for m in model.modules()
              if isinstance(m, _BatchNorm) and not m.training and m.running_var is not None}
     if not norms:
@@ -290,13 +292,17 @@ def _fold_pair(layer: _Layer, norm: _Norm, lpath: str, npath: str, tol: float) -
 def _plain_call(plain: nn.Module, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if isinstance(plain, nn.Linear):
         return F.linear(x, weight, bias)
+    if type(plain) in TRANSPOSED:
+        op = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[plain.weight.dim() - 3]
+        return op(x, weight, bias, plain.stride, plain.padding, plain.output_padding,
+                  plain.groups, plain.dilation)
     return registry.TORCH_TYPES[f"conv{len(plain.kernel_size)}d"]._conv_forward(
         plain, x, weight, bias)
 
 
 def _plain_problem(module: nn.Module, x: Tensor, out: Tensor) -> str | None:
     """Why ``module`` does not compute its plain torch op on ``x``, if it does not."""
-    if type(module) in registry.TORCH_TYPES.values():
+    if type(module) in (*registry.TORCH_TYPES.values(), *TRANSPOSED):
         return None
     try:
         plain = registry.as_torch(module)

@@ -43,12 +43,14 @@ from expandfx.helpers import human
 from expandfx.linear import Affine, Geometry, Identity, Par, Seq, batchnorm, fold
 from expandfx.linear.ir import Node, leaves, map_leaves
 
-__all__ = ["Analysis", "Group", "LeafTracer", "analyse", "describe", "leaf_count", "render"]
+__all__ = ["TRANSPOSED", "Analysis", "Group", "LeafTracer", "analyse", "describe", "leaf_count",
+           "render"]
 
 Tensor = torch.Tensor
 Cost = tuple[int, int]  # (parameters, MACs at the example input's shapes)
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _EXACT = {nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
-          nn.BatchNorm3d}
+          nn.BatchNorm3d, *TRANSPOSED}
 _DROPOUTS = {nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
              nn.FeatureAlphaDropout}
 _ADDS = {operator.add, torch.add, torch.Tensor.add}
@@ -209,6 +211,8 @@ def _plain_layer(module: nn.Module, path: str) -> tuple[nn.Module | None, str | 
                           f" so it normalises with batch statistics even in eval mode; it "
                           f"cannot be folded")
         plain = module
+    elif type(module) in TRANSPOSED:  # exactly torch's: subclasses may compute otherwise
+        plain = module
     elif registry.is_layer(module):
         try:
             plain = registry.as_torch(module, path=path)
@@ -232,7 +236,8 @@ def _reference(module: nn.Module, plain: nn.Module, path: str, args: tuple, kwar
                       f"such calls fold")
     bad_rank = (x.dim() < 2 or x.shape[1] != plain.num_features
                 if isinstance(plain, _BatchNorm) else
-                x.dim() != len(plain.kernel_size) + 2 if isinstance(plain, CONV_TYPES) else
+                x.dim() != len(plain.kernel_size) + 2 if isinstance(plain, (*CONV_TYPES,
+                                                                            *TRANSPOSED)) else
                 x.dim() < 1)
     if bad_rank:
         return None, (f"'{path}' ({kind}) gets an input of shape {tuple(x.shape)}, which is "
@@ -352,13 +357,15 @@ def _grow(graph: fx.Graph, found: Analysis, shapes: dict, allow_larger: bool
             return found.scales[n][2], out
         layer = found.layers[n]
         params = sum(p.numel() for p in layer.parameters()) if calls[n.target] == 1 else 0
-        return params, out if isinstance(layer, _BatchNorm) else out * _fan_in(affine(n))
+        if isinstance(layer, _BatchNorm):
+            return params, out
+        return params, affine_cost(affine(n), shapes[n][0], shapes[n.args[0]][0])[1]
 
     def cheap(merged: Affine | str, parts: list[Group], root: fx.Node) -> Affine | str:
         """``merged`` if it costs no more than ``parts`` kept apart, else why not."""
         if not isinstance(merged, Affine) or allow_larger:
             return merged
-        cost = affine_cost(merged, shapes[root][0])
+        cost = affine_cost(merged, shapes[root][0], shapes[parts[0].source][0])
         apart = tuple(sum(c) for c in zip(*(p.cost for p in parts), strict=True))
         if cost[0] <= apart[0] and cost[1] <= apart[1]:
             return merged
@@ -378,7 +385,8 @@ def _grow(graph: fx.Graph, found: Analysis, shapes: dict, allow_larger: bool
                 if isinstance(folded, Affine):
                     best[node] = Group(node, inner.source, _join(Seq, inner.tree, node),
                                        [*inner.members, node], folded,
-                                       affine_cost(folded, shapes[node][0]))
+                                       affine_cost(folded, shapes[node][0],
+                                                   shapes[inner.source][0]))
                     continue
                 found.why.setdefault(node, f"not folded with what computes its input "
                                            f"({render(inner.tree)}): {folded}")
@@ -395,18 +403,21 @@ def _grow(graph: fx.Graph, found: Analysis, shapes: dict, allow_larger: bool
                 folded = cheap(attempt(Par, maps), parts, node)
                 if isinstance(folded, Affine):
                     members = [m for p in parts for m in p.members]
-                    best[node] = Group(node, sources.pop(), tree, [*members, node], folded,
-                                       affine_cost(folded, shapes[node][0]))
+                    source = sources.pop()
+                    best[node] = Group(node, source, tree, [*members, node], folded,
+                                       affine_cost(folded, shapes[node][0], shapes[source][0]))
                 else:
                     found.why[node] = f"the sum {render(tree)} is not one layer: {folded}"
     return best
 
 
-def affine_cost(a: Affine, out_shape: tuple[int, ...]) -> Cost:
-    """(parameters, MACs) of one layer computing ``a`` with output ``out_shape``: output
-    elements × weight fan-in, the convention of :mod:`expandfx.linear.costs`."""
+def affine_cost(a: Affine, out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> Cost:
+    """(parameters, MACs) of one layer computing ``a`` from ``in_shape`` to ``out_shape``:
+    output elements × weight fan-in, the convention of :mod:`expandfx.linear.costs` (a
+    transposed conv: input elements × its fan-out, ``out/groups × kernel``)."""
     params = a.weight.numel() + (0 if a.bias is None else a.bias.numel())
-    return params, math.prod(out_shape) * _fan_in(a)
+    elements = in_shape if a.geometry.transposed else out_shape
+    return params, math.prod(elements) * _fan_in(a)
 
 
 def _fan_in(a: Affine) -> int:

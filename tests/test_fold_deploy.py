@@ -329,3 +329,44 @@ def test_a_weight_read_outside_its_layer_keeps_the_norm():
     out = checked_fold(calibrated(TiedWeight(), x), x)
     assert norms(out) == 1
     assert "read by conv2d (on its weight)" in str(out.meta["expandfx.fold"])
+
+
+# transposed convolutions --------------------------------------------------------------------
+
+def decoder(dims: int = 2) -> nn.Module:
+    convt = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1]
+    norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+    return nn.Sequential(convt(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2,
+                               dilation=1, bias=False), norm(6), nn.ReLU(),
+                         convt(6, 6, 4, stride=2, padding=1), norm(6))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv_transpose_then_batchnorm_folds(dims):
+    """Even onnxsim leaves ConvTranspose → BatchNorm unfused (onnxsim#317)."""
+    x = torch.randn(2, 4, *(5,) * dims)
+    model = calibrated(decoder(dims), x)
+    gm = checked_fold(model, x)
+    convs = [m for m in gm.modules() if isinstance(m, nn.modules.conv._ConvTransposeNd)]
+    assert len(convs) == 2 and norms(gm) == 0
+    assert convs[0].output_padding == (1,) * dims and convs[0].groups == 2
+
+
+def test_conv_transpose_then_batchnorm_folds_in_float64_and_in_untraceable_models():
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    model = calibrated(decoder(), x.float()).double()
+    gm = efx.fold(model, (x,))
+    with torch.no_grad():
+        assert rel_err(model(x), gm(x)) <= 1e-12
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = decoder()
+
+        def forward(self, x):
+            return self.body(x) if x.sum() > 0 else x
+
+    x = torch.randn(2, 4, 5, 5).abs()
+    out = checked_fold(calibrated(Untraceable(), x), x)
+    assert out.meta["expandfx.fold"].graph == "recorded forward" and norms(out) == 0
