@@ -58,11 +58,12 @@ __all__ = ["ExportReport", "FOLD_TOLERANCES", "TOLERANCES", "VerificationError",
 
 log = logging.getLogger("expandfx")
 
-# (rtol, atol) of onnxruntime vs torch: docs/design.md §4 for float32, torch.testing's defaults
-# for the other dtypes; atol is scaled by the output's max |value| (a fixed atol fails deep nets
-# whose outputs are large: timm mobilenetv4_conv_small, 6.1e-5 at magnitude 60).
+# (rtol, atol) of onnxruntime vs torch: docs/design.md §4 for float32, torch.testing's rtol for
+# the other dtypes; atol is scaled by the output's max |value| (a fixed atol fails deep nets
+# whose outputs are large: timm mobilenetv4_conv_small, 6.1e-5 at magnitude 60), so for the
+# half types it is their resolution at that scale (about 2^-10 for float16, 2^-7 for bfloat16).
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-7),
-              torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
+              torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 8e-3)}
 # contract(model)(x) vs model(x): docs/design.md §4 for float32, scaled for the other dtypes
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with headroom
 
