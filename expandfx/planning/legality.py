@@ -24,9 +24,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import registry
-from ..block import LAYER_TYPES, base_type, torch_layer_type
 from ..errors import ConfigError
 from ..helpers import first_match
+from ..registry import LAYER_TYPES, base_type, torch_layer_type
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
 
