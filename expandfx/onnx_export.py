@@ -145,7 +145,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                 dynamic_batch: bool = True, verify: bool = True, rtol: float | None = None,
                 atol: float | None = None, opset: int | None = None,
                 reference: nn.Module | None = None, n_random: int = 3,
-                fold: bool = False) -> ExportReport:
+                fold: bool = False) -> ExportReport | None:
     """Export the deployable form of ``model`` to ``path`` and verify it in onnxruntime.
 
     ``reference`` is the original compact architecture for the structural check; by
@@ -156,7 +156,23 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     folded the same way and compared. onnxruntime and the "deployable copy vs given model"
     check verify the folded graph as usual. Returns an :class:`ExportReport`; raises
     :class:`VerificationError` on any mismatch.
+
+    A model sharded with FSDP2: call it on every rank. The full parameters are gathered
+    collectively into an unsharded copy; rank 0 exports, verifies and returns the report,
+    the other ranks wait for it and return ``None``.
     """
+    from .sharding import gathered_copy, is_sharded
+
+    if is_sharded(model):
+        plain = gathered_copy(model, "export_onnx")
+        rank0 = torch.distributed.get_rank() == 0
+        try:
+            return export_onnx(
+                plain, example_inputs, path, dynamic_batch=dynamic_batch, verify=verify,
+                rtol=rtol, atol=atol, opset=opset, reference=reference, n_random=n_random,
+                fold=fold) if rank0 else None
+        finally:
+            torch.distributed.barrier()  # the file exists on every rank's return
     inputs, deploy, report = _prepare(model, example_inputs, path, rtol, atol)
     if fold:
         deploy = _folded(deploy, inputs, report)
