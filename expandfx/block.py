@@ -267,18 +267,21 @@ class ExpandedBlock(nn.Module):
                 f"Remove the hooks (handle.remove()) before contracting."
             )
 
-    def weight_bias(self, dtype: torch.dtype | None = None) -> WeightBias:
-        """The effective (weight, bias) of the whole block, differentiable, in ``dtype``."""
+    def weight_bias(self, dtype: torch.dtype | None = None, *,
+                    params: dict[str, WeightBias] | None = None) -> WeightBias:
+        """The effective (weight, bias) of the whole block, differentiable, in ``dtype``;
+        ``params`` substitutes ``{factor path: (w, b)}`` for the factors' own tensors."""
         if self.act is not None:
             self.check()  # raises: a nonlinear block has no single effective weight
         if self.is_chain and self.__dict__.get("_plain_chain"):
             # fast path, same arithmetic: a chain whose factors all have the template's
             # groups folds to compose_chain (checked by fold() once, at construction)
-            factors = [(f.weight, f.bias) for f in self.layers]
+            factors = ([params[p] for p in self.factor_paths] if params is not None
+                       else [(f.weight, f.bias) for f in self.layers])
             if dtype is not None:
                 factors = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in factors]
             return compose_chain(factors, getattr(self.template, "groups", 1))
-        one = fold(self.linear_map(dtype))
+        one = fold(self.linear_map(dtype, params=params))
         return one.weight, one.bias
 
     def _current_topology(self) -> Node:

@@ -58,8 +58,8 @@ if TYPE_CHECKING:  # the block calls into this module; this module only walks bl
 
 __all__ = ["MEASURE_ENV", "MODES", "Measurement", "cheaper_mode", "check_mode",
            "collapsed_macs", "compose_macs", "folded", "forget_measurements", "frozen",
-           "measurements", "measuring_enabled", "resolve_mode", "sequential_macs", "set_mode",
-           "structure", "synchronize", "timed", "tune_kernels"]
+           "measurements", "measuring_enabled", "recomposed", "resolve_mode",
+           "sequential_macs", "set_mode", "structure", "synchronize", "timed", "tune_kernels"]
 
 
 MODES = ("auto", "collapsed", "sequential")
@@ -87,13 +87,18 @@ def measuring_enabled() -> bool:
 _DECISIONS: dict[tuple[Any, ...], str] = {}
 
 
-def set_mode(model: nn.Module, mode: str, *, measure: bool | None = None) -> nn.Module:
+def set_mode(model: nn.Module, mode: str, *, measure: bool | None = None,
+             recompose: bool | None = None) -> nn.Module:
     """Switch every expanded block of ``model`` to ``mode`` (in place); returns ``model``.
 
     ``measure`` (for ``"auto"``): ``True``/``False`` lets the blocks time both executions
     or makes them decide by the MAC model alone; ``None`` keeps each block's setting
     (default: follow ``EXPANDFX_AUTO_MEASURE``, on unless set to ``0``). Forgets the
-    decisions ``auto`` measured so far for blocks of these structures.
+    decisions ``auto`` measured so far for blocks of these structures. ``recompose``
+    (collapsed training): ``True`` (the default) keeps only the factors for backward and
+    recomputes the composition there (:func:`recomposed`: the compact layer's memory);
+    ``False`` keeps the composition's partial products (more memory, no recomputation);
+    ``None`` keeps each block's setting.
 
     >>> import expandfx as efx
     >>> from expandfx.models import smallnet_7x7
@@ -106,6 +111,8 @@ def set_mode(model: nn.Module, mode: str, *, measure: bool | None = None) -> nn.
         module.mode = mode
         if measure is not None:
             module.measure = bool(measure)
+        if recompose is not None:
+            module.recompose = bool(recompose)
         module._auto.clear()
         for key in [k for k in _DECISIONS if k[0] == structure(module)]:
             del _DECISIONS[key]
@@ -151,11 +158,13 @@ def resolve_mode(block: ExpandedBlock, x: torch.Tensor | Sequence[int]) -> str:
     (forward, plus backward through ``torch.autograd.grad`` when gradients are needed;
     a warm-up round, then one timed round, or three interleaved ones when the two are
     within 3×; median), so no autograd graph, ``.grad``, hook or RNG state of the caller
-    is touched. A block whose warm-up takes over a second is not timed further (the MAC
-    model decides). It falls back to the MAC
-    model of :mod:`expandfx.linear.costs` (and does not cache) under ``torch.compile``, FX or
-    JIT tracing, functorch transforms, CUDA graph capture, for meta/fake/subclass
-    tensors, when given a shape only, and when measuring is switched off
+    is touched. When gradients are needed, sequential must be at least
+    ``SEQUENTIAL_MEMORY_PREMIUM`` (10 %) faster to be chosen: it keeps r× wider activations
+    for backward than collapsed execution, which keeps only the compact layer's. A block
+    whose warm-up takes over a second is not timed further (the MAC model decides). It
+    falls back to the MAC model of :mod:`expandfx.linear.costs` (and does not cache) under
+    ``torch.compile``, FX or JIT tracing, functorch transforms, CUDA graph capture, for
+    meta/fake/subclass tensors, when given a shape only, and when measuring is switched off
     (``set_mode(model, "auto", measure=False)`` or ``EXPANDFX_AUTO_MEASURE=0``). When
     the MAC model already sees one mode 8× cheaper, that decides without timing. Both
     modes compute the same function; only the speed depends on the choice.
@@ -235,9 +244,12 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
         y = x if block.pre_pad is None else F.pad(x, block.pre_pad, mode=block.pad_mode)
         return run(block.topology, y, apply)
 
-    def collapsed() -> torch.Tensor:
-        one = fold(block.linear_map(params=by_path))
-        w, b = one.weight, one.bias
+    def collapsed() -> torch.Tensor:  # as forward runs it (with the recomputing backward)
+        if grad and block.__dict__.get("recompose", True):
+            w, b = recomposed(block, by_path)
+        else:
+            one = fold(block.linear_map(params=by_path))
+            w, b = one.weight, one.bias
         if isinstance(block.template, nn.Linear):
             return F.linear(x, w, b)
         return block.template._conv_forward(x, w, b)
@@ -253,7 +265,7 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
             return choice
         first = {name: _timed_step(fn, leaves, x.device) for name, fn in runs.items()}
         if max(first.values()) > 3 * min(first.values()):  # plain after the warm-up
-            choice = min(first, key=first.__getitem__)
+            choice = min(first, key=lambda name: first[name] * _premium(name, grad))
             _MEASURED.append(Measurement(structure(block), tuple(x.shape), grad, len(leaves),
                                          {k: (v,) for k, v in first.items()}, choice))
             return choice
@@ -262,10 +274,20 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
         for _ in range(0 if max(first.values()) > 0.1 else 2):
             for name, fn in runs.items():
                 times[name].append(_timed_step(fn, leaves, x.device))
-    choice = min(times, key=lambda name: statistics.median(times[name]))
+    choice = min(times, key=lambda n: statistics.median(times[n]) * _premium(n, grad))
     _MEASURED.append(Measurement(structure(block), tuple(x.shape), grad, len(leaves),
                                  {k: tuple(v) for k, v in times.items()}, choice))
     return choice
+
+
+# In training, sequential execution keeps every factor's activations (r× the compact layer's
+# width) for backward, collapsed execution only the compact layer's input: auto weighs
+# memory by choosing sequential only when it is at least this much faster.
+SEQUENTIAL_MEMORY_PREMIUM = 0.10
+
+
+def _premium(mode: str, grad: bool) -> float:
+    return 1.0 + SEQUENTIAL_MEMORY_PREMIUM if grad and mode == "sequential" else 1.0
 
 
 def folded(block: ExpandedBlock) -> WeightBias:
@@ -278,12 +300,63 @@ def folded(block: ExpandedBlock) -> WeightBias:
     """
     state = _FROZEN.get(block)
     if state is None or block.training or torch.is_grad_enabled():
+        if (torch.is_grad_enabled() and block.__dict__.get("recompose", True)
+                and not _tracing_or_transformed()):
+            return recomposed(block)
         return block.weight_bias()
     key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device)
                 for t in (*block.parameters(), *block.buffers()))
     if state[1] is None or state[1][0] != key:
         state[1] = (key, block.weight_bias())
     return state[1][1]
+
+
+def recomposed(block: ExpandedBlock, params: dict[str, WeightBias] | None = None
+               ) -> WeightBias:
+    """:meth:`~expandfx.block.ExpandedBlock.weight_bias`, differentiable, saving for backward
+    only the factors (which are parameters: no memory) instead of the composition's partial
+    products, which backward recomputes (:class:`_Recompose`). Same values and gradients;
+    the memory of a training step drops by the partial products of every collapsed block,
+    for the time of composing once more in backward."""
+    paths = block.factor_paths
+    pairs = ([params[p] for p in paths] if params is not None
+             else [(layer.weight, layer.bias) for layer in block.factors])
+    flat = [t for pair in pairs for t in pair]
+    if not any(t is not None and t.requires_grad for t in flat):
+        return block.weight_bias(params=params)
+
+    def compose(tensors: Sequence[torch.Tensor | None]) -> WeightBias:
+        return block.weight_bias(params={p: (tensors[2 * i], tensors[2 * i + 1])
+                                         for i, p in enumerate(paths)})
+
+    out = _Recompose.apply(compose, *flat)
+    return out[0], (out[1] if len(out) > 1 else None)
+
+
+class _Recompose(torch.autograd.Function):
+    """``compose(tensors)`` whose backward recomputes the composition instead of keeping its
+    intermediates: a checkpoint of one block's kernel composition."""
+
+    @staticmethod
+    def forward(ctx: Any, compose: Callable, *tensors: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
+        ctx.compose = compose
+        ctx.save_for_backward(*tensors)
+        weight, bias = compose(tensors)
+        return (weight,) if bias is None else (weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        needs = ctx.needs_input_grad[1:]
+        with torch.enable_grad():
+            inputs = [None if t is None else t.detach().requires_grad_(need)
+                      for t, need in zip(ctx.saved_tensors, needs, strict=True)]
+            weight, bias = ctx.compose(inputs)
+            outs = [weight] if bias is None else [weight, bias]
+            wrt = [t for t in inputs if t is not None and t.requires_grad]
+            found = iter(torch.autograd.grad(outs, wrt, grads[:len(outs)], allow_unused=True))
+        return (None, *(next(found) if t is not None and t.requires_grad else None
+                        for t in inputs))
 
 
 def _tracing_or_transformed() -> bool:

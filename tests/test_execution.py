@@ -104,3 +104,47 @@ def test_block_modes_and_kernel_tuning_share_the_timer(monkeypatch):
     assert kernel_pairs and execution.measurements()
     assert len(seen) >= 2 * 2 + 2 * 2 and set(seen) == {"cpu"}
     execution.forget_measurements()
+
+
+def _saved_bytes(model, x) -> tuple[int, torch.Tensor]:
+    """Bytes of the storages a training forward saves for backward that are not parameters
+    (a saved parameter costs no memory), and the output."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return sum(saved.values()), out
+
+
+@pytest.mark.parametrize("rule", ["CL", "CK"])
+def test_collapsed_training_saves_the_compact_layers_tensors_and_the_composed_weight(rule):
+    """Backward recomputes the composition: no partial product is kept, the gradients are
+    those of the composition differentiated by plain autograd."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import expandfx as efx
+
+    torch.manual_seed(0)
+    compact = nn.Sequential(nn.Conv2d(8, 16, 7, padding=3))
+    big = efx.expand(compact, rule, r=4, mode="collapsed")
+    x = torch.randn(4, 8, 16, 16)
+    compact_bytes, _ = _saved_bytes(compact, x)
+    big_bytes, out = _saved_bytes(big, x)
+    composed = 16 * 8 * 7 * 7 * 4  # the composed weight, float32
+    assert compact_bytes == x.numel() * 4
+    assert big_bytes == compact_bytes + composed
+    grad = torch.linspace(-1, 1, out.numel()).view_as(out)
+    params = list(big.parameters())
+    ours = torch.autograd.grad(out, params, grad)
+    w, b = big[0].weight_bias()  # plain autograd through the composition
+    plain = torch.autograd.grad(F.conv2d(x, w, b, padding=3), params, grad)
+    for g, r in zip(ours, plain, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

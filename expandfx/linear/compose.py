@@ -122,7 +122,12 @@ def _fold_kernels(wa: Tensor, wb: Tensor, groups: int) -> Tensor:
         pairs = b.reshape(o * tb, j) @ wa.reshape(j, c * ta)
     pairs = pairs.reshape(g * o, tb, c, ta).transpose(1, 2).reshape(1, g * o * c * tb, ta)
     kc = (ka[0] + kb[0] - 1, ka[1] + kb[1] - 1)
-    return F.fold(pairs, kc, kernel_size=kb).reshape(g * o, c, *kc)
+    out = F.fold(pairs, kc, kernel_size=kb)
+    if out.untyped_storage().nbytes() > out.numel() * out.element_size():
+        # col2im on the CPU returns a view into a buffer as large as ``pairs``; whoever keeps
+        # the kernel (a convolution saving it for backward) would keep that buffer too
+        out = out.clone()
+    return out.reshape(g * o, c, *kc)
 
 
 # (shape of A, shape of B, groups, dtype, device) -> "conv" | "fold": measured preferences,
