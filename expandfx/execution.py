@@ -348,15 +348,19 @@ class _Recompose(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         needs = ctx.needs_input_grad[1:]
+        # grad mode is on inside backward only under create_graph=True (double backward):
+        # then differentiate through the saved tensors themselves, keeping their history
+        higher = torch.is_grad_enabled()
         with torch.enable_grad():
-            inputs = [None if t is None else t.detach().requires_grad_(need)
+            inputs = [t if t is None or higher else t.detach().requires_grad_(need)
                       for t, need in zip(ctx.saved_tensors, needs, strict=True)]
             weight, bias = ctx.compose(inputs)
             outs = [weight] if bias is None else [weight, bias]
-            wrt = [t for t in inputs if t is not None and t.requires_grad]
-            found = iter(torch.autograd.grad(outs, wrt, grads[:len(outs)], allow_unused=True))
-        return (None, *(next(found) if t is not None and t.requires_grad else None
-                        for t in inputs))
+            wrt = [t for t, need in zip(inputs, needs, strict=True) if t is not None and need]
+            found = iter(torch.autograd.grad(outs, wrt, grads[:len(outs)], allow_unused=True,
+                                             create_graph=higher))
+        return (None, *(next(found) if t is not None and need else None
+                        for t, need in zip(inputs, needs, strict=True)))
 
 
 def _tracing_or_transformed() -> bool:

@@ -148,3 +148,27 @@ def test_collapsed_training_saves_the_compact_layers_tensors_and_the_composed_we
     plain = torch.autograd.grad(F.conv2d(x, w, b, padding=3), params, grad)
     for g, r in zip(ours, plain, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_recomputed_composition_supports_double_backward():
+    """Gradient penalties differentiate the gradient: the recomputing backward must give the
+    second-order terms that plain autograd gives (keeping the partial products)."""
+    import copy
+
+    import torch.nn as nn
+
+    import expandfx as efx
+
+    torch.manual_seed(0)
+    big = efx.expand(nn.Sequential(nn.Conv2d(3, 4, 5, padding=2)), "CL", r=2, mode="collapsed")
+    keep = efx.set_mode(copy.deepcopy(big), "collapsed", recompose=False)
+    x = torch.randn(2, 3, 8, 8)
+    second = []
+    for model in (big, keep):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(model(x).square().sum(), params, create_graph=True)
+        penalty = sum(g.square().sum() for g in grads)
+        second.append(torch.autograd.grad(penalty, params))
+    for a, b in zip(*second, strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
