@@ -15,6 +15,11 @@ and momentum of the extra parameters.
 
     python benchmarks/training_speed.py          # writes results/training_speed.{md,json}
     python benchmarks/training_speed.py --quick  # a smoke run (nothing written)
+    python benchmarks/training_speed.py --memory [--device cuda]  # issue 20's run only
+
+``--device`` (default: cuda when present) trains there; steps are timed with
+:func:`expandfx.execution.timed`, which synchronizes an accelerator, so a GPU run needs no
+edits.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
 import statistics
 import sys
 import time
@@ -37,10 +44,13 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import conftest  # noqa: E402,F401  (torchvision import workaround of this machine)
 
 import expandfx as efx  # noqa: E402
+from expandfx import execution  # noqa: E402
+from expandfx.linear.costs import layer_macs  # noqa: E402
 from expandfx.models import MobileNetV1, smallnet_7x7, smallnet_7x7_ablation  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2
+DEVICE = torch.device("cpu")  # set by --device; every model and batch is moved there
 
 
 @dataclass
@@ -67,8 +77,8 @@ class Group:
 
     def __post_init__(self) -> None:
         gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn(self.batch, 3, self.size, self.size, generator=gen)
-        self.y = torch.randint(0, 10, (self.batch,), generator=gen)
+        self.x = torch.randn(self.batch, 3, self.size, self.size, generator=gen).to(DEVICE)
+        self.y = torch.randint(0, 10, (self.batch,), generator=gen).to(DEVICE)
 
 
 def depthwise_only(name: str, module: nn.Module) -> str | None:
@@ -171,14 +181,22 @@ def optimizer_fn(model: nn.Module) -> Callable[[], None]:
     return opt.step
 
 
-def training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+def training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   params_once: bool = True) -> int:
     """Parameters + gradients + optimizer state (SGD momentum) + unique storages saved for
-    backward in one step: what a training step holds between forward and backward."""
+    backward in one step: what a training step holds between forward and backward.
+
+    ``params_once``: a parameter that autograd saves is the parameter's own storage, so it
+    is counted once (with the parameters), not again among the saved storages.
+    ``params_once=False`` is the accounting of the results before issue 20, which counted a
+    saved parameter twice (its effect: up to 4 bytes per parameter of a collapsed block)."""
     saved: dict[int, int] = {}
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()} if params_once else set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -196,9 +214,8 @@ def timed_rounds(fns: list[Callable[[], None]], repeats: int) -> list[list[float
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):  # round-robin: drift of the machine hits every case alike
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
+            # the library's timer: synchronizes an accelerator before and after the step
+            times[i].append(execution.timed(fn, DEVICE))
     return times
 
 
@@ -215,6 +232,8 @@ def decisions(model: nn.Module, batch: int) -> str:
 
 def run_group(group: Group) -> list[dict]:
     cases = group.cases
+    for case in cases:
+        case.model.to(DEVICE)
     fns = [step_fn(c, group.x, group.y) for c in cases]
     extra: dict[str, tuple[int, int]] = {}  # label -> (index of compose fn, of optimizer fn)
     if group.limits:
@@ -301,7 +320,8 @@ def report(env: dict, rows: list[dict], cross: list[dict]) -> str:
         "round-robin rounds of the case's step time over the compact network's in the same "
         "round; *fastest*: the case's fastest step over the compact network's fastest (robust "
         "when other jobs share the cores). Memory: parameters + gradients + SGD momentum + "
-        "unique storages saved for backward. *Limit*: compact step + composing the factors "
+        "unique storages saved for backward (a saved parameter counted once). *Limit*: "
+        "compact step + composing the factors "
         "(forward + backward, timed alone) + the optimizer's extra time on the extra "
         "parameters (timed alone) — what no "
         "execution of the expanded net avoids; memory limit: compact + parameters, gradients "
@@ -425,15 +445,194 @@ def report(env: dict, rows: list[dict], cross: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs of one forward of a (compact) model's conv/linear layers at this input."""
+    total = 0
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        nonlocal total
+        total += layer_macs(module, list(args[0].shape))[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def exact_compose_macs(block: efx.ExpandedBlock) -> int:
+    """Multiply-accumulates of composing a chain block's factors in the best order, counting
+    for two spatial kernels only their tap pairs (``o·c·j·ta·tb``, what the col2im method
+    does; the MAC model's ``pair_cost`` counts the full convolution, zeros included)."""
+    from expandfx.linear import compose
+
+    if not block.is_chain:
+        return execution.compose_macs(block)
+    shapes = [tuple(f.weight.shape) for f in block.layers]
+    total = compose.chain_cost(shapes)
+    for a, b in compose.spatial_pairs(shapes):
+        taps = b[0] * b[1] * a[1] * math.prod(a[2:]) * math.prod(b[2:])
+        total += taps - compose.pair_cost(a, b)
+    return total
+
+
+def memory_run(repeats: int) -> tuple[list[dict], dict]:
+    """Issue 20: the Table 6 network at batch 128, r = 4, CL/CK/FC, with the composition
+    recomputed in backward (the default) and with its partial products kept (as before),
+    in one round-robin run: time and memory against their limits."""
+    torch.manual_seed(0)
+    net = smallnet_7x7_ablation()
+    cases = [Case("compact", net)]
+    for rule in ("CL", "CK", "FC"):
+        for mode in ("auto", "collapsed"):
+            for keep in (False, True):
+                case = expanded(net, rule, 4, mode)
+                if keep:
+                    efx.set_mode(case.model, mode, recompose=False)
+                    case.label += " (keep partial products)"
+                cases.append(case)
+    group = Group("SmallNet 7x7 ablation", 128, 32, cases, repeats=repeats, limits=True)
+    rows = run_group(group)
+    compact_fwd = forward_macs(net.to(DEVICE), group.x)
+    old_base = training_bytes(net, group.x, group.y, params_once=False)
+    base_params = sum(p.numel() for p in net.parameters())
+    for row, case in zip(rows, cases, strict=True):
+        blocks = [m for m in case.model.modules() if isinstance(m, efx.ExpandedBlock)]
+        compose = sum(exact_compose_macs(b) for b in blocks)
+        row["compose_fwd_MMAC"] = compose / 1e6  # exact tap pairs, best order
+        row["compact_step_GMAC"] = 3 * compact_fwd / 1e9
+        # the composition forward + backward (≈ 2× forward) on top of the compact step;
+        # recomputing in backward adds one more composition forward
+        row["arithmetic_limit"] = 1 + 3 * compose / (3 * compact_fwd)
+        row["arithmetic_limit_recompose"] = 1 + 4 * compose / (3 * compact_fwd)
+        old = training_bytes(case.model, group.x, group.y, params_once=False)
+        row["memory_ratio_old_accounting"] = old / old_base
+        row["memory_limit_old_accounting"] = (old_base + 12 * (row["params"] - base_params)) \
+            / old_base
+        if "memory_limit_ratio" not in row:  # collapsed rows: the same limit as auto's
+            base_mem = rows[0]["memory_MiB"] * 2**20
+            row["memory_limit_ratio"] = (base_mem + 12 * (row["params"] - base_params)) \
+                / base_mem
+    return rows, {"compact_fwd_GMAC": compact_fwd / 1e9}
+
+
+def memory_report(env: dict, rows: list[dict]) -> str:
+    lines = [
+        "# Training memory and time at their limits (issue 20)",
+        "",
+        f"Measured {env['date']} with torch {env['torch']}, **{env['threads']} threads**, "
+        f"device {env['device']}, `python benchmarks/training_speed.py --memory"
+        f"{'' if env['device'] == 'cpu' else ' --device ' + env['device']}` "
+        f"({env['seconds']} s, {env['repeats']} round-robin rounds). Load: {env['load']}. "
+        "Table 6 ablation network (SmallNet 7×7), 32×32, batch 128, r = 4, default SGD "
+        "(momentum 0.9). *keep*: collapsed blocks keep the composition's partial products for "
+        "backward (the behaviour before this change, `set_mode(..., recompose=False)`); "
+        "otherwise backward recomputes them (the default now). Time: median over rounds of "
+        "the step time over the compact network's in the same round; *fastest*: fastest over "
+        "fastest. *Limit* (measured): compact step + composing the factors forward and backward "
+        "(timed alone) + the optimizer's extra work (timed alone). *Arithmetic limit*: compact "
+        "step MACs (3 × forward) + composition MACs (3 × its forward: forward and backward; "
+        "4 × with the recomputation) over the compact step's MACs — optimizer not included. "
+        "Memory: parameters + gradients + momentum + unique storages saved for backward, a "
+        "saved parameter counted once (it is the parameter's storage); *old accounting* "
+        "counts a saved parameter again, as the results before this change did. Memory limit: "
+        "compact + 12 bytes per extra parameter.",
+        "",
+        "| case | step (ms) | × compact | × (fastest) | limit (measured) | arithmetic limit "
+        "| memory × compact | memory limit | within | old accounting: memory / limit | "
+        "auto chose |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        lim = f"{row['limit_ratio']:.2f}×" if "limit_ratio" in row else ""
+        recompute = "keep" not in row["case"] and row["mode"] != "compact"
+        arith = row["arithmetic_limit_recompose" if recompute else "arithmetic_limit"]
+        mem_lim = row.get("memory_limit_ratio", 1.0)
+        within = f"{100 * (row['memory_ratio'] / mem_lim - 1):+.1f} %"
+        lines.append(
+            f"| {row['case']} | {row['step_ms']:.1f} | {row['time_ratio']:.3f} | "
+            f"{row['min_ratio']:.3f} | {lim} | {arith:.3f}× | {row['memory_ratio']:.3f} | "
+            f"{mem_lim:.3f} | {within} | {row['memory_ratio_old_accounting']:.2f} / "
+            f"{row['memory_limit_old_accounting']:.2f} | {row['auto']} |")
+    lines += ["", "Recomputing vs keeping (same run, same mode): step time ratio",
+              "", "| rule | mode | recompute / keep (median of the × compact ratios) |",
+              "|---|---|---:|"]
+    for rule in ("CL", "CK", "FC"):
+        for mode in ("auto", "collapsed"):
+            suffix = "" if mode == "auto" else " collapsed"
+            a = find(rows, rows[0]["group"], 128, f"{rule} r=4{suffix}")
+            b = find(rows, rows[0]["group"], 128, f"{rule} r=4{suffix} (keep partial products)")
+            if a and b:
+                lines.append(f"| {rule} r=4 | {mode} | {a['time_ratio'] / b['time_ratio']:.3f} |")
+    group = rows[0]["group"]
+    lines += ["", "## Targets (issue 20)", "", "| target | measured | met? |", "|---|---:|---|"]
+    for rule in ("CL", "CK", "FC"):
+        row = find(rows, group, 128, f"{rule} r=4")
+        if row is not None:
+            over = row["memory_ratio"] / row["memory_limit_ratio"] - 1
+            lines.append(f"| {rule} r=4 (auto): memory within 5 % of its limit "
+                         f"({row['memory_limit_ratio']:.3f}×) | {row['memory_ratio']:.3f}× "
+                         f"({100 * over:+.1f} %) | {'met' if over <= 0.05 else 'missed'} |")
+    for rule in ("CL", "CK", "FC"):
+        a = find(rows, group, 128, f"{rule} r=4")
+        b = find(rows, group, 128, f"{rule} r=4 (keep partial products)")
+        if a and b:
+            ratio = a["time_ratio"] / b["time_ratio"]
+            lines.append(f"| {rule} r=4 (auto): time ≤ 3 % worse than keeping the partial "
+                         f"products | {ratio:.3f} | {'met' if ratio <= 1.03 else 'missed'} |")
+    ck = find(rows, group, 128, "CK r=4")
+    if ck is not None:
+        lines.append(f"| CK r=4: ≤ 1.35× the compact step | {ck['time_ratio']:.3f}× "
+                     f"(fastest {ck['min_ratio']:.3f}×) | "
+                     f"{'met' if ck['time_ratio'] <= 1.35 else 'missed'} |")
+        gap = ck["time_ratio"] / ck["arithmetic_limit_recompose"] - 1
+        lines.append(f"| CK r=4: within 5 % of the arithmetic limit "
+                     f"({ck['arithmetic_limit_recompose']:.3f}× with the recomputation, "
+                     f"{ck['arithmetic_limit']:.3f}× without) | {100 * gap:+.1f} % | "
+                     f"{'met' if gap <= 0.05 else 'missed'} |")
+    if env.get("notes"):
+        lines += ["", env["notes"]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run, nothing written")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train (default: cuda when present, else cpu)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the issue-20 run (Table 6 net, batch 128, r=4): writes "
+                             "results/training_memory{,_DEVICE}.{md,json}")
+    parser.add_argument("--repeats", type=int, default=15, help="rounds of the --memory run")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(THREADS)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "date": time.strftime("%Y-%m-%d")}
-    print(f"torch {env['torch']}, {env['threads']} threads", flush=True)
+           "date": time.strftime("%Y-%m-%d"), "device": str(DEVICE)}
+    if DEVICE.type == "cuda":
+        env["device"] = f"cuda ({torch.cuda.get_device_name(DEVICE)})"
+    print(f"torch {env['torch']}, {env['threads']} threads, device {env['device']}", flush=True)
     start = time.perf_counter()
+    if args.memory:
+        env["load"] = (f"1-min load average {os.getloadavg()[0]:.1f} on "
+                       f"{os.cpu_count() or 0} cores at the start")
+        rows, extra = memory_run(2 if args.quick else args.repeats)
+        env |= extra | {"seconds": round(time.perf_counter() - start), "repeats": args.repeats}
+        env["load"] += f", {os.getloadavg()[0]:.1f} at the end"
+        text = memory_report(env, rows)
+        print(text)
+        if not args.quick:
+            name = "training_memory" + ("" if DEVICE.type == "cpu" else f"_{DEVICE.type}")
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"{name}.json").write_text(
+                json.dumps({"env": env, "rows": rows}, indent=1))
+            (RESULTS / f"{name}.md").write_text(text)
+        return 0
     rows = [row for group in groups(args.quick) for row in run_group(group)]
     cross = crossover(args.quick)
     env["seconds"] = round(time.perf_counter() - start)

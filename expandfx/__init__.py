@@ -29,6 +29,7 @@ from .planning import LayerPlan, Plan, plan
 from .quantize import Int8Config, Int8Report
 from .registry import register_layer, unregister_layer
 from .rules import Rule, register_rule, unregister_rule
+from .sharding import shard
 
 __all__ = [
     "ChainLR", "Compander", "ConfigError", "ContractionError", "ExpandFXError", "ExpandedBlock",
@@ -37,6 +38,6 @@ __all__ = [
     "VerificationError", "bake", "chain_scale", "compand", "companded", "contract",
     "decay_groups", "expand", "export_onnx", "fold", "frozen", "linearize", "modified_adaptive",
     "nonlinear_counterpart", "param_groups", "plan", "register_layer", "register_rule",
-    "set_mode", "unregister_layer", "unregister_rule", "verify_onnx",
+    "set_mode", "shard", "unregister_layer", "unregister_rule", "verify_onnx",
 ]
 __version__ = "0.1.0"

@@ -29,25 +29,19 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import statistics
-import time
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from . import registry
+from . import execution, registry
 from .copying import parameter_free_copy
 from .errors import ConfigError, ContractionError, FoldError
-from .linear import costs
-from .linear.compose import WeightBias, compose_chain, tune_kernels
+from .execution import MEASURE_ENV, MODES, check_mode, frozen, measuring_enabled, set_mode
+from .linear.compose import WeightBias, compose_chain
 from .linear.fold import fold
 from .linear.ir import (
     PAD_MODES,
@@ -64,121 +58,19 @@ from .linear.ir import (
     run,
 )
 
-__all__ = ["CONV_TYPES", "HYPERPARAMETERS", "LAYER_TYPES", "MODES", "ExpandedBlock", "base_type",
-           "check_mode", "explicit_padding", "frozen", "layer_signature", "set_mode",
-           "torch_layer_type"]
+# Re-exported from their homes (execution.py, registry.py) for modules that import them here.
+from .registry import (  # noqa: E402
+    CONV_TYPES,
+    HYPERPARAMETERS,
+    LAYER_TYPES,
+    base_type,
+    layer_signature,
+    torch_layer_type,
+)
 
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-LAYER_TYPES: tuple[type[nn.Module], ...] = (*CONV_TYPES, nn.Linear)
-
-
-def base_type(layer: nn.Module) -> type[nn.Module]:
-    """The layer's class, looking through ``torch.nn.utils.parametrize``."""
-    return parametrize.type_before_parametrizations(layer)
-
-
-def torch_layer_type(layer: nn.Module) -> type[nn.Module]:
-    """The torch class a (possibly subclassed) conv/linear layer derives from."""
-    return next(c for c in base_type(layer).__mro__ if c in LAYER_TYPES)
-
-
-# Hyperparameters an ExpandedBlock answers for its original layer (``block.in_features``).
-HYPERPARAMETERS = frozenset({
-    "in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
-    "padding", "dilation", "groups", "padding_mode", "transposed", "output_padding",
-})
-
-
-def layer_signature(layer: nn.Module) -> tuple[Any, ...]:
-    """Everything about a factor layer that its place in an exact chain depends on."""
-    kind = base_type(layer)
-    if issubclass(kind, nn.Linear):
-        return (kind, layer.in_features, layer.out_features, layer.bias is not None)
-    if issubclass(kind, CONV_TYPES):
-        return (kind, layer.in_channels, layer.out_channels, layer.kernel_size,
-                layer.stride, layer.padding, layer.dilation, layer.groups,
-                layer.bias is not None, layer.padding_mode)
-    return (kind,)
-
-
-MODES = ("auto", "collapsed", "sequential")
-# Blocks inside efx.frozen(): block -> [depth, (key, folded weights) or None]. Kept outside
-# the blocks so that deepcopy / pickle never carry a cache or the frozen state along.
-_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ConfigError(f"execution mode must be one of {MODES}, got {mode!r}.")
-    return mode
-
-
-# Set to "0" to make ``mode="auto"`` decide by the MAC model alone (reproducible runs).
-MEASURE_ENV = "EXPANDFX_AUTO_MEASURE"
-
-
-def measuring_enabled() -> bool:
-    """Whether ``auto`` blocks may time their modes (the ``EXPANDFX_AUTO_MEASURE`` switch)."""
-    return os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-# (block structure, input key) -> the measured mode, shared by identical blocks of a process
-_DECISIONS: dict[tuple[Any, ...], str] = {}
-
-
-def set_mode(model: nn.Module, mode: str, *, measure: bool | None = None) -> nn.Module:
-    """Switch every expanded block of ``model`` to ``mode`` (in place); returns ``model``.
-
-    ``measure`` (for ``"auto"``): ``True``/``False`` lets the blocks time both executions
-    or makes them decide by the MAC model alone; ``None`` keeps each block's setting
-    (default: follow ``EXPANDFX_AUTO_MEASURE``, on unless set to ``0``). Forgets the
-    decisions ``auto`` measured so far for blocks of these structures.
-
-    >>> import expandfx as efx
-    >>> from expandfx.models import smallnet_7x7
-    >>> big = efx.set_mode(efx.expand(smallnet_7x7(), "CL", r=2), "collapsed")
-    >>> big.features[0].mode
-    'collapsed'
-    """
-    check_mode(mode)
-    for module in model.modules():
-        if isinstance(module, ExpandedBlock):
-            module.mode = mode
-            if measure is not None:
-                module.measure = bool(measure)
-            module._auto.clear()
-            for key in [k for k in _DECISIONS if k[0] == module._structure()]:
-                del _DECISIONS[key]
-    return model
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Inference with folded weights cached between forwards (eval mode, ``no_grad``).
-
-    Inside the block, collapsed blocks compose their factors once instead of at every
-    forward. Do not edit weights through ``.data`` inside it (version counters cannot
-    see such edits); optimizer steps and ``load_state_dict`` are detected.
-
-    >>> import torch, expandfx as efx
-    >>> from expandfx.models import smallnet_7x7
-    >>> big = efx.expand(smallnet_7x7(), "CL", r=2, mode="collapsed").eval()
-    >>> with efx.frozen(big), torch.no_grad():
-    ...     y = big(torch.randn(2, 3, 32, 32))
-    """
-    found = [m for m in model.modules() if isinstance(m, ExpandedBlock)]
-    for block in found:  # [nesting depth, cached fold]; copies of a block are not in here
-        _FROZEN.setdefault(block, [0, None])[0] += 1
-    try:
-        yield model
-    finally:
-        for block in found:
-            state = _FROZEN.get(block)
-            if state is not None:
-                state[0] -= 1
-                if state[0] <= 0:
-                    del _FROZEN[block]
-
+__all__ = ["CONV_TYPES", "HYPERPARAMETERS", "LAYER_TYPES", "MEASURE_ENV", "MODES",
+           "ExpandedBlock", "base_type", "check_mode", "explicit_padding", "frozen",
+           "layer_signature", "measuring_enabled", "set_mode", "torch_layer_type"]
 
 class ExpandedBlock(nn.Module):
     """Factor layers and a linear topology over them, equivalent after folding to one layer.
@@ -346,137 +238,17 @@ class ExpandedBlock(nn.Module):
         return run(self.topology, x, lambda path, y: self.get_submodule(path)(y))
 
     def resolve_mode(self, x: torch.Tensor | Sequence[int]) -> str:
-        """``"sequential"`` or ``"collapsed"`` for this input (a tensor, or just its shape).
-
-        ``auto`` decides once per input shape, dtype, device, grad mode and autocast state
-        and caches the choice — shared by every block of the same structure in the process,
-        so identical blocks (copies, a checkpoint loaded into a fresh expansion) run the same
-        mode and compute the same bits. Given a tensor in ordinary eager execution it *measures*:
-        both executions run on detached copies of the input and of the factor weights
-        (forward, plus backward through ``torch.autograd.grad`` when gradients are needed;
-        a warm-up round, then one timed round, or three interleaved ones when the two are
-        within 3×; median), so no autograd graph, ``.grad``, hook or RNG state of the caller
-        is touched. A block whose warm-up takes over a second is not timed further (the MAC
-        model decides). It falls back to the MAC
-        model of :mod:`expandfx.linear.costs` (and does not cache) under ``torch.compile``, FX or
-        JIT tracing, functorch transforms, CUDA graph capture, for meta/fake/subclass
-        tensors, when given a shape only, and when measuring is switched off
-        (``set_mode(model, "auto", measure=False)`` or ``EXPANDFX_AUTO_MEASURE=0``). When
-        the MAC model already sees one mode 8× cheaper, that decides without timing. Both
-        modes compute the same function; only the speed depends on the choice.
-        """
-        if self.mode != "auto":
-            return self.mode
-        if not isinstance(x, torch.Tensor):
-            return self._model_choice(tuple(x))
-        grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        key = (tuple(x.shape), x.dtype, x.device, grad, _autocast(x))
-        found = self._auto.get(key)
-        if found is not None:
-            return found
-        if not self._may_measure(x):
-            return self._model_choice(tuple(x.shape))
-        # one decision per block structure in the process: identical blocks (a copy, a
-        # checkpoint loaded into a fresh expansion) run the same mode, so compute the same bits
-        shared = (self._structure(), key)
-        choice = _DECISIONS.get(shared)
-        if choice is None:
-            choice = _DECISIONS[shared] = self._measure(x, grad)
-        self._auto[key] = choice
-        return choice
-
-    def _structure(self) -> tuple[Any, ...]:
-        return (layer_signature(self.template), tuple(self.signatures), self.topology,
-                None if self.pre_pad is None else tuple(self.pre_pad), self.pad_mode,
-                tuple(p.requires_grad for p in self.parameters()))
-
-    def _model_choice(self, shape: tuple[int, ...]) -> str:
-        return costs.cheaper_mode(self, shape)
-
-    def _may_measure(self, x: torch.Tensor) -> bool:
-        measure = self.__dict__.get("measure")  # absent on blocks pickled before it existed
-        enabled = measure if measure is not None else measuring_enabled()
-        if not enabled or _tracing_or_transformed():
-            return False
-        tensors = [x, *self.parameters()]
-        if any(type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta
-               or t.device != x.device for t in tensors):
-            return False
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-            return False
-        return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-    def _measure(self, x: torch.Tensor, grad: bool) -> str:
-        seq_macs = costs.sequential_macs(self, x.shape)
-        col_macs = costs.collapsed_macs(self, x.shape)
-        if seq_macs > 8 * col_macs or col_macs > 8 * seq_macs:
-            return "collapsed" if col_macs <= seq_macs else "sequential"
-        paths = self.factor_paths
-        params = [(layer.weight, layer.bias) for layer in self.factors]
-        with torch.no_grad():  # current values (through any parametrization), as new leaves
-            weights = [(w.detach(), None if b is None else b.detach()) for w, b in params]
-        if grad:
-            for (w, b), (w0, b0) in zip(weights, params, strict=True):
-                w.requires_grad_(w0.requires_grad)
-                if b is not None:
-                    b.requires_grad_(b0.requires_grad)
-        x = x.detach().requires_grad_(grad and x.requires_grad)
-        leaves = [t for pair in weights for t in pair if t is not None and t.requires_grad]
-        if grad and x.requires_grad:
-            leaves.append(x)
-        if grad and self.is_chain:
-            tune_kernels(weights, getattr(self.template, "groups", 1))
-        by_path = dict(zip(paths, weights, strict=True))
-
-        def apply(path: str, y: torch.Tensor) -> torch.Tensor:
-            layer, (w, b) = self.get_submodule(path), by_path[path]
-            return F.linear(y, w, b) if isinstance(layer, nn.Linear) else \
-                layer._conv_forward(y, w, b)
-
-        def sequential() -> torch.Tensor:
-            y = x if self.pre_pad is None else F.pad(x, self.pre_pad, mode=self.pad_mode)
-            return run(self.topology, y, apply)
-
-        def collapsed() -> torch.Tensor:
-            one = fold(self.linear_map(params=by_path))
-            w, b = one.weight, one.bias
-            if isinstance(self.template, nn.Linear):
-                return F.linear(x, w, b)
-            return self.template._conv_forward(x, w, b)
-
-        runs = {"sequential": sequential, "collapsed": collapsed}
-        # identity hooks on top: the caller's saved-tensor hooks (checkpointing) never see ours
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            warm = {name: _timed(fn, leaves, x.device) for name, fn in runs.items()}
-            if max(warm.values()) > 1.0:  # too slow to time twice: the MAC model decides
-                return self._model_choice(tuple(x.shape))
-            first = {name: _timed(fn, leaves, x.device) for name, fn in runs.items()}
-            if max(first.values()) > 3 * min(first.values()):  # plain after the warm-up
-                return min(first, key=first.__getitem__)
-            # two more interleaved rounds unless slow (deciding must stay cheap)
-            times = {name: [t] for name, t in first.items()}
-            for _ in range(0 if max(first.values()) > 0.1 else 2):
-                for name, fn in runs.items():
-                    times[name].append(_timed(fn, leaves, x.device))
-        return min(times, key=lambda name: statistics.median(times[name]))
+        """``"sequential"`` or ``"collapsed"`` for this input (a tensor, or just its shape);
+        see :func:`expandfx.execution.resolve_mode`."""
+        return execution.resolve_mode(self, x)
 
     def folded(self) -> WeightBias:
-        """:meth:`weight_bias` in the working dtype; cached only inside :func:`frozen`.
+        """:meth:`weight_bias` in the working dtype; cached only inside :func:`frozen`
+        (see :func:`expandfx.execution.folded`)."""
+        return execution.folded(self)
 
-        Even there the cache key holds the identity, version counter, storage, dtype and
-        device of every parameter and buffer, so an optimizer step, ``load_state_dict``,
-        ``.to()`` or a reassigned ``.data`` invalidates it; in-place edits through ``.data``
-        are invisible to version counters, which is why caching is opt-in.
-        """
-        state = _FROZEN.get(self)
-        if state is None or self.training or torch.is_grad_enabled():
-            return self.weight_bias()
-        key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device)
-                    for t in (*self.parameters(), *self.buffers()))
-        if state[1] is None or state[1][0] != key:
-            state[1] = (key, self.weight_bias())
-        return state[1][1]
+    def _structure(self) -> tuple[Any, ...]:
+        return execution.structure(self)
 
     def check(self, path: str = "") -> None:
         """Raise :class:`ContractionError` unless the block still folds exactly."""
@@ -508,18 +280,21 @@ class ExpandedBlock(nn.Module):
                 f"Remove the hooks (handle.remove()) before contracting."
             )
 
-    def weight_bias(self, dtype: torch.dtype | None = None) -> WeightBias:
-        """The effective (weight, bias) of the whole block, differentiable, in ``dtype``."""
+    def weight_bias(self, dtype: torch.dtype | None = None, *,
+                    params: dict[str, WeightBias] | None = None) -> WeightBias:
+        """The effective (weight, bias) of the whole block, differentiable, in ``dtype``;
+        ``params`` substitutes ``{factor path: (w, b)}`` for the factors' own tensors."""
         if self.act is not None:
             self.check()  # raises: a nonlinear block has no single effective weight
         if self.is_chain and self.__dict__.get("_plain_chain"):
             # fast path, same arithmetic: a chain whose factors all have the template's
             # groups folds to compose_chain (checked by fold() once, at construction)
-            factors = [(f.weight, f.bias) for f in self.layers]
+            factors = ([params[p] for p in self.factor_paths] if params is not None
+                       else [(f.weight, f.bias) for f in self.layers])
             if dtype is not None:
                 factors = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in factors]
             return compose_chain(factors, getattr(self.template, "groups", 1))
-        one = fold(self.linear_map(dtype))
+        one = fold(self.linear_map(dtype, params=params))
         return one.weight, one.bias
 
     def _current_topology(self) -> Node:
@@ -626,19 +401,6 @@ def _params_named(block: ExpandedBlock, names: set[str]) -> bool:
     return names == {n for n, m in block.branches.items() if any(True for _ in m.parameters())}
 
 
-def _tracing_or_transformed() -> bool:
-    """True under torch.compile, FX / JIT tracing or scripting, or a functorch transform."""
-    return bool(torch.compiler.is_compiling() or torch.jit.is_scripting()
-                or torch.jit.is_tracing() or _fx_tracing()
-                or torch._C._functorch.peek_interpreter_stack() is not None)
-
-
-def _fx_tracing() -> bool:
-    trace = torch.fx._symbolic_trace
-    check = getattr(trace, "is_fx_symbolic_tracing", None) or trace.is_fx_tracing
-    return bool(check())
-
-
 def _drop_explained_keys(block: nn.Module, incompatible: Any) -> None:
     """A load_state_dict post-hook: once a block has diagnosed a checkpoint mismatch (another
     rule or r, a compact checkpoint), the missing and unexpected keys under it are what that
@@ -648,28 +410,6 @@ def _drop_explained_keys(block: nn.Module, incompatible: Any) -> None:
         return
     for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
         keys[:] = [k for k in keys if not k.startswith(prefix)]
-
-
-def _autocast(x: torch.Tensor) -> bool:
-    try:
-        return torch.is_autocast_enabled(x.device.type)
-    except (RuntimeError, TypeError):  # a device type autocast does not know
-        return False
-
-
-def _timed(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor],
-           device: torch.device) -> float:
-    """Seconds of ``run()`` plus, if there are leaves, the backward to them."""
-    sync = getattr(getattr(torch, device.type, None), "synchronize", None)
-    if device.type != "cpu" and sync is not None:
-        sync()
-    start = time.perf_counter()
-    out = run()
-    if leaves:
-        torch.autograd.grad(out, leaves, torch.ones_like(out))
-    if device.type != "cpu" and sync is not None:
-        sync()
-    return time.perf_counter() - start
 
 
 def _like(value: torch.Tensor, ref: torch.Tensor, requires_grad: bool) -> nn.Parameter:

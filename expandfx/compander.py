@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .block import LAYER_TYPES, base_type
 from .errors import ConfigError
 from .helpers import first_match, text_table
+from .registry import LAYER_TYPES, base_type
 
 __all__ = ["Compander", "LEARNABLE", "PSIS", "Psi", "bake", "compand", "companded",
            "modified_adaptive", "summary"]

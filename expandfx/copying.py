@@ -37,7 +37,13 @@ __all__ = ["copy_model", "parameter_free_copy"]
 
 
 def copy_model(model: nn.Module, who: str = "expand") -> nn.Module:
-    """A deep copy of ``model``; non-leaf tensors are copied detached."""
+    """A deep copy of ``model``; non-leaf tensors are copied detached. A model sharded with
+    FSDP2 is gathered into an unsharded copy (:func:`expandfx.sharding.gathered_copy`, a
+    collective: every rank must call)."""
+    from .sharding import gathered_copy, is_sharded
+
+    if is_sharded(model):
+        return gathered_copy(model, who)
     memo: dict[int, Any] = {}
     for _, value in _attributes(model):
         for tensor in _non_leaf(value):

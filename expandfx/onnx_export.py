@@ -160,7 +160,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                 reference: nn.Module | None = None, n_random: int = 3,
                 fold: bool | None = None, quantize: str | Int8Config | None = None,
                 calibration: Iterable[Any] | None = None,
-                labels: Iterable[Any] | None = None) -> ExportReport:
+                labels: Iterable[Any] | None = None) -> ExportReport | None:
     """Export the deployable form of ``model`` to ``path`` and verify it in onnxruntime.
 
     ``reference`` is the original compact architecture for the structural check; by
@@ -177,7 +177,24 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     last ones held out to verify; ``labels``: one label tensor per batch, for accuracies)
     and reports its deviation from the fp32 file, sizes and latencies in ``report.int8``
     (expandfx/quantize.py); ``fold`` then defaults to True.
+
+    A model sharded with FSDP2: call it on every rank. The full parameters are gathered
+    collectively into an unsharded copy; rank 0 exports, verifies and returns the report,
+    the other ranks wait for it and return ``None``.
     """
+    from .sharding import gathered_copy, is_sharded
+
+    if is_sharded(model):
+        plain = gathered_copy(model, "export_onnx")
+        rank0 = torch.distributed.get_rank() == 0
+        try:
+            return export_onnx(
+                plain, example_inputs, path, dynamic_batch=dynamic_batch, verify=verify,
+                rtol=rtol, atol=atol, opset=opset, reference=reference, n_random=n_random,
+                fold=fold, quantize=quantize, calibration=calibration,
+                labels=labels) if rank0 else None
+        finally:
+            torch.distributed.barrier()  # the file exists on every rank's return
     config = as_config(quantize, calibration)
     fold = config is not None if fold is None else fold
     inputs, deploy, report = _prepare(model, example_inputs, path, rtol, atol)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,9 +43,10 @@ from torch.nn.utils import parametrize
 from .copying import parameter_free_copy
 from .errors import ConfigError, ContractionError
 
-__all__ = ["LayerType", "TORCH_TYPES", "as_torch", "attach", "is_layer", "is_linear", "kind",
-           "lookup", "original_layout", "original_template", "qualified_name", "register_layer",
-           "restore", "unregister_layer"]
+__all__ = ["CONV_TYPES", "HYPERPARAMETERS", "LAYER_TYPES", "LayerType", "TORCH_TYPES", "as_torch",
+           "attach", "base_type", "is_layer", "is_linear", "kind", "layer_signature", "lookup",
+           "original_layout", "original_template", "qualified_name", "register_layer",
+           "restore", "torch_layer_type", "unregister_layer"]
 
 
 TORCH_TYPES: dict[str, type[nn.Module]] = {
@@ -52,6 +54,40 @@ TORCH_TYPES: dict[str, type[nn.Module]] = {
 _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                "groups", "padding_mode")
 Layout = Callable[[torch.Tensor], torch.Tensor]
+
+
+# Layer classification (used by block, compander, planning, linear_groups).
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES: tuple[type[nn.Module], ...] = (*CONV_TYPES, nn.Linear)
+
+
+def base_type(layer: nn.Module) -> type[nn.Module]:
+    """The layer's class, looking through ``torch.nn.utils.parametrize``."""
+    return parametrize.type_before_parametrizations(layer)
+
+
+def torch_layer_type(layer: nn.Module) -> type[nn.Module]:
+    """The torch class a (possibly subclassed) conv/linear layer derives from."""
+    return next(c for c in base_type(layer).__mro__ if c in LAYER_TYPES)
+
+
+# Hyperparameters an ExpandedBlock answers for its original layer (``block.in_features``).
+HYPERPARAMETERS = frozenset({
+    "in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+    "padding", "dilation", "groups", "padding_mode", "transposed", "output_padding",
+})
+
+
+def layer_signature(layer: nn.Module) -> tuple[Any, ...]:
+    """Everything about a factor layer that its place in an exact chain depends on."""
+    kind = base_type(layer)
+    if issubclass(kind, nn.Linear):
+        return (kind, layer.in_features, layer.out_features, layer.bias is not None)
+    if issubclass(kind, CONV_TYPES):
+        return (kind, layer.in_channels, layer.out_channels, layer.kernel_size,
+                layer.stride, layer.padding, layer.dilation, layer.groups,
+                layer.bias is not None, layer.padding_mode)
+    return (kind,)
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,27 @@ from torch import nn
 
 from expandfx.compander import bake, companded
 from expandfx.copying import copy_model
+from expandfx.errors import ConfigError
+from expandfx.sharding import is_sharded
 from expandfx.surgery import blocks, replace
 
 __all__ = ["contract", "deployable"]
 
 
 def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Bake companded weights, then fold every expanded block; a copy unless ``inplace=True``."""
+    """Bake companded weights, then fold every expanded block; a copy unless ``inplace=True``.
+
+    A model sharded with FSDP2 (``fully_shard``, :func:`expandfx.shard`): call it on every
+    rank. The full parameters are gathered collectively
+    (``torch.distributed.checkpoint.state_dict``) into an unsharded copy, which is
+    contracted; **every rank** gets the same compact model and the sharded model is left as
+    it was. ``inplace=True`` is refused for a sharded model.
+    """
+    if inplace and is_sharded(model):
+        raise ConfigError(
+            f"contract: the {type(model).__name__} is sharded with FSDP (fully_shard), so it "
+            f"cannot be contracted in place. Call efx.contract(model) without inplace=True on "
+            f"every rank: it gathers the full parameters and returns the compact model.")
     target = model if inplace else copy_model(model, "contract")
     baked = len(companded(target))
     bake(target, inplace=True)  # Ψ(v) → plain weights first, everywhere

@@ -78,13 +78,26 @@ def test_every_kernel_composition_method_gives_the_same_values_and_gradients(gro
 
 
 def test_tune_kernels_measures_each_spatial_pair_once_and_leaves_rng_alone():
-    from expandfx.linear import compose as algebra
+    """The tuner (execution) times each spatial pair of the chain and records the faster
+    method where composition reads it (linear.compose); the caller's RNG and grads stay."""
+    from expandfx import execution
+    from expandfx.linear import compose
 
+    execution.forget_measurements()
     layers = [nn.Conv2d(3, 6, 3), nn.Conv2d(6, 7, 3), nn.Conv2d(7, 2, 3)]
     factors = [(lay.weight, lay.bias) for lay in layers]
     rng = torch.get_rng_state()
-    algebra.tune_kernels(factors, 1, repeats=1)
+    chosen = execution.tune_kernels(factors, 1, repeats=1)
     assert torch.equal(rng, torch.get_rng_state())
-    keys = [k for k in algebra._KERNEL_METHOD if k[0] in {(6, 3, 3, 3), (7, 3, 5, 5), (7, 6, 3, 3)}]
-    assert len(keys) == 2 and {algebra._KERNEL_METHOD[k] for k in keys} <= {"conv", "fold"}
+    # two spatial pairs in the chain's best order, both among {(6,3,3,3)->(7,6,3,3), ...}
+    shapes = {(6, 3, 3, 3), (7, 3, 5, 5), (7, 6, 3, 3), (2, 7, 3, 3), (2, 6, 5, 5)}
+    assert len(chosen) == 2 and all(a in shapes and b in shapes for a, b in chosen)
+    assert set(chosen.values()) <= {"conv", "fold"}
+    for (a, b), method in chosen.items():
+        assert compose.known_kernel_method(a, b, 1, torch.float32, "cpu") == method
+        wa, wb = torch.zeros(a), torch.zeros(b)
+        assert compose.kernel_method(wa, wb, 1) == method  # what composition now uses
     assert all(lay.weight.grad is None for lay in layers)
+    execution.forget_measurements()
+    a, b = next(iter(chosen))
+    assert compose.known_kernel_method(a, b, 1, torch.float32, "cpu") is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import expandfx as efx
-from expandfx import block as block_module
-from expandfx.linear.costs import cheaper_mode
+from expandfx import execution
+from expandfx.execution import cheaper_mode
 from expandfx.models import smallnet_7x7
 
 
@@ -28,20 +29,30 @@ def reference(model: nn.Module, x: torch.Tensor):
     return out.detach(), [p.grad for p in ref.parameters()]
 
 
+class _Timed(Sequence):
+    """The leaves differentiated by each decision ``auto`` timed since the fixture started
+    (read from the public :func:`expandfx.execution.measurements`)."""
+
+    def _now(self) -> list[int]:
+        return [m.leaves for m in execution.measurements()]
+
+    def __len__(self) -> int:
+        return len(self._now())
+
+    def __getitem__(self, i):
+        return self._now()[i]
+
+    def __eq__(self, other) -> bool:
+        return self._now() == list(other)
+
+
 @pytest.fixture
 def record_timings(monkeypatch):
-    """Count the timed runs and the leaves each one differentiates."""
-    calls: list[int] = []
-    original = block_module._timed
-
-    def timed(run, leaves, device):
-        calls.append(len(leaves))
-        return original(run, leaves, device)
-
-    monkeypatch.setattr(block_module, "_timed", timed)
-    monkeypatch.setattr(block_module, "_DECISIONS", {})  # measure afresh in every test
-    monkeypatch.delenv(block_module.MEASURE_ENV, raising=False)
-    return calls
+    """Measure afresh in every test and list what was timed."""
+    execution.forget_measurements()
+    monkeypatch.delenv(execution.MEASURE_ENV, raising=False)
+    yield _Timed()
+    execution.forget_measurements()
 
 
 def test_measuring_touches_no_grad_graph_hook_or_rng(record_timings):
@@ -91,7 +102,7 @@ def test_choice_is_cached_per_shape_dtype_and_grad_mode(record_timings):
 def test_measuring_can_be_switched_off(record_timings, monkeypatch, switch):
     big = efx.expand(smallnet_7x7(), "CK+FC", r=2)
     if switch == "env":
-        monkeypatch.setenv(block_module.MEASURE_ENV, "0")
+        monkeypatch.setenv(execution.MEASURE_ENV, "0")
     else:
         efx.set_mode(big, "auto", measure=False)
     x = torch.randn(2, 3, 32, 32)

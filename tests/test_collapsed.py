@@ -14,6 +14,7 @@ from test_roundtrip_property import conv_cases, rates
 from torch import nn
 
 import expandfx as efx
+from expandfx import execution
 from expandfx.models import EXAMPLE_SHAPES, MODELS
 
 
@@ -94,7 +95,7 @@ def test_eval_cache_is_invalidated_by_optimizer_step_and_load_state_dict():
     with efx.frozen(big):
         with torch.no_grad():
             y0 = big(x)
-            assert efx.block._FROZEN[block][1] is not None
+            assert execution._FROZEN[block][1] is not None
             assert torch.equal(big(x), y0)  # served from the cache
         big.train()
         sgd_steps(big, x, steps=1)
@@ -108,7 +109,7 @@ def test_eval_cache_is_invalidated_by_optimizer_step_and_load_state_dict():
             assert rel_err(y0, big(x)) <= 1e-6
             block.layers[1].weight.mul_(2)  # any in-place edit through the parameter
             assert rel_err(efx.set_mode(copy.deepcopy(big), "sequential")(x), big(x)) <= 1e-5
-    assert block not in efx.block._FROZEN  # the cache lives only inside frozen()
+    assert block not in execution._FROZEN  # the cache lives only inside frozen()
 
 
 def test_frozen_never_leaks_into_copies_and_sees_dtype_changes():
@@ -118,9 +119,9 @@ def test_frozen_never_leaks_into_copies_and_sees_dtype_changes():
         with efx.frozen(big):  # nested: the outer one keeps caching
             big(x)
         big(x)
-        assert efx.block._FROZEN[big.features[0]][1] is not None
+        assert execution._FROZEN[big.features[0]][1] is not None
         twin = copy.deepcopy(big)
-        assert twin.features[0] not in efx.block._FROZEN
+        assert twin.features[0] not in execution._FROZEN
         for p in twin.parameters():
             p.data.mul_(2)
         assert not torch.allclose(twin(x), big(x))
@@ -145,7 +146,7 @@ def test_no_cache_while_gradients_are_needed():
     x = torch.randn(2, 3, 32, 32)
     big(x).sum().backward()
     big(x).sum().backward()  # a cached graph would fail the second backward
-    assert big.features[0] not in efx.block._FROZEN
+    assert big.features[0] not in execution._FROZEN
 
 
 def test_auto_picks_per_input_shape():

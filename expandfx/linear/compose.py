@@ -23,8 +23,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["chain_cost", "compose_chain", "compose_pair", "composed_shape", "grouped",
-           "kernel_method", "pair_cost", "tune_kernels", "ungrouped"]
+__all__ = ["KERNEL_METHODS", "chain_cost", "compose_chain", "compose_pair", "composed_shape",
+           "forget_kernel_methods", "grouped", "kernel_method", "known_kernel_method",
+           "pair_cost", "prefer_kernel_method", "spatial_pairs", "ungrouped"]
 
 
 Tensor = torch.Tensor
@@ -121,20 +122,31 @@ def _fold_kernels(wa: Tensor, wb: Tensor, groups: int) -> Tensor:
         pairs = b.reshape(o * tb, j) @ wa.reshape(j, c * ta)
     pairs = pairs.reshape(g * o, tb, c, ta).transpose(1, 2).reshape(1, g * o * c * tb, ta)
     kc = (ka[0] + kb[0] - 1, ka[1] + kb[1] - 1)
-    return F.fold(pairs, kc, kernel_size=kb).reshape(g * o, c, *kc)
+    out = F.fold(pairs, kc, kernel_size=kb)
+    if out.untyped_storage().nbytes() > out.numel() * out.element_size():
+        # col2im on the CPU returns a view into a buffer as large as ``pairs``; whoever keeps
+        # the kernel (a convolution saving it for backward) would keep that buffer too
+        out = out.clone()
+    return out.reshape(g * o, c, *kc)
 
 
-# (shape of A, shape of B, groups, dtype, device) -> "conv" | "fold", filled by tune_kernels.
+# (shape of A, shape of B, groups, dtype, device) -> "conv" | "fold": measured preferences,
+# filled by the execution layer's tuner (:func:`expandfx.execution.tune_kernels`); this
+# module only reads them (it times nothing).
 _KERNEL_METHOD: dict[tuple, str] = {}
 
 
+def _method_key(a: tuple[int, ...], b: tuple[int, ...], groups: int, dtype: torch.dtype,
+                device: torch.device | str) -> tuple:
+    return (tuple(a), tuple(b), groups, dtype, str(device))
+
+
 def kernel_method(wa: Tensor, wb: Tensor, groups: int) -> str:
-    """How :func:`compose_pair` composes two spatial 2-D kernels: the measured choice of
-    :func:`tune_kernels` for these shapes, dtype and device, else ``"fold"`` when the
-    full convolution would waste at least half its multiply-accumulates on padding
+    """How :func:`compose_pair` composes two spatial 2-D kernels: the preference recorded
+    by :func:`prefer_kernel_method` for these shapes, dtype and device, else ``"fold"`` when
+    the full convolution would waste at least half its multiply-accumulates on padding
     (and ``"conv"`` otherwise)."""
-    key = (tuple(wa.shape), tuple(wb.shape), groups, wa.dtype, str(wa.device))
-    found = _KERNEL_METHOD.get(key)
+    found = _KERNEL_METHOD.get(_method_key(wa.shape, wb.shape, groups, wa.dtype, wa.device))
     if found is not None:
         return found
     ka, kb = wa.shape[2:], wb.shape[2:]
@@ -142,48 +154,49 @@ def kernel_method(wa: Tensor, wb: Tensor, groups: int) -> str:
     return "fold" if 2 * math.prod(ka) <= math.prod(kc) else "conv"
 
 
-def tune_kernels(factors: Sequence[WeightBias], groups: int, repeats: int = 3) -> None:
-    """Time both kernel-composition methods (forward + backward) for every spatial pair
-    :func:`compose_chain` folds in this chain, once per shape/dtype/device, and remember the
-    faster for :func:`kernel_method`. Works on detached copies: no graph, grad or RNG of the
-    caller is touched."""
-    import time
+def known_kernel_method(a: tuple[int, ...], b: tuple[int, ...], groups: int,
+                        dtype: torch.dtype, device: torch.device | str) -> str | None:
+    """The recorded preference for composing kernels of shapes ``a`` then ``b``, or ``None``."""
+    return _KERNEL_METHOD.get(_method_key(a, b, groups, dtype, device))
 
-    weights = [w.detach() for w, _ in factors]
-    if any(w.dim() != 4 for w in weights):
-        return
-    split, _ = _best_splits(tuple(tuple(w.shape) for w in weights))
-    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+def prefer_kernel_method(a: tuple[int, ...], b: tuple[int, ...], groups: int,
+                         dtype: torch.dtype, device: torch.device | str, method: str) -> None:
+    """Record ``method`` (``"conv"`` or ``"fold"``) for kernels of shapes ``a`` then ``b``."""
+    if method not in KERNEL_METHODS:
+        raise ValueError(f"prefer_kernel_method: method must be one of "
+                         f"{sorted(KERNEL_METHODS)}, got {method!r}")
+    _KERNEL_METHOD[_method_key(a, b, groups, dtype, device)] = method
+
+
+def forget_kernel_methods() -> None:
+    """Drop every recorded preference (back to the shape rule of :func:`kernel_method`)."""
+    _KERNEL_METHOD.clear()
+
+
+Shape = tuple[int, ...]
+
+
+def spatial_pairs(shapes: Sequence[Shape]) -> list[tuple[Shape, Shape]]:
+    """The (A, B) weight shapes of every pair of spatial 2-D kernels that
+    :func:`compose_chain` composes for a chain of these weight shapes, in its order."""
+    shapes = [tuple(s) for s in shapes]
+    if any(len(s) != 4 for s in shapes):
+        return []
+    split, _ = _best_splits(tuple(shapes))
+    pairs: list[tuple[Shape, Shape]] = []
 
     def walk(i: int, j: int) -> tuple[int, ...]:
         if i == j:
-            return tuple(weights[i].shape)
+            return shapes[i]
         k = split[i, j]
         a, b = walk(i, k), walk(k + 1, j)
         if any(x > 1 for x in a[2:]) and any(x > 1 for x in b[2:]):
-            shapes.append((a, b))
+            pairs.append((a, b))
         return composed_shape(a, b)
 
-    walk(0, len(weights) - 1)
-    ref = weights[0]
-    for sa, sb in shapes:
-        key = (sa, sb, groups, ref.dtype, str(ref.device))
-        if key in _KERNEL_METHOD:
-            continue
-        # constant kernels: the timing of these kernels does not depend on the values
-        wa = torch.full(sa, 0.01, dtype=ref.dtype, device=ref.device, requires_grad=True)
-        wb = torch.full(sb, 0.01, dtype=ref.dtype, device=ref.device, requires_grad=True)
-        methods = {"conv": lambda a, b: _compose_kernels_conv(a, b, groups),
-                   "fold": lambda a, b: _fold_kernels(a, b, groups)}
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for rep in range(repeats + 1):
-            for name, fn in methods.items():
-                start = time.perf_counter()
-                out = fn(wa, wb)
-                torch.autograd.grad(out, (wa, wb), torch.ones_like(out))
-                if rep:  # the first round warms up
-                    times[name].append(time.perf_counter() - start)
-        _KERNEL_METHOD[key] = min(times, key=lambda m: sorted(times[m])[len(times[m]) // 2])
+    walk(0, len(shapes) - 1)
+    return pairs
 
 
 def _compose_kernels_conv(wa: Tensor, wb: Tensor, groups: int) -> Tensor:
@@ -192,6 +205,13 @@ def _compose_kernels_conv(wa: Tensor, wb: Tensor, groups: int) -> Tensor:
     padding = [k - 1 for k in wb.shape[2:]]
     return _CONV[len(space)](wa.transpose(0, 1), wb.flip(space), padding=padding,
                              groups=groups).transpose(0, 1)
+
+
+# The two ways of composing two spatial 2-D kernels (same values, same gradients).
+KERNEL_METHODS = {
+    "conv": lambda wa, wb, groups: _compose_kernels_conv(wa, wb, groups),
+    "fold": lambda wa, wb, groups: _fold_kernels(wa, wb, groups),
+}
 
 
 def compose_chain(layers: Sequence[WeightBias], groups: int = 1) -> WeightBias:

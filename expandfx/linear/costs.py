@@ -1,79 +1,59 @@
-"""MACs (multiply-accumulates per forward) of layers and expanded blocks, computed from
-shapes alone: the plan's MAC columns, and the cost model ``mode="auto"`` falls back on where
-it cannot or may not time the two executions (see ``ExpandedBlock.resolve_mode``); it also
-settles, without timing, the cases where one mode costs 8× fewer MACs than the other.
+"""MACs (multiply-accumulates per forward) of layers and linear topologies, computed from
+shapes alone: the plan's MAC columns, and the cost model that ``mode="auto"``
+(:mod:`expandfx.execution`) falls back on where it cannot or may not time the two executions.
 
 A conv/linear layer costs output elements × weight fan-in (biases, norms and activations
-are not counted — the paper's convention for its complexity tables). Sequential: the MACs
-of every factor on the input. Collapsed: the MACs of the original layer plus those of
-composing the factors (independent of the batch). Backward costs about twice the forward in
-both modes, so forward MACs decide.
+are not counted — the paper's convention for its complexity tables). Running a topology:
+the MACs of every factor on the input (:func:`topology_macs`). Folding it: the best order of
+every chain (:func:`fold_macs`, independent of the batch). This module knows topologies and
+layer hyperparameters, not blocks: a caller passes how to find a factor by its path.
 
 Example::
 
     >>> import torch.nn as nn
-    >>> from expandfx.rules import cl
-    >>> block = cl.build(nn.Conv2d(3, 8, 7, padding=3), r=4)
-    >>> cheaper_mode(block, (128, 3, 32, 32)), cheaper_mode(block, (1, 3, 1, 1))
-    ('collapsed', 'sequential')
+    >>> from expandfx.linear.ir import Seq
+    >>> layers = {"a": nn.Conv2d(3, 12, 1), "b": nn.Conv2d(12, 8, 3)}
+    >>> topology_macs(Seq(("a", "b")), layers.__getitem__, [2, 3, 10, 10])
+    ([2, 8, 8, 8], 117792)
+    >>> fold_macs(Seq(("a", "b")), lambda p: tuple(layers[p].weight.shape))
+    2592
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from torch import nn
 
 from .compose import chain_cost, composed_shape
-from .ir import Identity, Par, Seq, explicit_padding
+from .ir import Identity, Node, Par, Seq, explicit_padding
 
-if TYPE_CHECKING:  # the block is a client of this module, not a dependency
-    from ..block import ExpandedBlock
-
-__all__ = ["cheaper_mode", "collapsed_macs", "compose_macs", "layer_macs", "sequential_macs"]
+__all__ = ["fold_macs", "layer_macs", "topology_macs"]
 
 
-def cheaper_mode(block: ExpandedBlock, input_shape: Sequence[int]) -> str:
-    """``"collapsed"`` unless running the factors one by one costs fewer MACs."""
-    seq = sequential_macs(block, input_shape)
-    col = collapsed_macs(block, input_shape)
-    return "collapsed" if col <= seq else "sequential"
-
-
-def sequential_macs(block: ExpandedBlock, input_shape: Sequence[int]) -> int:
-    shape = list(input_shape)
-    if block.pre_pad is not None:
-        for i in range(len(block.pre_pad) // 2):
-            shape[-1 - i] += block.pre_pad[2 * i] + block.pre_pad[2 * i + 1]
-    return _walk_macs(block, block.topology, shape)[1]
-
-
-def _walk_macs(block: ExpandedBlock, node, shape: list[int]) -> tuple[list[int], int]:
-    """(output shape, MACs) of running a topology node on an input of ``shape``."""
+def topology_macs(node: Node, layer: Callable[[str], nn.Module],
+                  shape: list[int]) -> tuple[list[int], int]:
+    """(output shape, MACs) of running a topology node on an input of ``shape``; ``layer``
+    maps a factor path to its conv/linear layer."""
     if isinstance(node, Identity):
         return shape, 0
     if isinstance(node, Seq):
         total = 0
         for part in node.parts:
-            shape, macs = _walk_macs(block, part, shape)
+            shape, macs = topology_macs(part, layer, shape)
             total += macs
         return shape, total
     if isinstance(node, Par):
-        runs = [_walk_macs(block, part, shape) for part in node.parts]
+        runs = [topology_macs(part, layer, shape) for part in node.parts]
         return runs[0][0], sum(macs for _, macs in runs)
-    return layer_macs(block.get_submodule(node), shape)
+    return layer_macs(layer(node), shape)
 
 
-def collapsed_macs(block: ExpandedBlock, input_shape: Sequence[int]) -> int:
-    _, macs = layer_macs(block.template, list(input_shape))
-    return macs + compose_macs(block)
-
-
-def compose_macs(block: ExpandedBlock) -> int:
-    """MACs of folding the block's factors (:func:`expandfx.linear.fold.fold`): the best
-    order of every chain, plus the chains inside branches (sums are not counted)."""
+def fold_macs(node: Node, weight_shape: Callable[[str], tuple[int, ...]]) -> int:
+    """MACs of folding a topology (:func:`expandfx.linear.fold.fold`): the best order of
+    every chain, plus the chains inside branches (sums are not counted); ``weight_shape``
+    maps a factor path to its weight shape."""
 
     def walk(node) -> tuple[tuple[int, ...] | None, int]:
         if isinstance(node, Identity):
@@ -86,9 +66,9 @@ def compose_macs(block: ExpandedBlock) -> int:
                 return _chain_shape(shapes), inner + chain_cost(shapes)
             widest = max(shapes, key=lambda s: math.prod(s[2:]))
             return widest, inner
-        return tuple(block.get_submodule(node).weight.shape), 0
+        return tuple(weight_shape(node)), 0
 
-    return walk(block.topology)[1]
+    return walk(node)[1]
 
 
 def _chain_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:

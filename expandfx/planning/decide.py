@@ -27,8 +27,9 @@ from .. import registry
 from ..block import ExpandedBlock
 from ..counting import param_count
 from ..errors import ConfigError, ContractionError
+from ..execution import sequential_macs
 from ..helpers import first_match
-from ..linear.costs import layer_macs, sequential_macs
+from ..linear.costs import layer_macs
 from ..rules import RULES
 from ..rules.spec import RuleSpec, check_spec, pick
 from ..snapshot import preserved

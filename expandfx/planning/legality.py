@@ -24,10 +24,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import registry
-from ..block import LAYER_TYPES, ExpandedBlock, base_type, torch_layer_type
+from ..block import ExpandedBlock
 from ..counting import param_count
 from ..errors import ConfigError
 from ..helpers import first_match
+from ..registry import LAYER_TYPES, base_type, torch_layer_type
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
 from .report import _human

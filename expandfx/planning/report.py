@@ -18,9 +18,9 @@ from typing import Any
 from torch import nn
 
 from .. import registry
-from ..block import base_type
 from ..helpers import human as _human
 from ..helpers import text_table
+from ..registry import base_type
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
 

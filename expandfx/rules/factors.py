@@ -18,10 +18,10 @@ import math
 import torch
 from torch import nn
 
-from ..block import torch_layer_type
 from ..errors import ConfigError
 from ..linear.compose import grouped, ungrouped
 from ..linear.ir import explicit_padding
+from ..registry import torch_layer_type
 
 
 def width(r: float, channels: int, groups: int = 1) -> int:
