@@ -63,7 +63,10 @@ def _walk_macs(block: ExpandedBlock, node, shape: list[int]) -> tuple[list[int],
     if isinstance(node, Par):
         runs = [_walk_macs(block, part, shape) for part in node.parts]
         return runs[0][0], sum(macs for _, macs in runs)
-    return layer_macs(block.get_submodule(node), shape)
+    layer = block.get_submodule(node)
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):  # a branch norm: one MAC per element
+        return shape, math.prod(shape)
+    return layer_macs(layer, shape)
 
 
 def collapsed_macs(block: ExpandedBlock, input_shape: Sequence[int]) -> int:
@@ -86,7 +89,11 @@ def compose_macs(block: ExpandedBlock) -> int:
                 return _chain_shape(shapes), inner + chain_cost(shapes)
             widest = max(shapes, key=lambda s: math.prod(s[2:]))
             return widest, inner
-        return tuple(block.get_submodule(node).weight.shape), 0
+        layer = block.get_submodule(node)
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):  # folds as a depthwise 1×…×1
+            dims = len(getattr(block.template, "kernel_size", ()))
+            return (layer.num_features, 1, *(1,) * dims), 0
+        return tuple(layer.weight.shape), 0
 
     return walk(block.topology)[1]
 
