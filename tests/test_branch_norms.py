@@ -16,9 +16,9 @@ from support import randomize, rel_err, sgd_steps
 from torch import nn
 
 import expandfx as efx
-from expandfx.rules import RULES, repvgg
+from expandfx.rules import RULES, dbb, mobileone, repvgg
 
-BRANCH_RULES = ["RepVGG", "ACNet"]
+BRANCH_RULES = ["RepVGG", "ACNet", "DBB", "MobileOne"]
 NORMS = [None, "scale", "bn"]
 
 
@@ -69,7 +69,8 @@ def test_collapsed_and_sequential_gradients_agree_in_float64(rule: str, norm) ->
         block.mode = mode
         block(x).square().sum().backward()
         blocks.append(block)
-    pairs = list(zip(blocks[0].parameters(), blocks[1].parameters(), strict=True))
+    pairs = [(a, b) for a, b in zip(blocks[0].parameters(), blocks[1].parameters(), strict=True)
+             if a.requires_grad]
     assert len(pairs) >= 3
     for a, b in pairs:
         assert (a.grad - b.grad).abs().max().item() <= 1e-10 * max(1.0, a.grad.abs().max())
@@ -186,3 +187,55 @@ def test_checkpoint_loads_into_a_fresh_expansion(norm: str) -> None:
     with torch.no_grad():
         assert torch.equal(big.eval()(x), fresh.eval()(x))
     assert "0.branches.kxk.1.running_var" in big.state_dict() or norm == "scale"
+
+
+GEOMETRIES = [nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2),
+              nn.Conv1d(4, 4, 5, padding=2, stride=2), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+              nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+              nn.Conv3d(2, 4, 3, padding=1, stride=(1, 2, 1))]
+
+
+@pytest.mark.parametrize("conv", GEOMETRIES, ids=lambda c: repr(c).replace(" ", ""))
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("rule", [dbb, mobileone])
+def test_new_rules_fold_exactly_over_geometries(rule, norm, conv) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, conv.in_channels, *(7,) * len(conv.kernel_size))
+    for init in ("default", "preserve") if norm != "bn" else ("default",):
+        block = rule.build(conv, init=init, norm=norm).train()
+        with torch.no_grad():
+            block(x)  # a training forward: BN running statistics move
+            if init == "preserve":
+                assert rel_err(conv(x), block(x)) < 1e-5
+            block.eval()
+            assert rel_err(block(x), block.contract()(x)) < 1e-5
+
+
+def test_dbb_avg_branch_is_average_pooling() -> None:
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    block = dbb.build(conv)
+    squeeze, pool = block.branches["avg"]
+    assert not pool.weight.requires_grad
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        expect = nn.functional.avg_pool2d(squeeze(x), 3, stride=2, padding=1,
+                                          count_include_pad=True)
+        assert rel_err(expect, pool(squeeze(x))) < 1e-6
+    inner = block.branches["1x1_kxk"][0].weight  # DBB's identity-based 1x1
+    assert torch.equal(inner[:, :, 0, 0], torch.eye(4))
+
+
+def test_mobileone_k_is_a_rule_option() -> None:
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    assert list(mobileone.build(conv, k=2).branches) == ["kxk_0", "kxk_1", "1x1", "identity"]
+    assert list(mobileone.build(nn.Conv2d(8, 8, 1), k=3).branches) == [
+        "kxk_0", "kxk_1", "kxk_2", "identity"]  # the pointwise block
+    rule = RULES["MobileOne"].configured("MobileOne-k1", k=1)
+    efx.register_rule(rule)
+    try:
+        big = efx.expand(net(), "MobileOne-k1", norm="bn")
+        assert list(big[3].branches) == ["kxk_0", "1x1", "identity"]
+    finally:
+        efx.unregister_rule("MobileOne-k1")
+    with pytest.raises(efx.ConfigError, match="integer ≥ 1"):
+        mobileone.build(conv, k=0)
