@@ -113,7 +113,8 @@ def key(rec) -> tuple:
             rec["threads"])
 
 
-def run(quick: bool, out: Path, jobs: int, threads: int, variants, epochs: int) -> None:
+def run(quick: bool, out: Path, jobs: int, threads: int, variants, epochs: int,
+        report_only: bool = False) -> None:
     todo = tasks(quick, threads, variants, epochs)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "branch_study.partial.jsonl"
@@ -123,6 +124,9 @@ def run(quick: bool, out: Path, jobs: int, threads: int, variants, epochs: int) 
     records = [r for r in done if key(r) in wanted]
     have = {key(r) for r in records}
     todo = [t for t in todo if key(t) not in have]
+    if report_only:  # the tables from the runs finished so far
+        print(f"report only: {len(records)} runs finished, {len(todo)} not run", flush=True)
+        todo = []
     with reproducible(threads) as setup:
         print(f"{len(todo)} runs to go ({len(records)} done), {jobs} workers, each: {setup}",
               flush=True)
@@ -141,6 +145,7 @@ def run(quick: bool, out: Path, jobs: int, threads: int, variants, epochs: int) 
                   f"seed {rec['seed']}: {rec['last']:.4f} ({rec['seconds']:.0f} s)"
                   f"{' DIVERGED' if rec['diverged'] else ''}", flush=True)
     meta = {"setup": setup, "jobs": jobs, "quick": quick, "epochs": epochs,
+            "finished": len(records), "planned": len(wanted),
             "minutes_this_call": (time.perf_counter() - t0) / 60,
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     write(records, meta, out, variants or VARIANTS)
@@ -159,7 +164,9 @@ def write(records: list[dict], meta: dict, out: Path, variants: list[str]) -> No
         f"at the chosen lr (non-finite loss or ≤ 15 %), 'div any lr' over the whole sweep; "
         f"Δ = mean difference to the compact net's chosen cell (points). Rules: RepVGG, ACNet, "
         f"DBB, MobileOne (k = 4) with norm None / `scale` (OREPA) / `bn` (per-branch "
-        f"BatchNorm); chains at r = 4. ACNet is 2-D only (digits only).\n"]
+        f"BatchNorm); chains at r = 4. ACNet is 2-D only (digits only). Runs finished: "
+        f"{meta['finished']} of {meta['planned']} planned (a cell with n < 5 is "
+        f"incomplete; 'not run' rows were not reached).\n"]
     for dname in DATASETS:
         rows = {v: table.get(("sweep", dname, v)) for v in variants if applies(v, dname)}
         base = rows.get("compact")
@@ -234,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--variants", type=lambda t: t.split(","))
+    parser.add_argument("--report", action="store_true",
+                        help="only write the tables from the runs finished so far")
     args = parser.parse_args(argv)
-    run(args.quick, args.out, args.jobs, args.threads, args.variants, args.epochs)
+    run(args.quick, args.out, args.jobs, args.threads, args.variants, args.epochs,
+        report_only=args.report)
     return 0
 
 
