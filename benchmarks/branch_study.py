@@ -43,16 +43,42 @@ from variants import build_variant  # noqa: E402
 
 import expandfx as efx  # noqa: E402
 from expandfx.demo import accuracy, digits, fit, reproducible  # noqa: E402
+from expandfx.linear.ir import explicit_padding, pairs_from_pad  # noqa: E402
 from expandfx.models import CNN1D, smallnet_digits  # noqa: E402
+from expandfx.rules import find  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LRS = (0.05, 0.1, 0.2)
 SEEDS = (0, 1, 2, 3, 4)
 EPOCHS = 10
 BRANCH = ["RepVGG", "DBB", "MobileOne", "ACNet"]
-CHAINS = ["CK", "CL", "FC", "CK+FC"]
-VARIANTS = ["compact", *[f"{rule}{suffix}" for rule in BRANCH for suffix in ("", "/scale", "/bn")],
+CHAINS = ["CK+FC", "CK", "CL", "FC"]
+# the control: one branch (the layer itself) with its own BatchNorm, folded at the end — is
+# a gain the branches' or only the added normalization's?
+VARIANTS = ["compact", "Single/bn",
+            *[f"{rule}{suffix}" for rule in BRANCH for suffix in ("", "/scale", "/bn")],
             *CHAINS]
+
+
+def _single(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str = "",
+            device=None, norm: str | None = None) -> efx.ExpandedBlock:
+    """One branch: a copy of the layer's geometry, then ``norm``."""
+    from expandfx.rules.factors import conv_factor
+    from expandfx.rules.norms import add_norms
+
+    pads = tuple(a for a, _ in pairs_from_pad(explicit_padding(conv)))
+    kxk = conv_factor(conv, conv.in_channels, conv.out_channels, conv.kernel_size,
+                      stride=conv.stride, padding=pads, dilation=conv.dilation,
+                      padding_mode=conv.padding_mode, device=device)
+    branches = add_norms(conv, {"kxk": kxk}, norm, init, rule="Single", path=path,
+                         device=device)
+    return efx.ExpandedBlock(conv, branches, rule="Single", r=r)
+
+
+if find("Single") is None:
+    efx.register_rule(efx.Rule("Single", "conv", lambda conv: None, _single,
+                               "the layer alone, with a per-branch norm (a control)",
+                               options=frozenset({"norm"})))
 
 
 def narrow_cnn1d() -> nn.Module:
@@ -164,7 +190,9 @@ def write(records: list[dict], meta: dict, out: Path, variants: list[str]) -> No
         f"at the chosen lr (non-finite loss or ≤ 15 %), 'div any lr' over the whole sweep; "
         f"Δ = mean difference to the compact net's chosen cell (points). Rules: RepVGG, ACNet, "
         f"DBB, MobileOne (k = 4) with norm None / `scale` (OREPA) / `bn` (per-branch "
-        f"BatchNorm); chains at r = 4. ACNet is 2-D only (digits only). Runs finished: "
+        f"BatchNorm); `Single/bn` = the layer with one BatchNorm of its own, folded at the end "
+        f"(the control: is a gain the branches' or the added normalization's?); chains at "
+        f"r = 4. ACNet is 2-D only (digits only). Runs finished: "
         f"{meta['finished']} of {meta['planned']} planned (a cell with n < 5 is "
         f"incomplete; 'not run' rows were not reached).\n"]
     for dname in DATASETS:

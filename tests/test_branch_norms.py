@@ -239,3 +239,18 @@ def test_mobileone_k_is_a_rule_option() -> None:
         efx.unregister_rule("MobileOne-k1")
     with pytest.raises(efx.ConfigError, match="integer ≥ 1"):
         mobileone.build(conv, k=0)
+
+
+@pytest.mark.parametrize("rule", ["DBB", "MobileOne"])
+def test_fold_deploys_a_bn_trained_model(rule: str) -> None:
+    """``efx.fold`` folds every branch's BN (running statistics) and the model's own BN."""
+    model = net()
+    big = efx.expand(model, rule, norm="bn").train()
+    x = torch.randn(16, 3, 8, 8)
+    sgd_steps(big, x, steps=3)
+    big.eval()
+    folded = efx.fold(big, (x,))
+    assert not any(isinstance(m, (nn.BatchNorm2d, efx.ExpandedBlock)) for m in folded.modules())
+    assert sum(p.numel() for p in folded.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert rel_err(big(x), folded(x)) <= 1e-5
