@@ -141,6 +141,65 @@ def groups(quick: bool) -> Iterator[Group]:
                              [copy.deepcopy(c) for c in cases], repeats=2, limits=True))
 
 
+BRANCH_RULES = ("RepVGG", "ACNet", "DBB", "MobileOne")
+
+
+def branch_group(quick: bool) -> Group:
+    """Every branch rule × norm against the compact net: the ExpandNets paper's Table 6
+    network (SmallNet 7×7 ablation, biased convs), batch 128, 32×32."""
+    torch.manual_seed(0)
+    net = smallnet_7x7_ablation()
+    rules = BRANCH_RULES[:1] if quick else BRANCH_RULES
+    cases = [Case("compact", net)]
+    for rule in rules:
+        for norm, mode in ((None, "auto"), ("scale", "collapsed"), ("scale", "sequential"),
+                           ("bn", "auto")):
+            big = efx.expand(copy.deepcopy(net), rule, norm=norm, mode=mode)
+            cases.append(Case(f"{rule} norm={norm} {mode}", big, "", rule, 1.0,
+                              f"{norm}/{mode}"))
+    return Group("SmallNet 7x7 ablation", 8 if quick else 128, 32, cases,
+                 repeats=1 if quick else 7)
+
+
+def branch_report(env: dict, rows: list[dict]) -> str:
+    lines = [
+        "# Training cost of the branch rules × per-branch norms (CPU scale)",
+        "",
+        f"Measured {env['date']} with torch {env['torch']}, **{env['threads']} threads**, "
+        f"`python benchmarks/training_speed.py --branch` ({env['seconds']} s), on a CPU shared "
+        f"with other jobs (load average about 6 on 2 cores: times are noisy, memory is "
+        f"exact). The ExpandNets paper's Table 6 network (SmallNet 7×7 ablation: four 7×7 "
+        f"convs with biases, BN, ReLU, max-pool; 150 K parameters), input 32×32, batch 128 "
+        f"(OREPA's own comparison is ResNet-18 on ImageNet, on GPUs); one step = forward, "
+        f"backward, SGD "
+        f"(momentum 0.9). `time ×`: median over {rows[0]['repeats']} round-robin rounds of "
+        f"the step time divided by the compact step of the same round. `memory ×`: parameters "
+        f"+ gradients + momentum + the storages autograd saves, over the compact net's (counted"
+        f", not sampled). `auto` with `norm=\"bn\"` runs the branches (training-mode BN is "
+        f"not linear).",
+        "",
+        "| rule | norm | mode | params | step ms | time × compact | memory × compact | auto "
+        "chose |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        rule, norm_mode = (row["rule"] or "compact"), row["mode"]
+        norm, _, mode = norm_mode.partition("/")
+        lines.append(f"| {rule} | {norm if mode else ''} | {mode or norm} | {row['params']:,} "
+                     f"| {row['step_ms']:.0f} | {row['time_ratio']:.2f} | "
+                     f"{row['memory_ratio']:.2f} | {row['auto']} |")
+    by = {row["case"]: row for row in rows}
+    dbb_bn, dbb_scale = by.get("DBB norm=bn auto"), by.get("DBB norm=scale collapsed")
+    if dbb_bn and dbb_scale:
+        lines += ["", f"OREPA's claim, DBB with per-branch BN vs collapsed + `scale`: "
+                  f"{dbb_bn['time_ratio'] / dbb_scale['time_ratio']:.2f}× the speed (ratio of "
+                  f"the two `time ×` medians; of the raw median steps "
+                  f"{dbb_bn['step_ms'] / dbb_scale['step_ms']:.2f}×; claimed about 2×), "
+                  f"{100 * (1 - dbb_scale['memory_MiB'] / dbb_bn['memory_MiB']):.0f} % less "
+                  f"training memory (claimed about 70 %)."]
+    return "\n".join(lines) + "\n"
+
+
 def sgd(model: nn.Module, kind: str = "") -> torch.optim.SGD:
     flags = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(kind, {})
     return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, **flags)
@@ -608,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the issue-20 run (Table 6 net, batch 128, r=4): writes "
                              "results/training_memory{,_DEVICE}.{md,json}")
     parser.add_argument("--repeats", type=int, default=15, help="rounds of the --memory run")
+    parser.add_argument("--branch", action="store_true", help="only the branch rules × norms "
+                        "(writes results/training_speed_branch.{md,json})")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -632,6 +693,16 @@ def main(argv: list[str] | None = None) -> int:
             (RESULTS / f"{name}.json").write_text(
                 json.dumps({"env": env, "rows": rows}, indent=1))
             (RESULTS / f"{name}.md").write_text(text)
+    if args.branch:
+        rows = run_group(branch_group(args.quick))
+        env["seconds"] = round(time.perf_counter() - start)
+        text = branch_report(env, rows)
+        print(text)
+        if not args.quick:
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / "training_speed_branch.json").write_text(
+                json.dumps({"env": env, "rows": rows}, indent=1))
+            (RESULTS / "training_speed_branch.md").write_text(text)
         return 0
     rows = [row for group in groups(args.quick) for row in run_group(group)]
     cross = crossover(args.quick)

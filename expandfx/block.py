@@ -51,6 +51,7 @@ from .linear.ir import (
     Node,
     Par,
     Seq,
+    batchnorm,
     explicit_padding,
     leaves,
     map_leaves,
@@ -123,11 +124,49 @@ class ExpandedBlock(nn.Module):
         # Kept out of the module tree on purpose: not in state_dict, not moved by .to().
         object.__setattr__(self, "template", parameter_free_copy(original))
         self.train(original.training)
+        if self.mode == "collapsed":
+            self._refuse_collapsed()
         self._check_fold_matches(rule)
         self.register_load_state_dict_post_hook(_drop_explained_keys)
         groups = getattr(self.template, "groups", 1)
         self._plain_chain = self.is_chain and all(
             getattr(f, "groups", 1) == groups for f in self.layers)
+
+    @property
+    def mode(self) -> str:
+        """``"auto"``, ``"collapsed"`` or ``"sequential"``; setting ``"collapsed"`` on a block
+        whose branch BatchNorms are in training mode raises (see :meth:`batch_statistics`)."""
+        state = self.__dict__
+        return state.get("_mode", state.get("mode", "auto"))  # "mode": pickled before this
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        check_mode(value)
+        if value == "collapsed":
+            self._refuse_collapsed()
+        self.__dict__["_mode"] = value
+
+    def batch_statistics(self) -> list[str]:
+        """Paths of the block's BatchNorms that normalize by batch statistics now (training
+        mode, or no running statistics): while any does, the block is not a linear map of
+        its input and runs only sequentially. Empty for blocks without ``norm="bn"``."""
+        modules = self.__dict__.get("_modules", {})
+        if "branches" not in modules:
+            return []
+        return [path for path, m in self.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and (m.training or not m.track_running_stats)]
+
+    def _refuse_collapsed(self) -> None:
+        found = self.batch_statistics()
+        if found:
+            raise ConfigError(
+                f"ExpandedBlock ({self.rule}, norm='bn'): mode='collapsed' is refused while its "
+                f"branch BatchNorms {found[:3]} are in training mode: a BatchNorm normalizes by "
+                f"the batch's statistics then, which is not a linear map, so the branches "
+                f"cannot be folded into one convolution. Use mode='sequential' or 'auto' "
+                f"(which runs the branches), norm='scale' (linear, trains collapsed), or put "
+                f"the model in eval mode (the BNs then fold with their running statistics).")
 
     def _check_fold_matches(self, rule: str) -> None:
         """A rule cannot build a wrong block: its topology must fold (on meta tensors) to the
@@ -210,6 +249,8 @@ class ExpandedBlock(nn.Module):
 
         def affine(path: str) -> Affine:
             layer = self.get_submodule(path)
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):  # a per-branch norm
+                return _norm_affine(layer, self.template, meta).to(dtype)
             w, b = params[path] if params is not None else (layer.weight, layer.bias)
             if meta:
                 w, b = w.to("meta"), None if b is None else b.to("meta")
@@ -410,6 +451,14 @@ def _drop_explained_keys(block: nn.Module, incompatible: Any) -> None:
         return
     for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
         keys[:] = [k for k in keys if not k.startswith(prefix)]
+
+
+def _norm_affine(bn: nn.Module, template: nn.Module, meta: bool) -> Affine:
+    """A branch BatchNorm as its eval-mode affine map (running statistics)."""
+    dims = len(getattr(template, "kernel_size", ()))
+    if meta:
+        bn = copy.deepcopy(bn).to("meta")
+    return batchnorm(bn, dims)
 
 
 def _like(value: torch.Tensor, ref: torch.Tensor, requires_grad: bool) -> nn.Parameter:

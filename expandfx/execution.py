@@ -170,7 +170,11 @@ def resolve_mode(block: ExpandedBlock, x: torch.Tensor | Sequence[int]) -> str:
     modes compute the same function; only the speed depends on the choice.
     """
     if block.mode != "auto":
+        if block.mode == "collapsed":
+            block._refuse_collapsed()
         return block.mode
+    if block.batch_statistics():  # training-mode BN branches: not a linear map
+        return "sequential"
     if not isinstance(x, torch.Tensor):
         return cheaper_mode(block, tuple(x))
     grad = torch.is_grad_enabled() and (
@@ -204,6 +208,8 @@ def _may_measure(block: ExpandedBlock, x: torch.Tensor) -> bool:
     enabled = measure if measure is not None else measuring_enabled()
     if not enabled or _tracing_or_transformed():
         return False
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules()):
+        return False  # eval-mode branch BNs: the MAC model decides (timing runs convs)
     tensors = [x, *block.parameters()]
     if any(type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta
            or t.device != x.device for t in tensors):
@@ -529,8 +535,14 @@ def collapsed_macs(block: ExpandedBlock, input_shape: Sequence[int]) -> int:
 
 def compose_macs(block: ExpandedBlock) -> int:
     """MACs of folding the block's factors (independent of the batch)."""
-    return fold_macs(block.topology,
-                     lambda path: tuple(block.get_submodule(path).weight.shape))
+    def weight_shape(path: str) -> tuple[int, ...]:
+        layer = block.get_submodule(path)
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):  # folds as a depthwise 1×…×1
+            dims = len(getattr(block.template, "kernel_size", ()))
+            return (layer.num_features, 1, *(1,) * dims)
+        return tuple(layer.weight.shape)
+
+    return fold_macs(block.topology, weight_shape)
 
 
 def _blocks(model: nn.Module) -> list[ExpandedBlock]:

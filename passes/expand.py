@@ -26,6 +26,7 @@ from expandfx.planning import INITS, LayerPlan, Patterns, Plan, check_r, decide
 from expandfx.planning import plan as make_plan
 from expandfx.rules import RULES
 from expandfx.rules.base import layer_kind
+from expandfx.rules.norms import check_norm
 from expandfx.rules.spec import RuleSpec
 from expandfx.surgery import replace
 from expandfx.tracing import GraphView, inspect
@@ -38,7 +39,8 @@ log = logging.getLogger("expandfx")
 def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
            include: Patterns = None, exclude: Patterns = None, example_inputs: Any = None,
            init: str = "default", mode: str = "auto", inplace: bool = False,
-           strict: bool = False, plan: Plan | None = None) -> nn.Module:
+           strict: bool = False, plan: Plan | None = None, norm: str | None = None
+           ) -> nn.Module:
     """Over-parameterize ``model``: each conv/linear layer becomes a linear chain.
 
     Args:
@@ -68,6 +70,13 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
             no second trace. Leave ``rule``, ``r``, ``include``, ``exclude`` and
             ``example_inputs`` unset; a plan of another model (or of this model before it
             changed) is refused.
+        norm: per-branch normalization of the branch rules (RepVGG, ACNet, DBB,
+            MobileOne; see :mod:`expandfx.rules.norms`): ``None`` (plain branches),
+            ``"scale"`` (OREPA: a learnable channel scale per branch; linear, trains
+            collapsed) or ``"bn"`` (a BatchNorm per branch as the papers train them; runs
+            the branches, refuses ``mode="collapsed"`` in training mode; folds exactly in
+            eval mode). Rules without branches ignore it; a rule string none of whose rules
+            takes it is refused.
 
     Example::
 
@@ -85,6 +94,7 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
                           f"nn.Sequential(layer), or build an ExpandedBlock with "
                           f"expandfx.rules.cl.build(layer, r).")
     check_mode(mode)
+    check_norm(norm, "expand")
     if plan is not None:
         _check_plan(plan, model, rule, r, include, exclude, example_inputs)
         rule, r = plan.rule, plan.r
@@ -101,8 +111,14 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
         warnings.warn(_untraced_message(model, view), stacklevel=2)
     if not any(row.rule for row in rows):
         _nothing_expanded(model, rule, rows, strict)
+    if norm is not None and not any("norm" in RULES[row.rule].options
+                                    for row in rows if row.rule in RULES):
+        raise ConfigError(f"expand: norm={norm!r} is per-branch normalization, but rule "
+                          f"{rule!r} expands no layer with a branch rule (those that take norm: "
+                          f"{sorted(n for n, x in RULES.items() if 'norm' in x.options)}). "
+                          f"Drop norm=, or use a branch rule such as 'RepVGG'.")
     target = model if inplace else copy_model(model, "expand")
-    built = [(row, *_build(target, row, r, init, mode)) for row in rows if row.rule]
+    built = [(row, *_build(target, row, r, init, mode, norm)) for row in rows if row.rule]
     swapped = []  # every block is built before any is swapped in: a failure changes nothing
     for row, layer, block in built:
         paths = [row.path, *row.aliases]
@@ -115,8 +131,8 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
     return target
 
 
-def _build(target: nn.Module, row: LayerPlan, r: float, init: str, mode: str
-           ) -> tuple[nn.Module, ExpandedBlock]:
+def _build(target: nn.Module, row: LayerPlan, r: float, init: str, mode: str,
+           norm: str | None = None) -> tuple[nn.Module, ExpandedBlock]:
     """(the layer, its block) for one planned row; errors name the layer's path."""
     layer = target.get_submodule(row.path)
     torch_layer = registry.as_torch(layer, path=row.path)
@@ -128,7 +144,8 @@ def _build(target: nn.Module, row: LayerPlan, r: float, init: str, mode: str
         raise ConfigError(f"expand: the plan gives '{row.path}' rule {row.rule!r}, but "
                           f"{why}. Set that row's rule to None or another rule.")
     try:
-        block = rule.build(torch_layer, r, init, path=row.path)
+        options = {"norm": norm} if norm is not None and "norm" in rule.options else {}
+        block = rule.build(torch_layer, r, init, path=row.path, **options)
     except ContractionError as exc:  # the block's own check: the rule built a wrong block
         raise ConfigError(f"expand: rule {row.rule!r} could not build a block for "
                           f"'{row.path}': {exc} Fix the rule's build, or exclude the layer."

@@ -47,6 +47,25 @@ def test_accuracy_study_quick_run(tmp_path):
     assert json.loads((tmp_path / "accuracy_study.json").read_text())["runs"]
 
 
+def test_branch_study_quick_run_resumes(tmp_path):
+    pytest.importorskip("mnist1d", reason="mnist1d not installed")
+    study = load("branch_study")
+    study.main(["--quick", "--out", str(tmp_path), "--variants", "compact,DBB/bn,ACNet"])
+    records = [json.loads(line) for line in
+               (tmp_path / "branch_study.partial.jsonl").read_text().splitlines()]
+    assert sorted((r["data"][:5], r["variant"]) for r in records) == [  # ACNet: 2-D only
+        ("MNIST", "DBB/bn"), ("MNIST", "compact"), ("digit", "ACNet"), ("digit", "DBB/bn"),
+        ("digit", "compact")]
+    for r in records:
+        if not r["diverged"]:  # the contracted compact model is the trained one
+            assert abs(r["deployed"] - r["last"]) <= 1 / 256 + 1e-9
+    text = (tmp_path / "branch_study.md").read_text()
+    assert "Δ vs compact" in text and "DBB/bn" in text and "5 of 5 planned" in text
+    study.main(["--quick", "--out", str(tmp_path), "--variants", "compact,DBB/bn,ACNet"])
+    assert len((tmp_path / "branch_study.partial.jsonl").read_text().splitlines()) == 5
+    assert (tmp_path / "branch_study.png").stat().st_size > 0
+
+
 def test_gradient_confusion_against_hand_computation():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)

@@ -47,7 +47,10 @@ def topology_macs(node: Node, layer: Callable[[str], nn.Module],
     if isinstance(node, Par):
         runs = [topology_macs(part, layer, shape) for part in node.parts]
         return runs[0][0], sum(macs for _, macs in runs)
-    return layer_macs(layer(node), shape)
+    found = layer(node)
+    if isinstance(found, nn.modules.batchnorm._BatchNorm):  # a branch norm: one MAC per element
+        return shape, math.prod(shape)
+    return layer_macs(found, shape)
 
 
 def fold_macs(node: Node, weight_shape: Callable[[str], tuple[int, ...]]) -> int:

@@ -78,6 +78,7 @@ def fold(node: Node, dtype: torch.dtype | None = None) -> Affine:
 
 def chain(maps: list[Affine]) -> Affine:
     """``maps`` applied in order, as one map (the Seq rules above)."""
+    maps = _merge_diagonals(maps)
     if len(maps) == 1:
         return maps[0]
     dims = _common_dims(maps, "chain")
@@ -214,6 +215,33 @@ def _transposed_chain(maps: list[Affine]) -> Affine:
             bias = after.bias if bias is None else bias + after.bias
     weight = w.reshape(w.shape[0] * w.shape[1], *w.shape[2:]).to(ref.dtype)
     return Affine(weight, bias, replace(tr.geometry, groups=groups))
+
+
+def _diagonal(m: Affine) -> bool:
+    """A per-channel scale (and shift): depthwise, 1×…×1, stride 1, unpadded — a branch's
+    ``norm="scale"`` or an eval-mode BatchNorm."""
+    g = m.geometry
+    return (g.dims > 0 and m.pointwise and g.groups == m.out_channels == m.in_channels
+            and m.weight.shape[1] == 1 and not g.padded and all(s == 1 for s in g.stride))
+
+
+def _merge_diagonals(maps: list[Affine]) -> list[Affine]:
+    """Each per-channel scale after another map multiplies that map's output channels: the
+    same map as composing it (a dense regrouped ``n × n`` product), in ``O(weight)``."""
+    out = [maps[0]]
+    for m in maps[1:]:
+        prev = out[-1]
+        if (not _diagonal(m) or prev.geometry.dims != m.geometry.dims
+                or prev.geometry.transposed):  # a transposed weight is [in, out/g, *k]
+            out.append(m)
+            continue
+        scale = m.weight.reshape(-1)
+        weight = prev.weight * scale.reshape(-1, *(1,) * (prev.weight.dim() - 1))
+        bias = None if prev.bias is None else prev.bias * scale
+        if m.bias is not None:
+            bias = m.bias if bias is None else bias + m.bias
+        out[-1] = Affine(weight, bias, prev.geometry)
+    return out
 
 
 def _padding_to_front(maps: list[Affine]) -> list[Affine]:

@@ -8,8 +8,9 @@ in their 1-wide dimension).
 Why it is exact: a 1×k kernel placed on the central row of a k×k one reads the same inputs
 at every output position, so the sum of the three branches is one k×k convolution whose
 kernel is ``K + row(H) + column(V)`` (the skeleton strengthened, as in Ding et al.,
-ICCV 2019, who put a BatchNorm on each branch; here the branches are plain convolutions so
-that collapsed training stays exact). Folding: ``expandfx.linear.fold.total``.
+ICCV 2019, who put a BatchNorm on each branch: ``norm="bn"``; ``norm="scale"`` is OREPA's
+linear alternative; default ``None``, plain branches — :mod:`expandfx.rules.norms`).
+Folding: ``expandfx.linear.fold.total``.
 
 ``r`` is not used (branches keep the layer's width). ``init="preserve"``: ``kxk`` = the
 layer, the other branches zero.
@@ -35,6 +36,7 @@ from ..block import ExpandedBlock
 from ..linear.ir import explicit_padding, pairs_from_pad
 from .base import Rule
 from .factors import conv_factor, match_requires_grad
+from .norms import add_norms
 
 __all__ = ["RULE", "build", "skip_reason"]
 
@@ -56,7 +58,7 @@ def skip_reason(conv: nn.Module) -> str | None:
 
 
 def build(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str = "",
-          device: torch.device | str | None = None) -> ExpandedBlock:
+          device: torch.device | str | None = None, norm: str | None = None) -> ExpandedBlock:
     m, n, k = conv.in_channels, conv.out_channels, conv.kernel_size[0]
     (ph, _), (pw, _) = pairs_from_pad(explicit_padding(conv))
     dh, dw = conv.dilation
@@ -78,9 +80,10 @@ def build(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str =
             branches["1xk"].weight.zero_()
             branches["kx1"].weight.zero_()
     match_requires_grad(conv, list(branches.values()))
+    branches = add_norms(conv, branches, norm, init, rule="ACNet", path=path, device=device)
     return ExpandedBlock(conv, branches, rule="ACNet", r=r)
 
 
-RULE = Rule("ACNet", "conv", skip_reason, build,
+RULE = Rule("ACNet", "conv", skip_reason, build, options=frozenset({"norm"}), summary=
             "a k×k convolution (odd k ≥ 3, 2-D) becomes k×k + 1×k + k×1 branches, summed "
             "(ACNet)")

@@ -9,16 +9,17 @@ Example::
 
     >>> from expandfx.rules import RULES
     >>> sorted(RULES)
-    ['ACNet', 'CK', 'CL', 'FC', 'RepVGG']
+    ['ACNet', 'CK', 'CL', 'DBB', 'FC', 'MobileOne', 'RepVGG']
     >>> RULES["CL"].kind
     'conv'
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from .. import registry
 from ..errors import ConfigError
@@ -44,6 +45,9 @@ class Rule:
         build: ``(torch layer, r, init="default", *, path="", device=None) -> ExpandedBlock``;
             raises :class:`~expandfx.errors.ConfigError` for an ``init`` it cannot honour.
         summary: one line for ``expandfx rules`` and the docs.
+        options: the extra keyword arguments ``build`` takes (``"norm"`` for the branch
+            rules, ``"k"`` for MobileOne); ``expand(..., norm=...)`` passes ``norm`` to the
+            rules that take it, and :meth:`configured` fixes any of them.
     """
 
     name: str
@@ -51,6 +55,27 @@ class Rule:
     skip_reason: Callable[[nn.Module], str | None]
     build: Callable[..., ExpandedBlock]
     summary: str = ""
+    options: frozenset[str] = frozenset()
+
+    def configured(self, name: str | None = None, **options: Any) -> Rule:
+        """This rule with some of its :attr:`options` fixed, as a new rule to register::
+
+            >>> from expandfx.rules import RULES
+            >>> rule = RULES["MobileOne"].configured("MobileOne-k2", k=2, norm="bn")
+            >>> rule.name, sorted(rule.options)
+            ('MobileOne-k2', ['k', 'norm'])
+
+        An ``expand(..., norm=...)`` keyword given as well overrides a fixed ``norm``.
+        """
+        unknown = sorted(set(options) - self.options)
+        if unknown:
+            raise ConfigError(f"Rule {self.name!r}.configured: it takes no option {unknown}; "
+                              f"its options are {sorted(self.options)}.")
+        label = name or self.name + "(" + ", ".join(f"{k}={v!r}" for k, v in
+                                                   sorted(options.items())) + ")"
+        fixed = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+        return replace(self, name=label, build=functools.partial(self.build, **options),
+                       summary=f"{self.summary} [{fixed}]")
 
     def __post_init__(self) -> None:
         if self.kind not in ("conv", "linear"):

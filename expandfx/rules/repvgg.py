@@ -9,9 +9,10 @@ layer maps ``m → m`` channels with stride 1 and padding exactly ``d·(k−1)/2
 Why it is exact: a 1×1 kernel centred in a k×k one and a Dirac kernel (the identity) are
 k×k kernels; convolution is linear in the kernel, so the sum of branches is one k×k
 convolution whose kernel is the sum of the (embedded) kernels and whose bias is the sum of
-biases (``expandfx.linear.fold.total``). No branch carries a BatchNorm: BN in training mode
-is not a linear map, so collapsed training would not be exact (Ding et al., CVPR 2021, use
-BN per branch; here the branches are plain convolutions).
+biases (``expandfx.linear.fold.total``). ``norm=`` (:mod:`expandfx.rules.norms`): ``None``
+— plain branches; ``"scale"`` — OREPA's per-branch channel scale (still linear);
+``"bn"`` — a BatchNorm per branch, as Ding et al. (CVPR 2021) train it (sequential in
+training mode, folded with its running statistics in eval mode).
 
 ``r`` is not used (branches keep the layer's width). ``init="preserve"``: k×k = W − identity,
 1×1 = 0 — the block computes exactly the layer.
@@ -33,6 +34,7 @@ from ..block import ExpandedBlock
 from ..linear.ir import explicit_padding, pairs_from_pad
 from .base import Rule
 from .factors import conv_factor, match_requires_grad
+from .norms import add_norms
 
 __all__ = ["RULE", "build", "dirac", "has_identity", "skip_reason"]
 
@@ -61,7 +63,7 @@ def has_identity(conv: nn.Module) -> bool:
 
 
 def build(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str = "",
-          device: torch.device | str | None = None) -> ExpandedBlock:
+          device: torch.device | str | None = None, norm: str | None = None) -> ExpandedBlock:
     m, n, dims = conv.in_channels, conv.out_channels, len(conv.kernel_size)
     pads = pairs_from_pad(explicit_padding(conv))
     centre = tuple(a - d * (size - 1) // 2
@@ -83,6 +85,7 @@ def build(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str =
             if kxk.bias is not None:
                 kxk.bias.copy_(conv.bias)
     match_requires_grad(conv, [kxk, one])
+    branches = add_norms(conv, branches, norm, init, rule="RepVGG", path=path, device=device)
     return ExpandedBlock(conv, branches, rule="RepVGG", r=r)
 
 
@@ -97,5 +100,5 @@ def dirac(shape: torch.Size, groups: int, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-RULE = Rule("RepVGG", "conv", skip_reason, build,
+RULE = Rule("RepVGG", "conv", skip_reason, build, options=frozenset({"norm"}), summary=
             "a k×k convolution becomes k×k + 1×1 (+ identity) branches, summed (RepVGG)")
