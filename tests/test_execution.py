@@ -98,7 +98,7 @@ def test_block_modes_and_kernel_tuning_share_the_timer(monkeypatch):
     monkeypatch.setattr(execution, "timed", spy)
     execution.forget_measurements()
     monkeypatch.delenv(execution.MEASURE_ENV, raising=False)
-    big = efx.expand(nn.Sequential(nn.Conv2d(3, 4, 7, padding=3)), "CK", r=1)
+    big = efx.expand(nn.Sequential(nn.Conv2d(3, 4, 7, padding=3)), "CK", r=2)
     big(torch.randn(2, 3, 12, 12)).sum().backward()
     kernel_pairs = execution.tune_kernels([(f.weight, f.bias) for f in big[0].layers], 1)
     assert kernel_pairs and execution.measurements()

@@ -221,7 +221,8 @@ def _diagonal(m: Affine) -> bool:
     """A per-channel scale (and shift): depthwise, 1×…×1, stride 1, unpadded — a branch's
     ``norm="scale"`` or an eval-mode BatchNorm."""
     g = m.geometry
-    return (g.dims > 0 and m.pointwise and g.groups == m.out_channels == m.in_channels
+    return (g.dims > 0 and not g.transposed and m.pointwise
+            and g.groups == m.out_channels == m.in_channels
             and m.weight.shape[1] == 1 and not g.padded and all(s == 1 for s in g.stride))
 
 
