@@ -54,3 +54,25 @@ COUNTS: dict[str, int] = {}
 def count(case: str) -> None:
     """Tally one passed random case (reported by conftest after a fuzz run)."""
     COUNTS[case] = COUNTS.get(case, 0) + 1
+
+
+def run_workers(worker, args: tuple, nprocs: int, what: str, limit: float = 300) -> None:
+    """Spawn ``nprocs`` processes running ``worker(rank, *args)`` and wait for them (at most
+    ``limit`` seconds); never leave one behind."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + limit
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} workers did not finish within {limit:g} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+

@@ -6,13 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from support import rel_err
+from support import rel_err, run_workers
 
 import expandfx as efx
 from expandfx.models import smallnet_3x3
@@ -75,18 +73,7 @@ def _ddp_worker(rank: int, world: int, folder: str) -> None:
 
 
 def test_ddp_two_processes_train_identically_and_rank0_contracts(tmp_path):
-    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("DDP workers did not finish within 300 s")
-    finally:
-        for proc in ctx.processes:  # never leave a worker behind
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+    run_workers(_ddp_worker, (2, str(tmp_path)), 2, "DDP")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["identical"] for r in results)
     assert results[0]["contract_error"] <= 1e-5

@@ -5,12 +5,11 @@ compact model that the single-process run contracts to."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from support import run_workers
 from torch import nn
 
 import expandfx as efx
@@ -77,18 +76,7 @@ def _fsdp_worker(rank: int, world: int, folder: str, mode: str) -> None:
 def test_fsdp2_two_processes_train_and_contract_like_one_process(tmp_path, mode="collapsed"):
     """Collapsed mode: the case that needs a block-level shard (its forward reads every
     factor's weight without calling the factors)."""
-    ctx = mp.start_processes(_fsdp_worker, args=(WORLD, str(tmp_path), mode), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail("FSDP workers did not finish within 300 s")
-    finally:
-        for proc in ctx.processes:  # never leave a worker behind
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+    run_workers(_fsdp_worker, (WORLD, str(tmp_path), mode), WORLD, "FSDP")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     # the same steps in one process: the whole batch, whose mean loss averages the halves
