@@ -5,6 +5,7 @@
     expandfx check tiny_resnet --rule CL --r 2 --input 2,3,32,32
     expandfx export smallnet_7x7 --weights big.pt --rule CL --r 4 --input 1,3,32,32 --out m.onnx
     expandfx export smallnet_digits --weights m.pt --out m.onnx --int8 --data x.pt --calibrate 256
+    expandfx rules                                  # the registered rules, one line each
 
 MODEL is an in-repo model name (``expandfx models``) or ``package.module:factory``.
 """
@@ -31,8 +32,8 @@ from .rules import RULES
 from .snapshot import training_flags
 
 __all__ = ["BLOCK_KEY", "CLIError", "EPILOG", "block_keys", "build_parser", "cmd_check",
-           "cmd_demo", "cmd_export", "cmd_models", "cmd_plan", "default_input", "example_input",
-           "load_model", "main", "parse_shape", "patterns", "positive"]
+           "cmd_demo", "cmd_export", "cmd_models", "cmd_plan", "cmd_rules", "default_input",
+           "example_input", "load_model", "main", "parse_shape", "patterns", "positive"]
 
 
 EPILOG = """\
@@ -252,6 +253,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    for rule in RULES.values():
+        options = f" (options: {', '.join(sorted(rule.options))})" if rule.options else ""
+        print(f"{rule.name:10} {rule.kind:6} {rule.summary}{options}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=Path(args.out), rule=args.rule, r=args.r, epochs=args.epochs,
                     seeds=args.seeds, quick=args.quick)
@@ -327,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the in-repo models")
     m.set_defaults(func=cmd_models)
+    rl = sub.add_parser("rules", help="list the registered expansion rules")
+    rl.set_defaults(func=cmd_rules)
     return parser
 
 

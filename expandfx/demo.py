@@ -112,7 +112,8 @@ def fit(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 3, 2 * epochs // 3], 0.1)
     out: dict[str, Any] = {"test": [], "val": [], "diverged": False}
     chance = 1.0 / int(ytr.max() + 1)
-    bar = tqdm(range(epochs), desc=desc, leave=False, file=sys.stderr, ncols=80)
+    # disable=None: a bar only on a terminal; logs (CI, files) get no carriage-return updates
+    bar = tqdm(range(epochs), desc=desc, leave=False, file=sys.stderr, ncols=80, disable=None)
     for epoch in bar:
         if on_epoch is not None:
             on_epoch(epoch)

@@ -24,6 +24,17 @@ def test_help_explains_the_commands():
         assert word in out.stdout
 
 
+def test_rules_lists_every_registered_rule_with_its_kind():
+    from expandfx.rules import RULES
+
+    out = cli("rules")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == list(RULES)
+    assert {line.split()[1] for line in lines} == {"conv", "linear"}
+    assert "options: k, norm" in next(line for line in lines if line.startswith("MobileOne"))
+
+
 def test_plan_prints_the_table():
     out = cli("plan", "smallnet_7x7", "--rule", "CK+FC", "--r", "4", "--input", "1,3,32,32")
     assert out.returncode == 0, out.stderr
