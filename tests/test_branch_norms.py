@@ -8,7 +8,9 @@ mode, to the compact layer with its running statistics.
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from support import randomize, rel_err, sgd_steps
 from torch import nn
 
 import expandfx as efx
-from expandfx.rules import RULES, dbb, mobileone, repvgg
+from expandfx.rules import RULES, dbb, mobileone, orepa, repvgg
 
 BRANCH_RULES = ["RepVGG", "ACNet", "DBB", "MobileOne"]
 NORMS = [None, "scale", "bn"]
@@ -254,3 +256,126 @@ def test_fold_deploys_a_bn_trained_model(rule: str) -> None:
     assert sum(p.numel() for p in folded.parameters()) < sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         assert rel_err(big(x), folded(x)) <= 1e-5
+
+
+# OREPA: per-branch scales are its block (norm="scale" only), so it trains collapsed.
+OREPA_GEOMETRIES = [*GEOMETRIES, nn.Conv2d(16, 16, 3, padding=1, groups=8),  # t = 2m
+                    nn.Conv2d(4, 8, 1), nn.Conv2d(8, 4, 1, stride=2, bias=False),  # OREPA_1x1
+                    nn.Conv1d(6, 6, 1, groups=3), nn.Conv3d(4, 4, 3, padding=2, dilation=2)]
+
+
+def orepa_net() -> nn.Module:
+    """conv → BN nets (OREPA's ConvBN): bias-free 3×3 and 1×1 convs, grouped and strided."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=8, bias=False), nn.BatchNorm2d(16),
+        nn.ReLU(), nn.Conv2d(16, 8, 3, padding=2, dilation=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "collapsed"])
+def test_orepa_trained_in_training_mode_contracts_exactly(mode: str) -> None:
+    model = orepa_net().eval()
+    big = efx.expand(model, "OREPA", mode=mode).train()
+    assert [n for n, m in big.named_modules() if isinstance(m, efx.ExpandedBlock)] == [
+        "0", "3", "6", "9"]
+    before = big[0].branches["prior"][0].weight.clone()
+    x = torch.randn(16, 3, 8, 8)
+    sgd_steps(big, x, steps=3)
+    assert not torch.equal(before, big[0].branches["prior"][0].weight)  # scale 0 moved first
+    big.eval()
+    small = efx.contract(big)
+    assert type(small) is type(model)
+    assert list(small.state_dict()) == list(model.state_dict())
+    assert all(type(a) is type(b) for a, b in zip(small.modules(), model.modules(), strict=True))
+    with torch.no_grad():
+        assert rel_err(big(x), small(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("conv", OREPA_GEOMETRIES, ids=lambda c: repr(c).replace(" ", ""))
+def test_orepa_collapsed_and_sequential_gradients_agree_in_float64(conv: nn.Module) -> None:
+    conv = copy.deepcopy(conv).double()
+    x = torch.randn(4, conv.in_channels, *(7,) * len(conv.kernel_size), dtype=torch.float64)
+    blocks = []
+    for mode in ("sequential", "collapsed"):
+        block = orepa.build(conv).double()
+        if blocks:
+            block.load_state_dict(blocks[0].state_dict())
+        else:
+            randomize(block, seed=2)
+        block.mode = mode
+        block(x).square().sum().backward()
+        blocks.append(block)
+    pairs = [(a, b) for a, b in zip(blocks[0].parameters(), blocks[1].parameters(), strict=True)
+             if a.requires_grad]
+    assert len(pairs) >= 5
+    for a, b in pairs:
+        assert (a.grad - b.grad).abs().max().item() <= 1e-10 * max(1.0, a.grad.abs().max())
+    with torch.no_grad():
+        assert rel_err(blocks[0](x), blocks[0].contract()(x)) <= 1e-12
+
+
+@pytest.mark.parametrize("conv", OREPA_GEOMETRIES, ids=lambda c: repr(c).replace(" ", ""))
+def test_orepa_preserve_is_exact(conv: nn.Module) -> None:
+    """OREPA's ``single_init`` with the layer's weights: origin scale 1, the others 0."""
+    torch.manual_seed(0)
+    block = orepa.build(conv, init="preserve")
+    weight, bias = block.weight_bias()
+    assert torch.equal(weight, conv.weight)
+    assert (bias is None) == (conv.bias is None) and (bias is None or torch.equal(bias, conv.bias))
+    x = torch.randn(2, conv.in_channels, *(7,) * len(conv.kernel_size))
+    block.mode = "sequential"
+    with torch.no_grad():
+        assert rel_err(conv(x), block(x)) <= 1e-6
+
+
+def test_orepa_block_is_the_published_one() -> None:
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    block = orepa.build(conv)
+    assert list(block.branches) == ["origin", "avg", "prior", "1x1_kxk", "1x1", "dws"]
+    scales = {name: branch[-1].weight.flatten().unique().tolist()
+              for name, branch in block.branches.items()}
+    assert scales == {"origin": [0.25], "avg": [0.25], "prior": [0.0], "1x1_kxk": [0.5],
+                      "1x1": [1.0], "dws": [0.5]}
+    pool, basis = block.branches["avg"][1], block.branches["prior"][1]
+    assert not pool.weight.requires_grad and not basis.weight.requires_grad
+    assert torch.allclose(pool.weight, torch.full_like(pool.weight, 1 / 9))
+    # OREPA's fre_init for 3×3: the first n/2 channels vary along h, the others along w
+    h = torch.arange(3.0)
+    assert torch.allclose(basis.weight[1, 0], torch.cos(torch.pi * (h + 0.5) * 2 / 3)[:, None]
+                          .expand(3, 3), atol=1e-6)
+    assert torch.allclose(basis.weight[3, 0], torch.cos(torch.pi * (h + 0.5) * 1 / 3)[None, :]
+                          .expand(3, 3), atol=1e-6)
+    assert torch.equal(block.branches["1x1_kxk"][0].weight[:, :, 0, 0], torch.eye(4))
+    dw, pw = block.branches["dws"][:2]
+    assert (dw.in_channels, dw.out_channels, dw.groups, pw.in_channels) == (4, 32, 4, 32)
+    origin = block.branches["origin"][0].weight  # Kaiming-uniform a=0: bound √(6/fan_in)
+    assert origin.abs().max() <= math.sqrt(6 / 36) and origin.abs().max() > 1 / math.sqrt(36)
+    wide = orepa.build(nn.Conv2d(16, 16, 3, padding=1, groups=8))
+    assert wide.branches["1x1_kxk"][0].out_channels == 32  # more than 4 groups: 2m
+    pointwise = orepa.build(nn.Conv2d(4, 8, 1))
+    assert list(pointwise.branches) == ["origin", "l2i"]
+    assert [b[-1].weight[0].item() for b in pointwise.branches.values()] == [1.0, 0.5]
+    assert torch.equal(pointwise.branches["l2i"][0].weight[:, :, 0, 0], torch.eye(4))  # n > m
+
+
+def test_orepa_refuses_other_norms_and_says_why() -> None:
+    with pytest.raises(efx.ConfigError, match=r"norm='bn'.*per-branch channel scale.*'DBB'"):
+        efx.expand(orepa_net(), "OREPA", norm="bn")
+    with pytest.raises(efx.ConfigError, match=r"norm=None"):
+        orepa.build(nn.Conv2d(4, 4, 3, padding=1), norm=None)
+    big = efx.expand(orepa_net(), "OREPA", norm="scale")
+    assert list(big[0].branches) == list(orepa.SCALES)
+
+
+@pytest.mark.parametrize("conv, reason", [
+    (nn.ConvTranspose2d(4, 4, 3, padding=1), "transposed"),
+    (nn.Conv2d(4, 4, 4, padding=2), "OREPA: kernel \\(4, 4\\) has an even size"),
+    (nn.Conv2d(4, 4, 3), "OREPA: padding \\(0, 0\\) is smaller"),
+    (nn.Conv2d(4, 4, 1, padding=1), None), (nn.Conv2d(4, 4, 5, padding=2), None),
+])
+def test_orepa_skip_reasons(conv: nn.Module, reason: str | None) -> None:
+    got = orepa.skip_reason(conv)
+    assert got is None if reason is None else re.search(reason, got)

@@ -24,7 +24,7 @@ def mobilenet() -> nn.Module:
     return MobileNetV1(num_classes=10, width_mult=0.25).eval()
 
 
-@pytest.mark.parametrize("rule", ["ACNet", "RepVGG", "repvgg+FC", "ACNet+fc"])
+@pytest.mark.parametrize("rule", ["ACNet", "RepVGG", "repvgg+FC", "ACNet+fc", "OREPA"])
 def test_trained_branch_model_contracts_exactly(rule: str) -> None:
     model = mobilenet()
     big = efx.expand(model, rule, include="features.*").train()
@@ -59,7 +59,7 @@ def test_checkpoint_round_trip_between_fresh_expansions() -> None:
         assert torch.equal(big.eval()(x), fresh.eval()(x))
 
 
-@pytest.mark.parametrize("rule", ["ACNet", "RepVGG"])
+@pytest.mark.parametrize("rule", ["ACNet", "RepVGG", "OREPA"])
 def test_preserve_init_keeps_the_function(rule: str) -> None:
     model = mobilenet()
     randomize(model, seed=1)

@@ -4,8 +4,8 @@
 - :mod:`~expandfx.rules.spec` — rule strings, mappings and callables → one rule per layer;
 - :mod:`~expandfx.rules.factors` — widths, factor constructors, function-preserving init;
 - one module per rule: :mod:`cl`, :mod:`ck`, :mod:`fc` (ExpandNets' chains),
-  :mod:`acnet`, :mod:`repvgg`, :mod:`dbb`, :mod:`mobileone` (parallel branches; per-branch
-  norms in :mod:`norms`). Every module of this package that
+  :mod:`acnet`, :mod:`repvgg`, :mod:`dbb`, :mod:`mobileone`, :mod:`orepa` (parallel
+  branches; per-branch norms in :mod:`norms`). Every module of this package that
   defines ``RULE`` is registered on import.
 """
 

@@ -9,7 +9,7 @@ Example::
 
     >>> from expandfx.rules import RULES
     >>> sorted(RULES)
-    ['ACNet', 'CK', 'CL', 'DBB', 'FC', 'MobileOne', 'RepVGG']
+    ['ACNet', 'CK', 'CL', 'DBB', 'FC', 'MobileOne', 'OREPA', 'RepVGG']
     >>> RULES["CL"].kind
     'conv'
 """
