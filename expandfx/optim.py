@@ -54,6 +54,7 @@ from .block import ExpandedBlock
 from .compander import companded
 from .errors import ConfigError
 from .linear.ir import Identity, Node, Par, Seq, multiplicity
+from .rules.norms import is_branch_norm
 
 __all__ = ["ChainLR", "ParamGroups", "chain_scale", "decay_groups", "param_groups", "step_gain"]
 
@@ -107,11 +108,19 @@ def chain_scale(block: ExpandedBlock, chain_lr: ChainLR = "1/N") -> float:
 
     ``"1/N"``: ``1/N`` for a chain of N factors (for branches, N counts every factor a
     gradient step moves the folded weight through: :func:`expandfx.linear.ir.multiplicity`).
+    A per-branch norm (``norm="scale"``'s channel scale, ``norm="bn"``'s BatchNorm) is not a
+    factor: it rescales its branch's output per channel (one value per channel, whose step
+    is the gradient's projection on the branch), not a weight matrix of the product
+    ``W_N ⋯ W_1``; nor is a fixed map (DBB's and OREPA's average pooling, OREPA's frequency
+    prior: ``requires_grad=False``, no step). So a branch k×k → scale counts 1, and a DBB
+    block 5 (k×k 1, 1×1 1, 1×1 → k×k 2, 1×1 → pooling 1) with every ``norm``; a MobileOne
+    block (k=4, identity) 5, not 11 with ``norm="scale"``; OREPA 8.
     ``"norm"``: ``1 / Σ_i Π_{j≠i} g_j²`` for a chain, where
     ``g_j = ‖W_j‖_F / E‖W_j‖_F`` is factor j's growth over PyTorch's default init
     (``E‖W‖_F² = numel / (3·fan_in)``): equal to ``1/N`` at init, and smaller as the other
     factors grow, so that the folded weight's first-order step stays at the compact
-    layer's scale (over branches, the terms of every branch add up). Use it for blocks whose
+    layer's scale (over branches, the terms of every branch add up; per-branch norms and
+    fixed maps, not factors, add no step and no growth). Use it for blocks whose
     factors did not start at the default init (after :func:`expandfx.linearize`, or when
     fine-tuning a trained ExpandNet).
 
@@ -125,7 +134,8 @@ def chain_scale(block: ExpandedBlock, chain_lr: ChainLR = "1/N") -> float:
     if isinstance(chain_lr, str):
         rule = chain_lr.replace(" ", "").upper()
         if rule == "1/N":
-            return 1.0 / multiplicity(block.topology)
+            return 1.0 / max(1, multiplicity(block.topology, lambda path: _is_factor(
+                block.get_submodule(path))))
         if rule == "NORM":
             return 1.0 / _steps(block, block.topology)[0]
         raise ConfigError(f"param_groups: chain_lr must be '1/N', 'norm', None, a positive "
@@ -181,7 +191,17 @@ def _steps(block: ExpandedBlock, node: Node) -> tuple[float, float]:
         growths = [g for _, g in parts]
         step = sum(s * math.prod(growths[:k] + growths[k + 1:]) for k, (s, _) in enumerate(parts))
         return step, math.prod(growths)
-    return 1.0, _growth(block.get_submodule(node).weight) ** 2
+    layer = block.get_submodule(node)
+    if not _is_factor(layer):
+        return 0.0, 1.0
+    return 1.0, _growth(layer.weight) ** 2
+
+
+def _is_factor(layer: nn.Module) -> bool:
+    """A factor of the block's product: a trainable weight that is not a per-branch norm."""
+    weight = getattr(layer, "weight", None)
+    return (not is_branch_norm(layer) and isinstance(weight, torch.Tensor)
+            and weight.requires_grad)
 
 
 def _growth(weight: torch.Tensor) -> float:

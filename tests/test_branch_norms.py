@@ -379,3 +379,19 @@ def test_orepa_refuses_other_norms_and_says_why() -> None:
 def test_orepa_skip_reasons(conv: nn.Module, reason: str | None) -> None:
     got = orepa.skip_reason(conv)
     assert got is None if reason is None else re.search(reason, got)
+
+
+@pytest.mark.parametrize("rule, norm, n_factors", [
+    ("DBB", None, 5), ("DBB", "scale", 5), ("DBB", "bn", 5),  # the fixed pooling: no factor
+    ("MobileOne", "scale", 5), ("MobileOne", "bn", 5), ("RepVGG", "scale", 2),
+    ("OREPA", "scale", 8),  # origin, avg, prior, 1x1 one each; 1x1_kxk, dws two each
+])
+def test_param_groups_count_factors_not_branch_norms(rule: str, norm, n_factors: int) -> None:
+    """A branch k×k → scale (or → BN) has one factor: the norm rescales its branch per
+    channel, it is not a factor of the product (before: DBB lr/10, MobileOne lr/11)."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
+    big = efx.expand(model, rule, **({"norm": norm} if norm else {}))
+    by_param = {id(p): g["lr"] for g in efx.param_groups(big, lr=0.1) for p in g["params"]}
+    block = big[0]
+    lrs = [by_param[id(p)] for p in block.parameters() if p.requires_grad]
+    assert lrs == [pytest.approx(0.1 / n_factors)] * len(lrs)

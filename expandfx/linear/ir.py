@@ -247,11 +247,20 @@ def run(node: Node, x: Tensor, apply: Callable[[Any, Tensor], Tensor]) -> Tensor
     return x if isinstance(node, Identity) else apply(node, x)
 
 
-def multiplicity(node: Node) -> int:
+def multiplicity(node: Node, factor: Callable[[Any], bool] | None = None) -> int:
     """How many factors a gradient step moves the folded weight through, at most: a chain
     of N factors counts N (each step adds about ``lr`` to the product's step at balanced
     init), parallel branches add up (a tap covered by k branches moves k times),
-    ``Identity`` has no parameters. ``param_groups`` divides the learning rate by it."""
+    ``Identity`` has no parameters. ``factor(leaf)`` says whether a leaf is a factor (default:
+    every leaf); ``param_groups`` leaves out per-branch norms and fixed maps, and divides
+    the learning rate by the count.
+
+    >>> tree = Par((Seq(("a", "a_scale")), Seq(("b", "b_scale")), Identity()))
+    >>> multiplicity(tree), multiplicity(tree, lambda leaf: not leaf.endswith("_scale"))
+    (4, 2)
+    """
     if isinstance(node, (Seq, Par)):
-        return sum(multiplicity(part) for part in node.parts)
-    return 0 if isinstance(node, Identity) else 1
+        return sum(multiplicity(part, factor) for part in node.parts)
+    if isinstance(node, Identity):
+        return 0
+    return 1 if factor is None or factor(node) else 0

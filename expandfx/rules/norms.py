@@ -46,7 +46,7 @@ from torch import nn
 from ..block import torch_layer_type
 from ..errors import ConfigError
 
-__all__ = ["NORMS", "add_norms", "check_norm", "is_norm"]
+__all__ = ["NORMS", "add_norms", "check_norm", "is_branch_norm", "is_norm"]
 
 NORMS = (None, "scale", "bn")
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -63,6 +63,13 @@ def check_norm(norm: str | None, rule: str, where: str = "") -> str | None:
 def is_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a per-branch BatchNorm (a leaf folded by its running stats)."""
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def is_branch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is the norm :func:`add_norms` ends a branch with: a BatchNorm or a
+    channel scale (``norm="scale"``, marked ``branch_norm``). Neither is a factor of the
+    branch's product in the ExpandNets sense (``expandfx.optim.param_groups``)."""
+    return is_norm(module) or getattr(module, "branch_norm", None) == "scale"
 
 
 def add_norms(conv: nn.Module, branches: dict[str, Any], norm: str | None, init: str, *,
@@ -104,6 +111,7 @@ def add_norms(conv: nn.Module, branches: dict[str, Any], norm: str | None, init:
         else:
             layer = torch_layer_type(conv)(n, n, 1, groups=n, bias=False, device=device,
                                            dtype=ref.dtype)
+            layer.branch_norm = "scale"  # not a factor of the branch (see is_norm)
             with torch.no_grad():
                 layer.weight.fill_(scale)
             layer.weight.requires_grad_(ref.requires_grad)
