@@ -157,6 +157,14 @@ class ExpandedBlock(nn.Module):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)
                 and (m.training or not m.track_running_stats)]
 
+    @property
+    def shift_to_next_norm(self) -> bool:
+        """Whether the compact layer has no bias for the block's eval-mode shift (a bias-free
+        layer with ``norm="bn"``: the branch BNs' ``β − γ·μ/σ``), so that :meth:`contract`
+        must move it into the BatchNorm the layer's result goes to (``shift_into``)."""
+        return getattr(self.template, "bias", None) is None and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+
     def _refuse_collapsed(self) -> None:
         found = self.batch_statistics()
         if found:
@@ -178,7 +186,8 @@ class ExpandedBlock(nn.Module):
             raise ContractionError(f"ExpandedBlock({rule}): the factors do not fold to one "
                                    f"layer ({exc}); the rule built an invalid block.") from None
         found = (tuple(one.weight.shape), one.bias is not None, one.geometry.canonical(kernel))
-        want = (tuple(self.template.weight.shape), self.template.bias is not None,
+        want = (tuple(self.template.weight.shape),
+                self.template.bias is not None or self.shift_to_next_norm,  # see contract
                 Geometry.of(self.template).canonical(kernel))
         if found != want:
             raise ContractionError(
@@ -346,14 +355,32 @@ class ExpandedBlock(nn.Module):
         return Par(tuple(_branch_topology(f"branches.{name}", f)
                          for name, f in self.branches.items()))
 
-    def contract(self, path: str = "") -> nn.Module:
-        """The original layer with the folded weights (composed in float64, cast back)."""
+    def contract(self, path: str = "", *, shift_into: nn.Module | None = None) -> nn.Module:
+        """The original layer with the folded weights (composed in float64, cast back).
+
+        ``shift_into``: for a block whose compact layer has no bias for its shift
+        (:attr:`shift_to_next_norm`), the BatchNorm that is the layer's only use; the shift
+        ``b`` moves into its running mean, ``μ ← μ − b`` — exact, ``BN(Wx + b)`` with ``μ``
+        is ``BN(Wx)`` with ``μ − b`` in eval mode, a batch mean cancels ``b`` in training
+        mode, and running-mean updates keep ``μ − b`` (``expandfx.contract`` finds the BN).
+        """
         self.check(path)
         path = path or "this ExpandedBlock"
         factors = self.factors
         ref = factors[0].weight
         with torch.no_grad():
             weight, bias = self.weight_bias(torch.float64)
+        if self.shift_to_next_norm and bias is not None:
+            if shift_into is None:
+                raise ContractionError(
+                    f"contract: block {path!r} ({self.rule}, norm='bn') has a shift (its branch "
+                    f"BatchNorms' β − γ·mean/σ) but its layer has no bias to hold it. "
+                    f"expandfx.contract(model) moves it into the BatchNorm that follows the "
+                    f"layer; contract the whole model, or pass shift_into=that BatchNorm.")
+            with torch.no_grad():
+                mean = shift_into.running_mean
+                mean.copy_((mean.double() - bias).to(mean.dtype))
+            bias = None
         layer = copy.deepcopy(self.template)
         expected = tuple(layer.weight.shape)
         if tuple(weight.shape) != expected:  # a guard on our own algebra

@@ -75,6 +75,8 @@ class GraphView:
     functional_calls: list[str] = field(default_factory=list)
     recorded: bool = False
     output_layers: set[int] = field(default_factory=set)
+    # layer → the BatchNorm (running statistics) its result goes to, its only use (traced only)
+    norm_after: dict[int, nn.Module] = field(default_factory=dict)
 
     @property
     def checked(self) -> bool:
@@ -99,7 +101,11 @@ def inspect(model: nn.Module, example_inputs: Any = None) -> GraphView:
     view = GraphView(model, traced=True)
     for node in graph.nodes:
         if node.op == "call_module":
-            view.call_sites[id(model.get_submodule(node.target))] += 1
+            module = model.get_submodule(node.target)
+            view.call_sites[id(module)] += 1
+            bn = _sole_batchnorm_user(node, model)
+            if bn is not None and (registry.is_layer(module) or isinstance(module, ExpandedBlock)):
+                view.norm_after[id(module)] = bn
         elif node.op == "get_attr":
             owner, _, attr = str(node.target).rpartition(".")
             module = model.get_submodule(owner) if owner else model
@@ -114,6 +120,19 @@ def inspect(model: nn.Module, example_inputs: Any = None) -> GraphView:
         elif node.op == "output":
             view.output_layers = _output_layers(node, model)
     return view
+
+
+def _sole_batchnorm_user(node: fx.Node, model: nn.Module) -> nn.Module | None:
+    """The BatchNorm module (tracking running statistics) that is ``node``'s only user, with
+    ``node`` as its input; else ``None``."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    if user.op != "call_module" or user.args[:1] != (node,) or len(user.args) != 1 or user.kwargs:
+        return None
+    bn = model.get_submodule(user.target)
+    tracked = isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None
+    return bn if tracked else None
 
 
 def _output_layers(output: fx.Node, model: nn.Module) -> set[int]:

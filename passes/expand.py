@@ -16,6 +16,7 @@ import warnings
 from collections import Counter
 from typing import Any
 
+from expandfx.passes.contract import norm_for_shift
 from torch import nn
 
 from expandfx import registry
@@ -119,6 +120,12 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
                           f"Drop norm=, or use a branch rule such as 'RepVGG'.")
     target = model if inplace else copy_model(model, "expand")
     built = [(row, *_build(target, row, r, init, mode, norm)) for row in rows if row.rule]
+    for row, _, block in built:  # a bias-free layer with norm='bn': its shift needs a BN
+        if block.shift_to_next_norm:
+            why = norm_for_shift(view, row.module, row.path)
+            if isinstance(why, str):
+                raise ConfigError(f"expand: {row.rule} with norm='bn' on the bias-free layer "
+                                  f"'{row.path}': {why}")
     swapped = []  # every block is built before any is swapped in: a failure changes nothing
     for row, layer, block in built:
         paths = [row.path, *row.aliases]

@@ -147,8 +147,9 @@ def test_scale_init_and_preserve(rule: str) -> None:
 
 
 def test_refusals_name_the_layer_and_the_way_out() -> None:
-    bias_free = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
-    with pytest.raises(efx.ConfigError, match=r"bias-free layer '0'.*norm='scale'"):
+    bias_free = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU())
+    with pytest.raises(efx.ConfigError, match=r"bias-free layer '0'.*does not go only to a "
+                                              r"BatchNorm.*norm='scale'.*exclude"):
         efx.expand(bias_free, "RepVGG", norm="bn")
     with pytest.raises(efx.ConfigError, match=r"init='preserve' with norm='bn' for '0'"):
         efx.expand(net(), "ACNet", norm="bn", init="preserve")
@@ -395,3 +396,67 @@ def test_param_groups_count_factors_not_branch_norms(rule: str, norm, n_factors:
     block = big[0]
     lrs = [by_param[id(p)] for p in block.parameters() if p.requires_grad]
     assert lrs == [pytest.approx(0.1 / n_factors)] * len(lrs)
+
+
+class Residual(nn.Module):
+    """conv → BN, and the conv's result also added after the BN: not the BN's alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_bn_on_a_bias_free_layer_moves_its_shift_into_the_next_bn() -> None:
+    """conv (no bias) → BN: contract moves the branch BNs' summed shift b into the BN's
+    running mean (μ − b), exact; the block alone, or a conv used elsewhere too, refuses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU()).eval()
+    big = efx.expand(model, "DBB", norm="bn").train()
+    x = torch.randn(16, 3, 8, 8)
+    sgd_steps(big, x, steps=3)
+    big.eval()
+    shift = big[0].weight_bias(torch.float64)[1]
+    assert shift.abs().max() > 1e-3  # the branch BNs' β and running means moved
+    before = big[1].running_mean.clone()
+    small = efx.contract(big)
+    assert torch.equal(big[1].running_mean, before)  # big is left as it was
+    assert small[0].bias is None and list(small.state_dict()) == list(model.state_dict())
+    assert torch.allclose(small[1].running_mean.double(), big[1].running_mean.double() - shift,
+                          atol=1e-6)
+    with torch.no_grad():
+        assert rel_err(big(x), small(x)) <= 1e-5
+        # training mode: the batch mean cancels the shift, the updated running means keep μ − b
+        big[1].train(), small.train()
+        out_big, out_small = big[1](big[0](x)), small[1](small[0](x))
+    assert rel_err(out_big, out_small) <= 1e-5
+    assert torch.allclose(small[1].running_mean.double(), big[1].running_mean.double() - shift,
+                          atol=1e-6)
+    with pytest.raises(efx.ContractionError, match=r"no bias to hold it.*expandfx.contract"):
+        big[0].contract("0")
+    with pytest.raises(efx.ConfigError, match=r"'conv'.*does not go only to a BatchNorm"):
+        efx.expand(Residual(), "RepVGG", norm="bn")
+
+
+@pytest.mark.parametrize("rule", ["RepVGG", "DBB"])
+def test_bn_trains_torchvision_resnet18_and_contracts_exactly(rule: str) -> None:
+    """Every torchvision ResNet conv is bias-free and followed by a BN: the published
+    per-branch-BN training (RepVGG, DBB) on a real CNN."""
+    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    big = efx.expand(model, rule, norm="bn").train()
+    blocks = [m for m in big.modules() if isinstance(m, efx.ExpandedBlock)]
+    assert len(blocks) == 17 and all(b.shift_to_next_norm for b in blocks)  # conv1 + 16 3×3
+    x = torch.randn(4, 3, 32, 32)
+    sgd_steps(big, x, steps=2, lr=0.01)
+    big.eval()
+    small = efx.contract(big)
+    assert type(small) is type(model)
+    assert list(small.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        assert rel_err(big(x), small(x)) <= 1e-5

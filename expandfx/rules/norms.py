@@ -17,8 +17,12 @@
   refused). In eval mode each BN is the affine map of its running statistics
   (:func:`expandfx.linear.ir.batchnorm`), so ``contract``/``fold`` fold it exactly; a
   block contracted while in training mode uses the running statistics too (its eval-mode
-  form — the deployable one). The eval-mode form has a bias (``β − γ·μ/σ`` summed), so the
-  layer must have one: a bias-free layer (conv → BN nets) is refused with ``"bn"``.
+  form — the deployable one). The eval-mode form has a shift (``β − γ·μ/σ`` summed): a
+  biased layer holds it in its bias; a bias-free layer (conv → BN nets, e.g. every
+  torchvision ResNet conv) can take ``"bn"`` only where its result goes to a BatchNorm and
+  nowhere else, and ``expandfx.contract`` moves the shift ``b`` into that BN's running mean
+  (``μ ← μ − b``, exact in eval and training mode: :meth:`ExpandedBlock.contract
+  <expandfx.block.ExpandedBlock.contract>`); ``expand`` refuses any other bias-free layer.
   ``init="preserve"`` cannot hold with ``"bn"`` (a batch-statistics BN changes the
   function) and is refused.
 
@@ -84,12 +88,6 @@ def add_norms(conv: nn.Module, branches: dict[str, Any], norm: str | None, init:
     n, dims, ref = conv.out_channels, len(conv.kernel_size), conv.weight
     device = device or ref.device
     if norm == "bn":
-        if conv.bias is None:
-            raise ConfigError(
-                f"{rule}: norm='bn' on the bias-free layer {where}: in eval mode each branch's "
-                f"BatchNorm adds a shift (β − γ·mean/σ) that the compact layer would need a "
-                f"bias to hold, so contract could not be exact. Use norm='scale' (no shift), "
-                f"give the layer a bias, or exclude it.")
         if init == "preserve":
             raise ConfigError(
                 f"{rule}: init='preserve' with norm='bn' for {where}: a BatchNorm in training "
