@@ -30,10 +30,11 @@ and depthwise ones too), stride and dilation.
 replaces DBB's per-branch BatchNorms by linear scales so that the whole block stays one
 linear map of its weights, folded into one kernel in every training step (OREPA's online
 re-parameterization: ``mode="collapsed"``, exactly the gradients of ``"sequential"``);
-OREPA's one BatchNorm after the sum is the model's own norm after the layer (conv → BN
-nets), as OREPA's ``ConvBN`` replacement puts it. ``"bn"`` per branch is DBB's offline
-block (``DBB``, ``norm="bn"``) and ``None`` drops the scales that OREPA's analysis keeps
-(without them the branches of a sum train as one kernel); both are refused.
+OREPA's one BatchNorm after the sum is the model's own norm after the layer (OREPA's
+block replaces a conv → BN pair and keeps that BN). ``"bn"`` per branch is DBB's offline
+block (``DBB``, ``norm="bn"``); ``None`` would drop the scales, and by OREPA's analysis a
+sum of one-layer branches (``origin``, ``1x1``) then trains exactly as one kernel — the
+scales make every branch a product of at least two layers. Both are refused.
 
 ``init="preserve"``: ``origin`` = the layer with scale 1, every other scale 0 — OREPA's
 ``single_init`` with the layer's weights, so the block computes exactly the layer.
