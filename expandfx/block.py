@@ -1,8 +1,9 @@
 """``ExpandedBlock``: the module that stands in for one expanded conv/linear layer.
 
 A block is the original layer's template, its factor modules (plain ``nn.Conv{1,2,3}d`` /
-``nn.Linear``) and a *topology* over them (:mod:`expandfx.linear.ir`): a chain (CL, CK,
-FC), parallel branches summed (ACNet, RepVGG), or branches that are chains. ``sequential``
+``nn.Linear``; one ``nn.ConvTranspose{1,2,3}d`` in a transposed conv's CL chain) and a
+*topology* over them (:mod:`expandfx.linear.ir`): a chain (CL, CK, FC), parallel branches
+summed (ACNet, RepVGG), or branches that are chains. ``sequential``
 mode interprets the topology, ``collapsed`` folds it differentiably, ``contract`` folds it
 exactly (float64). The ``state_dict`` keys follow the module tree and are stable::
 

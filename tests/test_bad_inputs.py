@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 
 import expandfx as efx
 from expandfx.models import TinyResNet, smallnet_3x3, smallnet_7x7
+from expandfx.rules import RULES
 
 
 def net():
@@ -632,3 +633,11 @@ def test_a_rule_that_cannot_expand_a_transposed_conv_says_so_and_names_cl():
     with pytest.raises(efx.ConfigError, match=r"'up' was requested exactly.*RepVGG does not "
                                               r"apply to transposed convolutions.*use CL"):
         efx.expand(UserNet(), "RepVGG", 2, include=["*", "up"], example_inputs=(USER_X,))
+
+
+def test_output_size_on_a_block_of_a_plain_conv_is_refused():
+    block = RULES["CL"].build(nn.Conv2d(4, 6, 3), 2)
+    with pytest.raises(efx.ConfigError, match=r"output_size is an argument of a transposed "
+                                              r"convolution's forward, but this block replaces "
+                                              r"a Conv2d. Call it with the input only"):
+        block(torch.randn(1, 4, 8, 8), output_size=[6, 6])

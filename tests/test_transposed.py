@@ -171,10 +171,6 @@ def test_output_size_picks_the_output_padding_in_both_modes(mode):
         with torch.no_grad():
             want, got = up(x, output_size=size), block(x, output_size=size)
         assert got.shape[2:] == tuple(size) and rel_err(want, got) <= 1e-5
-    plain = RULES["CL"].build(nn.Conv2d(4, 6, 3), 2)
-    with pytest.raises(efx.ConfigError, match=r"output_size is an argument of a transposed "
-                                              r"convolution's forward.*Conv2d"):
-        plain(x, output_size=[3, 5])
 
 
 def test_unet_with_transposed_upsampling_expands_contracts_and_exports(tmp_path):
@@ -253,3 +249,31 @@ def test_companded_transposed_block_trains_and_bakes_into_the_compact_layer():
     assert type(small[0]) is nn.ConvTranspose2d and not efx.companded(small)
     with torch.no_grad():
         assert rel_err(big(x), small(x)) <= 1e-5
+
+
+def test_auto_mode_times_both_executions_of_a_transposed_block(monkeypatch):
+    from expandfx import execution
+
+    execution.forget_measurements()
+    monkeypatch.delenv(execution.MEASURE_ENV, raising=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1, output_padding=1))
+    big = efx.expand(model, "CL", 2)  # mode="auto"
+    x = torch.randn(4, 8, 12, 12)
+    want = outputs_and_grads(big, x, "sequential")
+    out = big(x)  # measures: forward and backward of both executions, on detached copies
+    found = [m for m in execution.measurements() if m.shape == tuple(x.shape)]
+    assert len(found) == 1 and found[0].grad and set(found[0].seconds) == {"sequential",
+                                                                           "collapsed"}
+    assert all(p.grad is None for p in big.parameters())  # timing leaves no .grad behind
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    assert rel_err(want[0], out.detach()) <= 1e-5
+    for name, p in big.named_parameters():
+        assert rel_err(want[1][name], p.grad) <= 1e-4, name
+    # the MAC model: collapsed runs the compact layer plus the fold of the 3 factors
+    block = big[0]
+    assert execution.collapsed_macs(block, x.shape) == (
+        efx.plan(model, "CL", 2, example_inputs=(x,)).rows[0].macs_before
+        + execution.compose_macs(block))
+    assert sorted({g["lr"] for g in efx.param_groups(big, lr=0.3)}) == [pytest.approx(0.1)]
+    execution.forget_measurements()

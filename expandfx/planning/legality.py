@@ -326,7 +326,6 @@ _WHY_NOT_TRANSPOSED = {
     "CK": "a chain of k×k transposed convolutions does not fold exactly into one "
           "(expandfx.linear.fold folds a chain through one transposed convolution, with "
           "pointwise maps around it)",
-    "FC": "FC expands Linear layers",
 }
 _BRANCHES = ("sums of transposed-convolution branches are not folded by expandfx.linear.fold "
              "(their cropping and output_padding would have to align per stride phase)")
