@@ -1,8 +1,9 @@
 """``ExpandedBlock``: the module that stands in for one expanded conv/linear layer.
 
 A block is the original layer's template, its factor modules (plain ``nn.Conv{1,2,3}d`` /
-``nn.Linear``) and a *topology* over them (:mod:`expandfx.linear.ir`): a chain (CL, CK,
-FC), parallel branches summed (ACNet, RepVGG), or branches that are chains. ``sequential``
+``nn.Linear``; one ``nn.ConvTranspose{1,2,3}d`` in a transposed conv's CL chain) and a
+*topology* over them (:mod:`expandfx.linear.ir`): a chain (CL, CK, FC), parallel branches
+summed (ACNet, RepVGG), or branches that are chains. ``sequential``
 mode interprets the topology, ``collapsed`` folds it differentiably, ``contract`` folds it
 exactly (float64). The ``state_dict`` keys follow the module tree and are stable::
 
@@ -129,8 +130,9 @@ class ExpandedBlock(nn.Module):
         self._check_fold_matches(rule)
         self.register_load_state_dict_post_hook(_drop_explained_keys)
         groups = getattr(self.template, "groups", 1)
-        self._plain_chain = self.is_chain and all(
-            getattr(f, "groups", 1) == groups for f in self.layers)
+        self._plain_chain = self.is_chain and all(  # conv layout: compose_chain's arithmetic
+            getattr(f, "groups", 1) == groups and not registry.is_transposed(f)
+            for f in self.layers)
 
     @property
     def mode(self) -> str:
@@ -271,21 +273,31 @@ class ExpandedBlock(nn.Module):
 
         return map_leaves(self.topology, affine)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        """The block on ``x``; ``output_size`` as a replaced ``ConvTransposeNd`` takes it (it
+        picks the output_padding; the block's 1×1 factors keep the spatial size)."""
+        if output_size is not None and not registry.is_transposed(self.template):
+            raise ConfigError(f"ExpandedBlock ({self.rule}): output_size is an argument of a "
+                              f"transposed convolution's forward, but this block replaces a "
+                              f"{type(self.template).__name__}. Call it with the input only.")
+
+        def call(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+            if output_size is not None and registry.is_transposed(layer):
+                return layer(y, output_size)
+            return layer(y)
+
         if getattr(self, "act", None) is not None:  # nonlinear counterpart: layer, act, layer
             if self.pre_pad is not None:
                 x = F.pad(x, self.pre_pad, mode=self.pad_mode)
             for i, layer in enumerate(self.layers):
-                x = layer(x) if i == 0 else layer(self.act(x))
+                x = call(layer, x) if i == 0 else call(layer, self.act(x))
             return x
         if self.resolve_mode(x) == "collapsed":
-            weight, bias = self.folded()
-            if isinstance(self.template, nn.Linear):
-                return F.linear(x, weight, bias)
-            return self.template._conv_forward(x, weight, bias)  # the original layer's op
+            weight, bias = self.folded()  # the original layer's op
+            return registry.layer_call(self.template, x, weight, bias, output_size)
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad, mode=self.pad_mode)
-        return run(self.topology, x, lambda path, y: self.get_submodule(path)(y))
+        return run(self.topology, x, lambda path, y: call(self.get_submodule(path), y))
 
     def resolve_mode(self, x: torch.Tensor | Sequence[int]) -> str:
         """``"sequential"`` or ``"collapsed"`` for this input (a tensor, or just its shape);

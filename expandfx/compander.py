@@ -1,8 +1,9 @@
 """Weight compander: train every conv/linear weight as ``w = Ψ(v) = a·f(v/b)``.
 
 ``compand`` registers a :class:`Compander` parametrization (``torch.nn.utils.parametrize``)
-on the ``weight`` of every conv/linear layer — compact layers and every factor of
-expanded blocks — never on biases or normalization layers; the model keeps its class.
+on the ``weight`` of every conv/linear layer (transposed convs too) — compact layers and
+every factor of expanded blocks — never on biases or normalization layers; the model keeps
+its class.
 ``v`` starts at ``Ψ⁻¹(w)``, so the model computes exactly what it computed before.
 ``bake`` turns ``Ψ(v)`` back into plain weights with the original ``state_dict`` keys.
 
@@ -37,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from .errors import ConfigError
 from .helpers import first_match, text_table
-from .registry import LAYER_TYPES, base_type
+from .registry import LAYER_TYPES, TRANSPOSED_TYPES, base_type
 
 __all__ = ["Compander", "LEARNABLE", "PSIS", "Psi", "bake", "compand", "companded",
            "modified_adaptive", "summary"]
@@ -270,7 +271,7 @@ def _select(model: nn.Module, include: Any, exclude: Any) -> list[tuple[str, nn.
     exc = [exclude] if isinstance(exclude, str) else (exclude or [])
     chosen = []
     for path, layer in model.named_modules():
-        if not issubclass(base_type(layer), LAYER_TYPES):
+        if not issubclass(base_type(layer), (*LAYER_TYPES, *TRANSPOSED_TYPES)):
             continue
         if inc is not None and first_match(path, inc) is None:
             continue

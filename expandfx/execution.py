@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import registry
 from .errors import ConfigError
 from .linear import compose
 from .linear.compose import WeightBias
@@ -243,8 +244,7 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
 
     def apply(path: str, y: torch.Tensor) -> torch.Tensor:
         layer, (w, b) = block.get_submodule(path), by_path[path]
-        return F.linear(y, w, b) if isinstance(layer, nn.Linear) else \
-            layer._conv_forward(y, w, b)
+        return registry.layer_call(layer, y, w, b)
 
     def sequential() -> torch.Tensor:
         y = x if block.pre_pad is None else F.pad(x, block.pre_pad, mode=block.pad_mode)
@@ -256,9 +256,7 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
         else:
             one = fold(block.linear_map(params=by_path))
             w, b = one.weight, one.bias
-        if isinstance(block.template, nn.Linear):
-            return F.linear(x, w, b)
-        return block.template._conv_forward(x, w, b)
+        return registry.layer_call(block.template, x, w, b)
 
     runs = {"sequential": sequential, "collapsed": collapsed}
     # identity hooks on top: the caller's saved-tensor hooks (checkpointing) never see ours
@@ -540,6 +538,8 @@ def compose_macs(block: ExpandedBlock) -> int:
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):  # folds as a depthwise 1×…×1
             dims = len(getattr(block.template, "kernel_size", ()))
             return (layer.num_features, 1, *(1,) * dims)
+        if registry.is_transposed(layer):  # [in, out/g, *k]: the same products as a conv's
+            return (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
         return tuple(layer.weight.shape)
 
     return fold_macs(block.topology, weight_shape)

@@ -37,14 +37,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .copying import parameter_free_copy
 from .errors import ConfigError, ContractionError
 
-__all__ = ["CONV_TYPES", "HYPERPARAMETERS", "LAYER_TYPES", "LayerType", "TORCH_TYPES", "as_torch",
-           "attach", "base_type", "is_layer", "is_linear", "kind", "layer_signature", "lookup",
+__all__ = ["CONV_TYPES", "HYPERPARAMETERS", "LAYER_TYPES", "TORCH_TYPES", "TRANSPOSED_TYPES",
+           "LayerType", "as_torch", "attach", "base_type", "conv_type", "is_layer", "is_linear",
+           "is_transposed", "kind", "layer_call", "layer_signature", "lookup",
            "original_layout", "original_template", "qualified_name", "register_layer",
            "restore", "torch_layer_type", "unregister_layer"]
 
@@ -59,6 +61,9 @@ Layout = Callable[[torch.Tensor], torch.Tensor]
 # Layer classification (used by block, compander, planning, linear_groups).
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LAYER_TYPES: tuple[type[nn.Module], ...] = (*CONV_TYPES, nn.Linear)
+# Transposed convolutions: layers too, which CL alone expands (expandfx.planning.legality).
+TRANSPOSED_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def base_type(layer: nn.Module) -> type[nn.Module]:
@@ -67,8 +72,42 @@ def base_type(layer: nn.Module) -> type[nn.Module]:
 
 
 def torch_layer_type(layer: nn.Module) -> type[nn.Module]:
-    """The torch class a (possibly subclassed) conv/linear layer derives from."""
-    return next(c for c in base_type(layer).__mro__ if c in LAYER_TYPES)
+    """The torch class a (possibly subclassed) conv/linear/transposed-conv layer derives
+    from."""
+    return next(c for c in base_type(layer).__mro__ if c in (*LAYER_TYPES, *TRANSPOSED_TYPES))
+
+
+def is_transposed(layer: nn.Module) -> bool:
+    """A ``ConvTranspose1d/2d/3d`` (or subclass; looking through parametrizations)."""
+    return issubclass(base_type(layer), TRANSPOSED_TYPES)
+
+
+def conv_type(dims: int) -> type[nn.Module]:
+    """The plain convolution class of ``dims`` spatial dims (``nn.Conv2d`` for 2)."""
+    return CONV_TYPES[dims - 1]
+
+
+def layer_call(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None, output_size: list[int] | None = None
+               ) -> torch.Tensor:
+    """The op of a torch conv/linear/transposed-conv ``layer`` with ``weight`` and ``bias`` in
+    place of its own (``output_size``: a transposed conv's, as its ``forward`` takes it).
+
+    >>> up = nn.ConvTranspose1d(2, 3, 3, stride=2)
+    >>> x = torch.randn(1, 2, 5)
+    >>> torch.equal(layer_call(up, x, up.weight, up.bias), up(x))
+    True
+    """
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if is_transposed(layer):
+        dims = len(layer.kernel_size)
+        output_padding = layer._output_padding(x, output_size, layer.stride, layer.padding,
+                                               layer.kernel_size, dims, layer.dilation)
+        op = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+        return op(x, weight, bias, layer.stride, layer.padding, output_padding, layer.groups,
+                  layer.dilation)
+    return torch_layer_type(layer)._conv_forward(layer, x, weight, bias)
 
 
 # Hyperparameters an ExpandedBlock answers for its original layer (``block.in_features``).
@@ -83,6 +122,10 @@ def layer_signature(layer: nn.Module) -> tuple[Any, ...]:
     kind = base_type(layer)
     if issubclass(kind, nn.Linear):
         return (kind, layer.in_features, layer.out_features, layer.bias is not None)
+    if issubclass(kind, TRANSPOSED_TYPES):
+        return (kind, layer.in_channels, layer.out_channels, layer.kernel_size,
+                layer.stride, layer.padding, layer.output_padding, layer.dilation,
+                layer.groups, layer.bias is not None, layer.padding_mode)
     if issubclass(kind, CONV_TYPES):
         return (kind, layer.in_channels, layer.out_channels, layer.kernel_size,
                 layer.stride, layer.padding, layer.dilation, layer.groups,
@@ -152,15 +195,19 @@ def lookup(module: nn.Module) -> tuple[type[nn.Module], LayerType] | None:
 
 
 def is_layer(module: nn.Module) -> bool:
-    """A torch conv/linear layer (or subclass) or a registered layer class."""
-    return isinstance(module, tuple(TORCH_TYPES.values())) or lookup(module) is not None
+    """A torch conv/linear/transposed-conv layer (or subclass) or a registered layer class."""
+    return (isinstance(module, (*TORCH_TYPES.values(), *TRANSPOSED_TYPES))
+            or lookup(module) is not None)
 
 
 def kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv2d"``, … or ``None`` for other modules."""
+    """``"linear"``, ``"conv2d"``, ``"conv_transpose2d"``, … or ``None`` for other
+    modules."""
     found = lookup(module)
     if found:
         return found[1].kind
+    if isinstance(module, TRANSPOSED_TYPES):
+        return f"conv_transpose{len(module.kernel_size)}d"
     return next((k for k, t in TORCH_TYPES.items() if isinstance(module, t)), None)
 
 

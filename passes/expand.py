@@ -25,6 +25,7 @@ from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
 from expandfx.planning import INITS, LayerPlan, Patterns, Plan, check_r, decide
 from expandfx.planning import plan as make_plan
+from expandfx.planning.legality import transposed_reason
 from expandfx.rules import RULES
 from expandfx.rules.base import layer_kind
 from expandfx.rules.norms import check_norm
@@ -146,7 +147,7 @@ def _build(target: nn.Module, row: LayerPlan, r: float, init: str, mode: str,
     rule = RULES.get(row.rule)
     why = ("it is not a registered rule" if rule is None else
            f"it applies to {rule.kind} layers" if rule.kind != layer_kind(layer) else
-           rule.skip_reason(torch_layer))
+           transposed_reason(rule.name, torch_layer) or rule.skip_reason(torch_layer))
     if why:  # only an edited plan gets here: decide() checks every rule it picks
         raise ConfigError(f"expand: the plan gives '{row.path}' rule {row.rule!r}, but "
                           f"{why}. Set that row's rule to None or another rule.")
@@ -209,7 +210,9 @@ def _nothing_expanded(model: nn.Module, rule: RuleSpec, rows: list[LayerPlan],
     reasons = Counter(row.reason for row in rows)
     top = "; ".join(f"{n} × {reason}" for reason, n in reasons.most_common(3))
     message = (f"expand: rule {rule!r} expanded no layer of {type(model).__name__} "
-               f"({len(rows)} conv/linear layers{': ' + top if top else ''}). Check the rule, "
+               f"({len(rows)} layer{'' if len(rows) == 1 else 's'} holding a linear map's "
+               f"weight{': ' + top if top else ''})"
+               f". Check the rule, "
                f"include= and exclude= (expandfx.plan lists every layer's reason)")
     if strict:
         raise ConfigError(message + ".")

@@ -292,7 +292,7 @@ def _fold_pair(layer: _Layer, norm: _Norm, lpath: str, npath: str, tol: float) -
 def _plain_call(plain: nn.Module, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if isinstance(plain, nn.Linear):
         return F.linear(x, weight, bias)
-    if type(plain) in TRANSPOSED:
+    if registry.is_transposed(plain):  # a subclass too: its plain op is checked first
         op = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[plain.weight.dim() - 3]
         return op(x, weight, bias, plain.stride, plain.padding, plain.output_padding,
                   plain.groups, plain.dilation)

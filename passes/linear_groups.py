@@ -213,6 +213,8 @@ def _plain_layer(module: nn.Module, path: str) -> tuple[nn.Module | None, str | 
         plain = module
     elif type(module) in TRANSPOSED:  # exactly torch's: subclasses may compute otherwise
         plain = module
+    elif registry.is_transposed(module):  # a subclass: kept as an opaque module
+        return None, None
     elif registry.is_layer(module):
         try:
             plain = registry.as_torch(module, path=path)

@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 
 import expandfx as efx
 from expandfx.models import TinyResNet, smallnet_3x3, smallnet_7x7
+from expandfx.rules import RULES
 
 
 def net():
@@ -585,7 +586,7 @@ def test_every_layer_holding_a_linear_map_is_listed_with_its_reason():
     plan = efx.plan(UserNet(), "CL+FC", 2, example_inputs=(USER_X,))
     rows = {row.path: row for row in plan.rows}
     assert list(rows) == ["stem", "dw", "pw", "attn", "attn.out_proj", "gru", "up", "fc1", "fc2"]
-    assert "transposed convolutions are not a layer type" in rows["up"].reason
+    assert rows["up"].rule == "CL" and rows["up"].reason is None  # tests/test_transposed.py
     assert rows["up"].layer == "ConvTranspose2d(16→8, k2, s2)"
     assert "weight_ih/weight_hh" in rows["gru"].reason and rows["gru"].layer == "GRU(16→16)"
     assert "in_proj_weight" in rows["attn"].reason
@@ -613,12 +614,30 @@ def test_mac_totals_say_what_they_leave_out():
 
 
 def test_a_pattern_matching_an_unhandled_layer_reports_the_type_not_the_mapping():
-    with pytest.raises(efx.ConfigError, match=r"'up' was requested exactly \(rule mapping key "
-                                              r"'up'\).*transposed convolutions"):
-        efx.plan(UserNet(), {"up": "CL", "*": "CL"}, 2, example_inputs=(USER_X,))
-    row = next(r for r in efx.plan(UserNet(), {"u*": "CL", "*": "CL"}, 2,
-                                   example_inputs=(USER_X,)).rows if r.path == "up")
+    with pytest.raises(efx.ConfigError, match=r"'gru' was requested exactly \(rule mapping key "
+                                              r"'gru'\).*weight_ih"):
+        efx.plan(UserNet(), {"gru": "CL", "*": "CL"}, 2, example_inputs=(USER_X,))
+    row = next(r for r in efx.plan(UserNet(), {"g*": "CL", "*": "CL"}, 2,
+                                   example_inputs=(USER_X,)).rows if r.path == "gru")
     assert "no pattern of the rule mapping matches" not in row.reason
-    assert "transposed convolutions" in row.reason
+    assert "weight_ih" in row.reason
     with pytest.raises(efx.ConfigError, match=r"'gru' was requested exactly.*weight_ih"):
         efx.expand(UserNet(), "CL+FC", 2, include=["*", "gru"], example_inputs=(USER_X,))
+
+
+def test_a_rule_that_cannot_expand_a_transposed_conv_says_so_and_names_cl():
+    with pytest.raises(efx.ConfigError, match=r"'up' was requested exactly \(rule mapping key "
+                                              r"'up'\).*CK does not apply to transposed "
+                                              r"convolutions.*use CL"):
+        efx.plan(UserNet(), {"up": "CK", "*": "CL"}, 2, example_inputs=(USER_X,))
+    with pytest.raises(efx.ConfigError, match=r"'up' was requested exactly.*RepVGG does not "
+                                              r"apply to transposed convolutions.*use CL"):
+        efx.expand(UserNet(), "RepVGG", 2, include=["*", "up"], example_inputs=(USER_X,))
+
+
+def test_output_size_on_a_block_of_a_plain_conv_is_refused():
+    block = RULES["CL"].build(nn.Conv2d(4, 6, 3), 2)
+    with pytest.raises(efx.ConfigError, match=r"output_size is an argument of a transposed "
+                                              r"convolution's forward, but this block replaces "
+                                              r"a Conv2d. Call it with the input only"):
+        block(torch.randn(1, 4, 8, 8), output_size=[6, 6])

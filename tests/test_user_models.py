@@ -200,7 +200,8 @@ def test_register_layer_validates_its_arguments():
 def test_zero_expansions_warn_with_top_reasons_or_raise_when_strict():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     with pytest.warns(UserWarning, match=r"rule 'CK' expanded no layer of Sequential \(2 "
-                                         r"conv/linear layers: 1 × CK: kernel.*strict=True"):
+                                         r"layers holding a linear map's weight: 1 × CK: "
+                                         r"kernel.*strict=True"):
         out = efx.expand(model, "CK", r=2)
     assert type(out[0]) is nn.Conv2d
     with pytest.raises(efx.ConfigError, match=r"expanded no layer.*output layer"):

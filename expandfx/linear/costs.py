@@ -83,10 +83,18 @@ def _chain_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
 
 def layer_macs(layer: nn.Module, shape: list[int]) -> tuple[list[int], int]:
     """(output shape, MACs) of a conv/linear layer for an input shape: output elements ×
-    weight fan-in (``in/groups × kernel`` for a conv, ``in_features`` for a linear)."""
+    weight fan-in (``in/groups × kernel`` for a conv, ``in_features`` for a linear); a
+    transposed conv: input elements × fan-out (``out/groups × kernel``, as torch's flop
+    counter has it), at its ``output_padding``."""
     if isinstance(layer, nn.Linear):
         out = [*shape[:-1], layer.out_features]
         return out, math.prod(out) * layer.in_features
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        spatial = [(size - 1) * s - 2 * p + d * (k - 1) + op + 1 for size, s, p, d, k, op in
+                   zip(shape[2:], layer.stride, layer.padding, layer.dilation,
+                       layer.kernel_size, layer.output_padding, strict=True)]
+        fan_out = layer.out_channels // layer.groups * math.prod(layer.kernel_size)
+        return [shape[0], layer.out_channels, *spatial], math.prod(shape) * fan_out
     pads = explicit_padding(layer)
     spatial = []
     for i, size in enumerate(shape[2:]):

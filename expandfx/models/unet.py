@@ -1,7 +1,8 @@
 """A tiny two-level U-Net for dense (per-pixel) prediction.
 
 Every learnable layer is an ``nn.Conv2d``: upsampling is nearest-neighbour
-``nn.Upsample`` followed by a 3x3 convolution.
+``nn.Upsample`` followed by a 3x3 convolution — or, with ``upsample="transposed"``, one
+``nn.ConvTranspose2d`` (3x3, stride 2, padding 1, output_padding 1: exactly 2x).
 
 Example:
     >>> import torch
@@ -49,10 +50,18 @@ class Up(nn.Module):
         torch.Size([2, 8, 16, 16])
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, upsample: str = "nearest") -> None:
         super().__init__()
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        if upsample == "transposed":  # learned upsampling: one ConvTranspose2d, 2x exactly
+            self.up = nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1,
+                                         output_padding=1)
+            self.conv = nn.Identity()
+        elif upsample == "nearest":
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        else:
+            raise ValueError(f"Up: upsample must be 'nearest' or 'transposed', got "
+                             f"{upsample!r}")
         self.block = DoubleConv(2 * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -69,23 +78,28 @@ class TinyUNet(nn.Module):
         in_channels: Number of input image channels.
         num_classes: Number of output channels (per-pixel logits).
         width: Channels of the first encoder level.
+        upsample: ``"nearest"`` (``nn.Upsample`` then a 3x3 conv) or ``"transposed"`` (a
+            ``nn.ConvTranspose2d``) in the decoder.
 
     Example:
         >>> import torch
         >>> model = TinyUNet(in_channels=1, num_classes=3, width=4).eval()
         >>> model(torch.randn(2, 1, 24, 40)).shape
         torch.Size([2, 3, 24, 40])
+        >>> TinyUNet(upsample="transposed").eval()(torch.randn(1, 3, 16, 16)).shape
+        torch.Size([1, 2, 16, 16])
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 2, width: int = 8) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, width: int = 8,
+                 upsample: str = "nearest") -> None:
         super().__init__()
         self.enc1 = DoubleConv(in_channels, width)
         self.pool1 = nn.MaxPool2d(2)
         self.enc2 = DoubleConv(width, 2 * width)
         self.pool2 = nn.MaxPool2d(2)
         self.bottleneck = DoubleConv(2 * width, 4 * width)
-        self.up2 = Up(4 * width, 2 * width)
-        self.up1 = Up(2 * width, width)
+        self.up2 = Up(4 * width, 2 * width, upsample)
+        self.up1 = Up(2 * width, width, upsample)
         self.head = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from .legality import (
     check_r,
     how_requested,
     requested_explicitly,
+    transposed_reason,
     unhandled_reason,
 )
 from .report import LayerPlan, Plan, describe
@@ -77,11 +77,8 @@ def plan(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
     shapes = input_shapes(model, example_inputs, [row.module for row in rows])
     for row in rows:
         if unhandled_reason(row.module):  # its own weights only (MultiheadAttention.out_proj
-            row.params_before = row.params_after = sum(  # has its own row)
+            row.params_before = row.params_after = sum(  # has its own row); no MAC model
                 p.numel() for p in row.module.parameters(recurse=False))
-            shape = shapes.get(id(row.module))
-            if shape is not None:
-                row.macs_before = row.macs_after = unhandled_macs(row.module, shape)
             continue
         layer = registry.as_torch(row.module, device="meta", path=row.path)
         row.params_before = row.params_after = param_count(row.module)
@@ -196,23 +193,13 @@ def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
         return None, reason
 
     layer = registry.as_torch(module, device="meta", path=path)
-    reason = RULES[rule].skip_reason(layer) or capacity_reason(
+    reason = transposed_reason(rule, layer) or RULES[rule].skip_reason(layer) or capacity_reason(
         path, rule, layer, ctx.r, _meta_builder(rule, layer, path))
     if reason:
         return None, reason
     if rule == "FC" and id(module) in ctx.output and not explicit:
         return None, _output_reason(path, ctx.view)
     return rule, None
-
-
-def unhandled_macs(module: nn.Module, shape: tuple[int, ...]) -> int | None:
-    """MACs of a transposed convolution on an input of ``shape`` (every input element
-    meets ``out/groups · prod(kernel)`` weights, as torch's flop counter has it); ``None``
-    for the modules whose cost the plan does not model (RNNs, attention)."""
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        per = module.out_channels // module.groups * math.prod(module.kernel_size)
-        return math.prod(shape) * per
-    return None
 
 
 def _meta_builder(rule: str, layer: nn.Module, path: str) -> Callable[[float], ExpandedBlock]:

@@ -28,13 +28,13 @@ from ..block import ExpandedBlock
 from ..counting import param_count
 from ..errors import ConfigError
 from ..helpers import first_match
-from ..registry import LAYER_TYPES, base_type, torch_layer_type
+from ..registry import LAYER_TYPES, TRANSPOSED_TYPES, base_type, torch_layer_type
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
 from .report import _human
 
-__all__ = ["capacity_reason", "check_r", "how_requested", "requested_explicitly",
-           "unhandled_reason"]
+__all__ = ["TRANSPOSED_RULES", "capacity_reason", "check_r", "how_requested",
+           "requested_explicitly", "transposed_reason", "unhandled_reason"]
 
 if TYPE_CHECKING:
     from .decide import _Context
@@ -214,7 +214,8 @@ def _tied(module: nn.Module, paths: list[str], owners: dict[int, set[str]]) -> s
 
 def _is_parametrized_layer(module: nn.Module) -> bool:
     return parametrize.is_parametrized(module) and (
-        issubclass(base_type(module), LAYER_TYPES) or registry.lookup(module) is not None)
+        issubclass(base_type(module), (*LAYER_TYPES, *TRANSPOSED_TYPES))
+        or registry.lookup(module) is not None)
 
 
 def _opaque_children(model: nn.Module) -> dict[int, str]:
@@ -309,9 +310,6 @@ def unhandled_reason(module: nn.Module) -> str | None:
     """Why a module that holds a linear map's weight is not a layer expandfx handles (so the
     plan lists it with this reason), or ``None`` for every other module."""
     cls = type(module).__name__
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return (f"{cls}: transposed convolutions are not a layer type expandfx expands yet "
-                f"(no rule handles them)")
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return (f"{cls} applies its weight_ih/weight_hh matrices itself, inside its "
                 f"recurrence: not a layer type expandfx expands")
@@ -320,3 +318,28 @@ def unhandled_reason(module: nn.Module) -> str | None:
                 f"F.multi_head_attention_forward: not a layer type expandfx expands (its "
                 f"out_proj has its own row)")
     return None
+
+
+# The rules that expand transposed convolutions exactly (expandfx.rules.cl builds the chain).
+TRANSPOSED_RULES = frozenset({"CL"})
+_WHY_NOT_TRANSPOSED = {
+    "CK": "a chain of k×k transposed convolutions does not fold exactly into one "
+          "(expandfx.linear.fold folds a chain through one transposed convolution, with "
+          "pointwise maps around it)",
+}
+_BRANCHES = ("sums of transposed-convolution branches are not folded by expandfx.linear.fold "
+             "(their cropping and output_padding would have to align per stride phase)")
+
+
+def transposed_reason(rule: str, layer: nn.Module) -> str | None:
+    """Why ``rule`` cannot expand the transposed convolution ``layer``, or ``None`` (CL, and
+    any layer that is no transposed convolution).
+
+    >>> print(transposed_reason("CK", nn.ConvTranspose2d(4, 4, 5)))  # doctest: +ELLIPSIS
+    CK does not apply to transposed convolutions: a chain of k×k ...; use CL
+    """
+    if not registry.is_transposed(layer) or rule in TRANSPOSED_RULES:
+        return None
+    why = _WHY_NOT_TRANSPOSED.get(rule, _BRANCHES if rule in (
+        "RepVGG", "ACNet", "DBB", "MobileOne") else "it builds blocks of plain convolutions")
+    return f"{rule} does not apply to transposed convolutions: {why}; use CL"

@@ -11,7 +11,7 @@ Example::
 from __future__ import annotations
 
 __all__ = ["conv_factor", "first_padding", "linear_factor", "match_requires_grad",
-           "preserve_three", "width"]
+           "preserve_three", "transposed_factor", "width"]
 
 import math
 
@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..linear.compose import grouped, ungrouped
 from ..linear.ir import explicit_padding
-from ..registry import torch_layer_type
+from ..registry import conv_type, is_transposed, torch_layer_type
 
 
 def width(r: float, channels: int, groups: int = 1) -> int:
@@ -35,12 +35,28 @@ def conv_factor(original: nn.Module, in_ch: int, out_ch: int, kernel: tuple[int,
                 bias: bool | None = None, device: torch.device | str | None = None
                 ) -> nn.Module:
     """A plain conv of the original's dimensionality, groups and dtype (and bias presence,
-    unless ``bias`` says otherwise)."""
+    unless ``bias`` says otherwise); a plain ``ConvNd`` for a transposed original too."""
     ref = original.weight
-    return torch_layer_type(original)(
+    cls = (conv_type(len(original.kernel_size)) if is_transposed(original)
+           else torch_layer_type(original))
+    return cls(
         in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation,
         groups=original.groups, bias=original.bias is not None if bias is None else bias,
         padding_mode=padding_mode,
+        device=device or ref.device, dtype=ref.dtype,
+    )
+
+
+def transposed_factor(original: nn.Module, in_ch: int, out_ch: int, *,
+                      device: torch.device | str | None = None) -> nn.Module:
+    """A plain ``ConvTransposeNd`` ``in_ch → out_ch`` with every other hyperparameter of the
+    transposed ``original`` (kernel, stride, padding, output_padding, dilation, groups, bias
+    presence) and its dtype."""
+    ref = original.weight
+    return torch_layer_type(original)(
+        in_ch, out_ch, original.kernel_size, stride=original.stride, padding=original.padding,
+        output_padding=original.output_padding, groups=original.groups,
+        bias=original.bias is not None, dilation=original.dilation,
         device=device or ref.device, dtype=ref.dtype,
     )
 
@@ -82,7 +98,10 @@ def preserve_three(original: nn.Module, layers: list[nn.Module], groups: int = 1
     group: ``W1 = U``, ``W2[tap] = V W[tap] Uᵀ``, ``W3 = Vᵀ``, so that
     ``W3 W2 W1 = Vᵀ V W Uᵀ U = W``. Intermediate biases are zero and ``b3 = b``:
     no factor is all-zero (unless the original is). Needs ``p ≥ m`` and ``q ≥ n``
-    per group (r ≥ 1).
+    per group (r ≥ 1). A transposed ``original`` and middle factor (weights
+    ``[in, out/g, *k]``) are the same per tap, in their own layout: the chain folds to
+    ``W[i, o] = Σ_{a,b} W1[a, i] W2[a, b] W3[o, b]`` (``expandfx.linear.fold``), which is
+    ``(W3 W2ᵀ W1)ᵀ`` per tap.
     """
     first, middle, last = layers
     (p, m), (n, q) = first.weight.shape[:2], last.weight.shape[:2]
@@ -92,17 +111,23 @@ def preserve_three(original: nn.Module, layers: list[nn.Module], groups: int = 1
             f"p={p}, q={q * groups} are smaller than the layer's m={m * groups}, n={n}. Use "
             f"r >= 1 for this layer, or init='default'."
         )
+    transposed = is_transposed(original)
     w = grouped(original.weight.detach().double(), groups)  # [g, n_g, m_g, *k]
+    if transposed:  # stored [g, m_g, n_g, *k]
+        w = w.transpose(1, 2)
     g, n_g, m_g = w.shape[:3]
     p_g, q_g = first.weight.shape[0] // groups, last.weight.shape[1]
     u = torch.linalg.qr(torch.randn(g, p_g, m_g, dtype=torch.float64))[0]  # [g, p_g, m_g]
     v = torch.linalg.qr(torch.randn(g, q_g, n_g, dtype=torch.float64))[0]  # [g, q_g, n_g]
     mid = torch.einsum("gqn,gnm...,gpm->gqp...", v, w, u)
+    if transposed:
+        mid = mid.transpose(1, 2)  # [g, p_g, q_g, *k]
     spatial = first.weight.shape[2:]
     first.weight.copy_(ungrouped(u).reshape(first.weight.shape[:2] + spatial))
     middle.weight.copy_(ungrouped(mid))
     last.weight.copy_(ungrouped(v.transpose(1, 2)).reshape(last.weight.shape))
+    for layer in (first, middle):
+        if layer.bias is not None:
+            layer.bias.zero_()
     if original.bias is not None:
-        first.bias.zero_()
-        middle.bias.zero_()
         last.bias.copy_(original.bias)
