@@ -154,7 +154,7 @@ def branch_group(quick: bool) -> Group:
     for rule in rules:
         for norm, mode in ((None, "auto"), ("scale", "collapsed"), ("scale", "sequential"),
                            ("bn", "auto")):
-            big = efx.expand(copy.deepcopy(net), rule, norm=norm, mode=mode)
+            big = efx.expand(copy.deepcopy(net), efx.rules.find(rule)(norm=norm), mode=mode)
             cases.append(Case(f"{rule} norm={norm} {mode}", big, "", rule, 1.0,
                               f"{norm}/{mode}"))
     return Group("SmallNet 7x7 ablation", 8 if quick else 128, 32, cases,

@@ -64,7 +64,7 @@ def test_a_wrong_user_rule_is_refused_naming_the_layer() -> None:
 def test_a_failed_inplace_expand_leaves_the_model_as_it_was() -> None:
     model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU(), nn.Conv2d(1, 8, 1))
     with pytest.raises(efx.ConfigError, match="cannot keep '2' exact"):
-        efx.expand(model, "CL", r=0.5, init="preserve", inplace=True)
+        efx.expand(model, efx.CL(r=0.5, init="preserve"), inplace=True)
     assert type(model[0]) is nn.Conv2d and type(model[2]) is nn.Conv2d
 
 
