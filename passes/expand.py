@@ -84,6 +84,10 @@ def expand(model: nn.Module, rule: RuleSpec | None = None, r: float | None = Non
         >>> big = efx.expand(smallnet_7x7(), rule="CK+FC", r=2)
         >>> type(big).__name__, type(big.features[0]).__name__
         ('SmallNet', 'ExpandedBlock')
+        >>> big = efx.expand(smallnet_7x7(), {"features.0": efx.CL(r=2),
+        ...                                   "*": efx.CK(r=3) + efx.FC(r=2)})
+        >>> big.features[0].rule, big.features[0].r, big.features[4].rule, big.features[4].r
+        ('CL', 2.0, 'CK', 3.0)
     """
     unknown = sorted(set(deprecated) - {"init", "norm"})
     if unknown:

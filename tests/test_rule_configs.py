@@ -148,6 +148,14 @@ def test_the_plan_counts_the_block_the_norm_builds(norm):
     assert p.rows[0].params_after == 8 * 3 * 49 + 8 + 8 * 3 + per_branch[norm]
 
 
+def test_the_plan_refuses_what_expand_refuses_for_a_norm():
+    bias_free = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    for call in (efx.plan, efx.expand):  # before configs, plan ignored norm and said yes
+        with pytest.raises(efx.ConfigError, match=r"norm='bn' on the bias-free layer '0'"):
+            call(bias_free, efx.RepVGG(norm="bn"))
+    assert efx.plan(bias_free, efx.RepVGG(norm="scale")).rows[0].params_after == 108 + 12 + 8
+
+
 def test_a_plan_carries_its_configs_and_refuses_other_settings():
     model = smallnet_7x7()
     p = efx.plan(model, {"features.0": efx.CL(r=2), "*": efx.CK(r=3) + efx.FC(r=2)})
@@ -247,6 +255,11 @@ VERBS = {  # name: (make the input, call the verb)
 }
 
 
+def _same_state(a: dict, b: dict) -> bool:  # a compander's extra state is a dict
+    return list(a) == list(b) and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
 def _fingerprint(model: nn.Module) -> tuple:
     return ([(n, type(m).__name__, getattr(m, "act", None) is not None)
              for n, m in model.named_modules()], list(model.state_dict()))
@@ -260,7 +273,7 @@ def test_every_verb_returns_a_copy_unless_inplace(verb):
     before, state = _fingerprint(model), copy.deepcopy(model.state_dict())
     out = call(model)
     assert out is not model and _fingerprint(out) != before
-    assert _fingerprint(model) == before and state_equal(model.state_dict(), state)
+    assert _fingerprint(model) == before and _same_state(model.state_dict(), state)
     same = call(model, inplace=True)
     assert same is model and _fingerprint(model) == _fingerprint(out)
 
