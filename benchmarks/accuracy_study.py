@@ -121,7 +121,7 @@ def one_run(task: tuple) -> dict:
         out = {"test": [], "val": [], "diverged": False}
         for phase in range(phases(variant)):
             if phase == 1:  # +Init: linearize the trained counterpart, calibrated, and
-                efx.linearize(model, calibrate=data[0][:512].split(64))
+                model = efx.linearize(model, calibrate=data[0][:512].split(64))
                 if kwargs["chain_lr"] == "1/N":  # size the factors' steps to their trained norms
                     kwargs["chain_lr"] = "norm"
             got = fit(model, data, epochs, seed + 100 * phase, f"{dname} {variant} "

@@ -102,7 +102,7 @@ def build(variant: str, factory) -> nn.Module:
         return build_variant(rule, factory, 4.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return efx.expand(factory(), rule, norm=norm or None)
+        return efx.expand(factory(), find(rule)(norm=norm or None))
 
 
 def one_run(task: tuple) -> dict:

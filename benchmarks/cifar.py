@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for phase in range(phases(args.variant)):
         if phase == 1:  # +Init: the counterpart is trained; linearize it, calibrated
             batches = [x.to(args.device) for x, _ in itertools.islice(loader, 8)]
-            efx.linearize(model, calibrate=batches)
+            model = efx.linearize(model, calibrate=batches)
         # +Init's second phase: factor steps sized to the trained factors' norms
         train_phase(model, loader, test_loader, args, history, "norm" if phase else "1/N")
 

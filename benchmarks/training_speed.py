@@ -156,7 +156,7 @@ def branch_group(quick: bool) -> Group:
     cases = [Case("compact", net)]
     for rule in rules:
         for norm, mode in RULE_NORM_MODES.get(rule, NORM_MODES):
-            big = efx.expand(copy.deepcopy(net), rule, norm=norm, mode=mode)
+            big = efx.expand(copy.deepcopy(net), efx.rules.find(rule)(norm=norm), mode=mode)
             cases.append(Case(f"{rule} norm={norm} {mode}", big, "", rule, 1.0,
                               f"{norm}/{mode}"))
     return Group("SmallNet 7x7 ablation", 8 if quick else 128, 32, cases,

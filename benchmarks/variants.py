@@ -34,9 +34,9 @@ def build_variant(variant: str, factory: Callable[[], nn.Module], r: float = 4.0
             warnings.simplefilter("ignore")
             model = efx.expand(model, fc_rule(model, rule), r)
     if variant.startswith("compander+"):
-        efx.compand(model, a=a, b=b)
+        model = efx.compand(model, a=a, b=b)
     if variant.endswith("+Init"):
-        efx.nonlinear_counterpart(model, "relu", init="he")
+        model = efx.nonlinear_counterpart(model, "relu", init="he")
     return model
 
 

@@ -195,7 +195,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         model = efx.expand(model, args.rule, args.r, **patterns(args))
     if any(k.endswith(".parametrizations.weight.original") and k not in model.state_dict()
            for k in state):
-        efx.compand(model, psi=args.psi)
+        model = efx.compand(model, psi=args.psi, inplace=True)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # torch's header, then one problem per line: ours come first

@@ -13,7 +13,7 @@ Example::
     >>> from expandfx.models import smallnet_3x3
     >>> model = smallnet_3x3().eval()
     >>> x = torch.randn(2, 3, 32, 32)
-    >>> same = efx.compand(model, psi="arctan", a=1.0, b=0.6, inplace=False)
+    >>> same = efx.compand(model, psi="arctan", a=1.0, b=0.6)   # a copy; model unchanged
     >>> torch.allclose(same(x), model(x), atol=1e-6)
     True
     >>> groups = efx.param_groups(same, lr=0.1, weight_decay=5e-4)  # decay on Ψ(v)
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .copying import copy_model
 from .errors import ConfigError
 from .helpers import first_match, text_table
 from .registry import LAYER_TYPES, TRANSPOSED_TYPES, base_type
@@ -114,12 +115,15 @@ class Compander(nn.Module):
 
 
 def compand(model: nn.Module, psi: str | Psi = "arctan", a: float = 1.0, b: float = 1.0,
-            learnable: str | None = None, include: str | Sequence[str] | None = None,
-            exclude: str | Sequence[str] | None = None, *, inplace: bool = True) -> nn.Module:
-    """Reparameterize every conv/linear ``weight`` of ``model`` as ``a·f(v/b)``.
+            learnable: str | None = None, *, include: str | Sequence[str] | None = None,
+            exclude: str | Sequence[str] | None = None, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (``model`` itself with ``inplace=True``) with every conv/linear
+    ``weight`` reparameterized as ``a·f(v/b)``; write ``big = efx.compand(big, ...)``.
 
-    Like ``torch.nn.utils.parametrize`` this modifies ``model`` (``inplace=False``
-    works on a copy) and returns it. ``learnable="layer"`` gives each layer its own
+    A copy by default, as every verb of expandfx (``expand``, ``contract``, ``bake``):
+    ``torch.nn.utils.parametrize`` registers in place, so ``inplace=True`` is that
+    behaviour. ``include``/``exclude``: module-name globs. ``learnable="layer"`` gives each
+    layer its own
     ``a``, ``b`` parameters (the paper's "fine" version), ``"global"`` one pair for
     the whole network ("coarse"); ``None`` keeps them fixed.
     """
@@ -131,7 +135,7 @@ def compand(model: nn.Module, psi: str | Psi = "arctan", a: float = 1.0, b: floa
                               f" (the paper uses a, b in 0.5 … 1.0).")
     if learnable not in LEARNABLE:
         raise ConfigError(f"compand: learnable must be one of {LEARNABLE}, got {learnable!r}.")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model, "compand")
     layers = _select(target, include, exclude)
     for path, layer in layers:
         if layer.weight.device.type == "meta":

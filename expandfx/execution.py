@@ -90,7 +90,9 @@ _DECISIONS: dict[tuple[Any, ...], str] = {}
 
 def set_mode(model: nn.Module, mode: str, *, measure: bool | None = None,
              recompose: bool | None = None) -> nn.Module:
-    """Switch every expanded block of ``model`` to ``mode`` (in place); returns ``model``.
+    """A mode setter, like ``nn.Module.train()``: switches every expanded block of ``model``
+    to ``mode`` in place and returns ``model`` (it sets how blocks run, not what they
+    compute, so it is not a transformation that copies).
 
     ``measure`` (for ``"auto"``): ``True``/``False`` lets the blocks time both executions
     or makes them decide by the MAC model alone; ``None`` keeps each block's setting

@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .block import ExpandedBlock
+from .copying import copy_model
 from .errors import ConfigError
 from .snapshot import training_flags
 
@@ -58,8 +59,9 @@ INITS = ("he", "keep")
 
 
 def nonlinear_counterpart(model: nn.Module, act: str | Callable[[], nn.Module] = "relu",
-                          init: str = "he") -> nn.Module:
-    """Put a fresh ``act`` between the layers of every expanded block (in place).
+                          init: str = "he", *, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (``model`` itself with ``inplace=True``) with a fresh ``act``
+    between the layers of every expanded block; write ``big = nonlinear_counterpart(big)``.
 
     ``init="he"`` (default) re-initializes every factor with He (Kaiming) normal weights
     for ``act`` and zero biases, so that a deep counterpart without batch norm trains;
@@ -72,6 +74,8 @@ def nonlinear_counterpart(model: nn.Module, act: str | Callable[[], nn.Module] =
         raise ConfigError(f"nonlinear_counterpart: {hint}; got {act!r}.")
     if init not in INITS:
         raise ConfigError(f"nonlinear_counterpart: init must be one of {INITS}, got {init!r}.")
+    _blocks(model, "nonlinear_counterpart")  # refuse before copying
+    model = model if inplace else copy_model(model, "nonlinear_counterpart")
     found = _blocks(model, "nonlinear_counterpart")
     for block in found:
         try:
@@ -89,8 +93,10 @@ def nonlinear_counterpart(model: nn.Module, act: str | Callable[[], nn.Module] =
     return model
 
 
-def linearize(model: nn.Module, calibrate: Iterable[Any] | None = None) -> nn.Module:
-    """Remove the nonlinearities of :func:`nonlinear_counterpart` (in place).
+def linearize(model: nn.Module, calibrate: Iterable[Any] | None = None, *,
+              inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (``model`` itself with ``inplace=True``) without the
+    nonlinearities of :func:`nonlinear_counterpart`; write ``big = linearize(big, ...)``.
 
     Without ``calibrate`` the weights stay as they are. With ``calibrate`` — an iterable of
     inputs (tensors, or tuples/lists whose first element is the input, as data loaders
@@ -102,6 +108,8 @@ def linearize(model: nn.Module, calibrate: Iterable[Any] | None = None) -> nn.Mo
     its final input: two passes over the batches per block). Nothing else changes; the
     model keeps its mode.
     """
+    _blocks(model, "linearize")  # refuse before copying
+    model = model if inplace else copy_model(model, "linearize")
     found = _blocks(model, "linearize")
     if calibrate is None:
         for block in found:

@@ -56,7 +56,7 @@ from .errors import ConfigError
 from .linear.ir import Identity, Node, Par, Seq, multiplicity
 from .rules.norms import is_branch_norm
 
-__all__ = ["ChainLR", "ParamGroups", "chain_scale", "decay_groups", "param_groups", "step_gain"]
+__all__ = ["ChainLR", "ParamGroups", "chain_scale", "param_groups", "step_gain"]
 
 ChainLR = str | float | Callable[[ExpandedBlock], float] | None
 
@@ -238,16 +238,6 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float | None = None,
     """
     _check_number(lr, "lr")
     return _build(model, lr, weight_decay, chain_lr, decay_bias_and_norm)
-
-
-def decay_groups(model: nn.Module, weight_decay: float
-                 ) -> tuple[list[dict[str, Any]], Callable[[], torch.Tensor]]:
-    """``(groups, penalty)`` with the compander decay rules only: a thin alias of
-    :func:`param_groups` with ``chain_lr=None``, the optimizer's own ``lr`` and (as it always
-    did) decay on biases and norms too. Prefer :func:`param_groups`, which also hands out
-    per-factor learning rates and exempts biases and norms."""
-    groups = _build(model, None, weight_decay, None, True)
-    return list(groups), groups.penalty
 
 
 def _build(model: nn.Module, lr: float | None, weight_decay: float | None, chain_lr: ChainLR,

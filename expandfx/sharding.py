@@ -80,10 +80,11 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard(model: nn.Module, modules: Iterable[nn.Module] | None = None,
           **fully_shard_kwargs: Any) -> nn.Module:
-    """``fully_shard`` every expanded block of ``model`` (or each of ``modules``), then
-    ``model`` itself; returns ``model`` (sharded in place). ``fully_shard_kwargs`` (``mesh``,
-    ``reshard_after_forward``, ``mp_policy``, ...) go to every call. Needs an initialized
-    process group."""
+    """In place, like ``torch.distributed.fsdp.fully_shard``: shards every expanded block of
+    ``model`` (or each of ``modules``), then ``model`` itself, and returns ``model`` (a copy
+    would hold the full model twice, which sharding exists to avoid). ``fully_shard_kwargs``
+    (``mesh``, ``reshard_after_forward``, ``mp_policy``, ...) go to every call. Needs an
+    initialized process group."""
     from torch.distributed.fsdp import fully_shard
 
     from .block import ExpandedBlock

@@ -23,13 +23,13 @@ from expandfx import registry
 from expandfx.block import ExpandedBlock, check_mode
 from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
-from expandfx.planning import INITS, LayerPlan, Patterns, Plan, check_r, decide
+from expandfx.planning import LayerPlan, Patterns, Plan, decide
 from expandfx.planning import plan as make_plan
 from expandfx.planning.legality import transposed_reason
-from expandfx.rules import RULES
+from expandfx.rules import RULES, find
 from expandfx.rules.base import layer_kind
-from expandfx.rules.norms import check_norm
-from expandfx.rules.spec import RuleSpec
+from expandfx.rules.config import RuleConfig
+from expandfx.rules.spec import RuleSpec, Shorthand, from_call
 from expandfx.surgery import replace
 from expandfx.tracing import GraphView, inspect
 
@@ -38,27 +38,29 @@ __all__ = ["expand"]
 log = logging.getLogger("expandfx")
 
 
-def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
+def expand(model: nn.Module, rule: RuleSpec | None = None, r: float | None = None, *,
            include: Patterns = None, exclude: Patterns = None, example_inputs: Any = None,
-           init: str = "default", mode: str = "auto", inplace: bool = False,
-           strict: bool = False, plan: Plan | None = None, norm: str | None = None
-           ) -> nn.Module:
-    """Over-parameterize ``model``: each conv/linear layer becomes a linear chain.
+           mode: str = "auto", inplace: bool = False, strict: bool = False,
+           plan: Plan | None = None, **deprecated: Any) -> nn.Module:
+    """Over-parameterize ``model``: each conv/linear layer becomes a linear chain or branches.
 
     Args:
         model: any ``nn.Module``; it is copied unless ``inplace=True``.
-        rule: ``"CL"``, ``"CK"``, ``"FC"``, a ``+`` combination (``"CK+FC"``), a
-            mapping ``{glob: rule or None}`` (first match wins) or a callable
-            ``(name, module) -> rule | None``.
-        r: expansion rate (> 0); widths ``r·m`` and ``r·n`` round to multiples of groups.
+        rule: a rule config — ``efx.CL(r=4)``, ``efx.CK(r=2)``, ``efx.FC(r=4,
+            init="preserve")``, ``efx.RepVGG(norm="bn")`` (:mod:`expandfx.rules.config`) —
+            a ``+`` combination (``efx.CK(r=2) + efx.FC(r=4)``), a mapping ``{glob: config
+            or None}`` (first match wins; each layer gets its own settings) or a callable
+            ``(name, module) -> config | None``. Rule strings are shorthand for configs:
+            ``"CL"``, ``"CK+FC"``, in mappings too. Default ``"CL"``.
+        r: the rate of rule strings (shorthand: ``expand(model, "CK+FC", r=2)`` is
+            ``expand(model, efx.CK(r=2) + efx.FC(r=2))``), for the rules that use it
+            (widths ``r·m``, ``r·n``, rounded to multiples of groups); default 4.
         include, exclude: module-name glob patterns. A layer named by its exact path in
             ``include`` (or as the pattern of a rule mapping) is an explicit request: FC
             then expands it even if it is the model's output layer, and a layer that
             cannot be expanded raises instead of being skipped.
         example_inputs: optional positional inputs of ``forward``: MACs in the log, and the
             call-site checks of a model that FX cannot trace (recorded on one forward).
-        init: ``"default"`` (PyTorch's init, the paper's setting) or ``"preserve"``
-            (the expanded model computes exactly what ``model`` computes; CL and FC).
         mode: how blocks run while training: ``"auto"`` (default: per block and input
             shape, whichever of the two below costs fewer MACs), ``"collapsed"`` (compose
             the factors, run one layer: the compact layer's cost, same gradients) or
@@ -69,16 +71,13 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
             the most common skip reasons).
         plan: a :class:`~expandfx.planning.Plan` of this model from ``efx.plan``: carry out
             its decisions (its rule, r and per-layer choices) instead of deciding again —
-            no second trace. Leave ``rule``, ``r``, ``include``, ``exclude`` and
-            ``example_inputs`` unset; a plan of another model (or of this model before it
-            changed) is refused.
-        norm: per-branch normalization of the branch rules (RepVGG, ACNet, DBB,
-            MobileOne; see :mod:`expandfx.rules.norms`): ``None`` (plain branches),
-            ``"scale"`` (OREPA: a learnable channel scale per branch; linear, trains
-            collapsed) or ``"bn"`` (a BatchNorm per branch as the papers train them; runs
-            the branches, refuses ``mode="collapsed"`` in training mode; folds exactly in
-            eval mode). Rules without branches ignore it; a rule string none of whose rules
-            takes it is refused.
+            no second trace. The plan's rows carry their configs: leave ``rule``, ``r``,
+            ``include``, ``exclude`` and ``example_inputs`` unset; a plan of another model
+            (or of this model before it changed) is refused.
+        init, norm: deprecated (``DeprecationWarning``; removed in the next release): the
+            settings of the rule config, ``efx.CL(r=4, init="preserve")``,
+            ``efx.RepVGG(norm="bn")``. Given here they apply to the rule strings' rules that
+            take them, as before.
 
     Example::
 
@@ -87,40 +86,43 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
         >>> big = efx.expand(smallnet_7x7(), rule="CK+FC", r=2)
         >>> type(big).__name__, type(big.features[0]).__name__
         ('SmallNet', 'ExpandedBlock')
+        >>> big = efx.expand(smallnet_7x7(), {"features.0": efx.CL(r=2),
+        ...                                   "*": efx.CK(r=3) + efx.FC(r=2)})
+        >>> big.features[0].rule, big.features[0].r, big.features[4].rule, big.features[4].r
+        ('CL', 2.0, 'CK', 3.0)
     """
-    if init not in INITS:
-        raise ConfigError(f"expand: init must be one of {INITS}, got {init!r}.")
+    unknown = sorted(set(deprecated) - {"init", "norm"})
+    if unknown:
+        raise TypeError(f"expand() got an unexpected keyword argument {unknown[0]!r}")
     if registry.is_layer(model):
         raise ConfigError(f"expand: the model is a single layer ({type(model).__name__}); expand "
                           f"cannot return the same class for it. Wrap it in a module, e.g. "
                           f"nn.Sequential(layer), or build an ExpandedBlock with "
                           f"expandfx.rules.cl.build(layer, r).")
     check_mode(mode)
-    check_norm(norm, "expand")
     if plan is not None:
-        _check_plan(plan, model, rule, r, include, exclude, example_inputs)
-        rule, r = plan.rule, plan.r
-    r = check_r(r)
-    if plan is None and log.isEnabledFor(logging.INFO):
-        plan = make_plan(model, rule, r, include=include, exclude=exclude,
-                         example_inputs=example_inputs)
+        _check_plan(plan, model, rule=rule, r=r, include=include, exclude=exclude,
+                    example_inputs=example_inputs, **deprecated)
+        rule = plan.rule
+    else:
+        spec = from_call("expand", "CL" if rule is None else rule, r, deprecated)
+        rule = spec.source
+        if log.isEnabledFor(logging.INFO):
+            plan = make_plan(model, spec, include=include, exclude=exclude,
+                             example_inputs=example_inputs)
     if plan is not None:
         rows, view = plan.rows, plan.view
+        configs = {id(row): _row_config(row, plan) for row in rows if row.rule}
     else:
-        rows, view = decide(model, rule, r, include=include, exclude=exclude,
+        rows, view = decide(model, spec, include=include, exclude=exclude,
                             example_inputs=example_inputs)  # the given model
+        configs = {id(row): row.config for row in rows if row.rule}
     if not view.traced:
         warnings.warn(_untraced_message(model, view), stacklevel=2)
     if not any(row.rule for row in rows):
         _nothing_expanded(model, rule, rows, strict)
-    if norm is not None and not any("norm" in RULES[row.rule].options
-                                    for row in rows if row.rule in RULES):
-        raise ConfigError(f"expand: norm={norm!r} is per-branch normalization, but rule "
-                          f"{rule!r} expands no layer with a branch rule (those that take norm: "
-                          f"{sorted(n for n, x in RULES.items() if 'norm' in x.options)}). "
-                          f"Drop norm=, or use a branch rule such as 'RepVGG'.")
     target = model if inplace else copy_model(model, "expand")
-    built = [(row, *_build(target, row, r, init, mode, norm)) for row in rows if row.rule]
+    built = [(row, *_build(target, row, configs[id(row)], mode)) for row in rows if row.rule]
     for row, _, block in built:  # a bias-free layer with norm='bn': its shift needs a BN
         if block.shift_to_next_norm:
             why = norm_for_shift(view, row.module, row.path)
@@ -135,16 +137,25 @@ def expand(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
     if view.checked and swapped:
         _check_calls(target, swapped, example_inputs if view.recorded else None)
     if plan is not None:
-        log.info("expand(rule=%r, r=%g):\n%s", rule, r, plan)
+        log.info("expand(rule=%r):\n%s", rule, plan)
     return target
 
 
-def _build(target: nn.Module, row: LayerPlan, r: float, init: str, mode: str,
-           norm: str | None = None) -> tuple[nn.Module, ExpandedBlock]:
+def _row_config(row: LayerPlan, plan: Plan) -> RuleConfig | None:
+    """A plan row's config; a row whose ``rule`` was edited to another name gets that rule
+    with its defaults and the plan's shorthand ``r``."""
+    if row.config is not None and row.config.rule == row.rule:
+        return row.config
+    rule = find(row.rule) if isinstance(row.rule, str) else None
+    return None if rule is None else Shorthand(r=plan.r).config(rule)
+
+
+def _build(target: nn.Module, row: LayerPlan, config: RuleConfig | None, mode: str
+           ) -> tuple[nn.Module, ExpandedBlock]:
     """(the layer, its block) for one planned row; errors name the layer's path."""
     layer = target.get_submodule(row.path)
     torch_layer = registry.as_torch(layer, path=row.path)
-    rule = RULES.get(row.rule)
+    rule = RULES.get(config.rule) if config is not None else None
     why = ("it is not a registered rule" if rule is None else
            f"it applies to {rule.kind} layers" if rule.kind != layer_kind(layer) else
            transposed_reason(rule.name, torch_layer) or rule.skip_reason(torch_layer))
@@ -152,8 +163,7 @@ def _build(target: nn.Module, row: LayerPlan, r: float, init: str, mode: str,
         raise ConfigError(f"expand: the plan gives '{row.path}' rule {row.rule!r}, but "
                           f"{why}. Set that row's rule to None or another rule.")
     try:
-        options = {"norm": norm} if norm is not None and "norm" in rule.options else {}
-        block = rule.build(torch_layer, r, init, path=row.path, **options)
+        block = config.build(torch_layer, path=row.path)
     except ContractionError as exc:  # the block's own check: the rule built a wrong block
         raise ConfigError(f"expand: rule {row.rule!r} could not build a block for "
                           f"'{row.path}': {exc} Fix the rule's build, or exclude the layer."
@@ -163,17 +173,13 @@ def _build(target: nn.Module, row: LayerPlan, r: float, init: str, mode: str,
     return layer, block
 
 
-def _check_plan(plan: Plan, model: nn.Module, rule: RuleSpec, r: float, include: Patterns,
-                exclude: Patterns, example_inputs: Any) -> None:
-    """A plan is carried out only on the model it was made for, with no other settings."""
+def _check_plan(plan: Plan, model: nn.Module, **settings: Any) -> None:
+    """A plan is carried out only on the model it was made for, with no other settings (its
+    rows carry their configs)."""
     if not isinstance(plan, Plan) or plan.view is None:
         raise ConfigError(f"expand: plan= takes the Plan that expandfx.plan(model, ...) "
                           f"returns, got {type(plan).__name__}.")
-    given = [name for name, value, default in (("rule", rule, "CL"), ("r", r, 4))
-             if value != default and value != getattr(plan, name)]
-    given += [name for name, value in (("include", include), ("exclude", exclude),
-                                        ("example_inputs", example_inputs))
-              if value is not None]
+    given = [name for name, value in settings.items() if value is not None]
     if given:
         raise ConfigError(f"expand: plan= already fixes the rule, r and every layer's choice; "
                           f"{', '.join(given)} would be ignored. Pass them to expandfx.plan "

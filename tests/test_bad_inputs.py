@@ -22,7 +22,7 @@ def net():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
 
 
-@pytest.mark.parametrize("r", [0, -1, 0.0, float("nan"), float("inf"), "4", True, None])
+@pytest.mark.parametrize("r", [0, -1, 0.0, float("nan"), float("inf"), "4", True])
 def test_r_must_be_positive_number(r):
     with pytest.raises(efx.ConfigError, match=r"r must be a positive number"):
         efx.expand(net(), r=r)
@@ -562,7 +562,7 @@ def test_cli_include_reaches_the_output_layer_and_exact_names_raise(tmp_path):
     out = cli("plan", "smallnet_7x7", "--rule", "FC", "--include", "*,classifier.2")
     assert out.returncode == 0
     row = next(line for line in out.stdout.splitlines() if line.startswith("classifier.2"))
-    assert " FC " in row and "650 → " in row
+    assert " FC(r=4) " in row and "650 → " in row
     out = cli("plan", "smallnet_7x7", "--rule", "FC", "--include", "*", "--exclude",
               "classifier.0")
     row = next(line for line in out.stdout.splitlines() if line.startswith("classifier.0"))

@@ -38,7 +38,7 @@ def net() -> nn.Module:
 @pytest.mark.parametrize("rule", BRANCH_RULES)
 def test_trained_in_training_mode_contracts_exactly(rule: str, norm: str | None) -> None:
     model = net().eval()
-    big = efx.expand(model, rule, norm=norm).train()
+    big = efx.expand(model, RULES[rule](norm=norm)).train()
     x = torch.randn(16, 3, 8, 8)
     sgd_steps(big, x, steps=3)
     if norm == "bn":  # the steps moved the BNs' running statistics and affine parameters
@@ -82,8 +82,8 @@ def test_collapsed_and_sequential_gradients_agree_in_float64(rule: str, norm) ->
 def test_bn_refuses_collapsed_training_and_auto_runs_the_branches(rule: str) -> None:
     with pytest.raises(efx.ConfigError, match=r"collapsed.*refused.*training mode.*not a "
                                               r"linear map"):
-        efx.expand(net(), rule, norm="bn", mode="collapsed")
-    big = efx.expand(net(), rule, norm="bn").train()
+        efx.expand(net(), RULES[rule](norm="bn"), mode="collapsed")
+    big = efx.expand(net(), RULES[rule](norm="bn")).train()
     block = big[0]
     x = torch.randn(4, 3, 8, 8)
     assert block.batch_statistics() and block.resolve_mode(x) == "sequential"
@@ -102,7 +102,7 @@ def test_bn_refuses_collapsed_training_and_auto_runs_the_branches(rule: str) -> 
 
 
 def test_bn_contract_uses_running_statistics_in_training_mode_too() -> None:
-    big = efx.expand(net(), "RepVGG", norm="bn").train()
+    big = efx.expand(net(), efx.RepVGG(norm="bn")).train()
     sgd_steps(big, torch.randn(16, 3, 8, 8), steps=2)
     block = big[0]
     small = block.contract()  # block still in training mode
@@ -140,7 +140,7 @@ def test_scale_init_and_preserve(rule: str) -> None:
     model = net()
     randomize(model, seed=1)
     model.eval()
-    big = efx.expand(model, rule, norm="scale", init="preserve").eval()
+    big = efx.expand(model, RULES[rule](norm="scale", init="preserve")).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert rel_err(model(x), big(x)) < 1e-5
@@ -150,17 +150,21 @@ def test_refusals_name_the_layer_and_the_way_out() -> None:
     bias_free = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU())
     with pytest.raises(efx.ConfigError, match=r"bias-free layer '0'.*does not go only to a "
                                               r"BatchNorm.*norm='scale'.*exclude"):
-        efx.expand(bias_free, "RepVGG", norm="bn")
-    with pytest.raises(efx.ConfigError, match=r"init='preserve' with norm='bn' for '0'"):
-        efx.expand(net(), "ACNet", norm="bn", init="preserve")
-    with pytest.raises(efx.ConfigError, match=r"norm must be one of"):
-        efx.expand(net(), "RepVGG", norm="batch")
+        efx.expand(bias_free, efx.RepVGG(norm="bn"))
+    with pytest.raises(efx.ConfigError, match=r"ACNet\(init='preserve', norm='bn'\): "
+                                              r"init='preserve' with norm='bn' cannot hold.*"
+                                              r"Use init='default'"):
+        efx.ACNet(norm="bn", init="preserve")
+    with pytest.raises(efx.ConfigError, match=r"RepVGG\(norm='batch'\): norm must be one of"):
+        efx.RepVGG(norm="batch")
     with pytest.raises(efx.ConfigError, match=r"expands no layer with a branch rule"):
-        efx.expand(net(), "CL", norm="scale")
+        efx.expand(net(), "CL", norm="scale")  # the deprecated keyword, refused as before
+    with pytest.raises(efx.ConfigError, match=r"CL\(norm='scale'\): CL takes no option"):
+        efx.CL(norm="scale")
 
 
 def test_norm_applies_to_the_branch_rule_of_a_combination() -> None:
-    big = efx.expand(net(), "RepVGG+FC", norm="bn", include=["0", "3", "5", "8"])
+    big = efx.expand(net(), efx.RepVGG(norm="bn") + efx.FC(), include=["0", "3", "5", "8"])
     assert isinstance(big[0].branches["kxk"][1], nn.BatchNorm2d)
     assert big[8].is_chain  # FC ignores norm
 
@@ -172,7 +176,7 @@ def test_configured_rule_fixes_options() -> None:
         big = efx.expand(net(), "RepVGG-bn")
         assert isinstance(big[0].branches["1x1"][1], nn.BatchNorm2d)
         assert big[0].rule == "RepVGG"
-        scaled = efx.expand(net(), "RepVGG-bn", norm="scale")  # the keyword overrides
+        scaled = efx.expand(net(), RULES["RepVGG-bn"](norm="scale"))  # the config overrides
         assert isinstance(scaled[0].branches["1x1"][1], nn.Conv2d)
     finally:
         efx.unregister_rule("RepVGG-bn")
@@ -182,9 +186,9 @@ def test_configured_rule_fixes_options() -> None:
 
 @pytest.mark.parametrize("norm", ["scale", "bn"])
 def test_checkpoint_loads_into_a_fresh_expansion(norm: str) -> None:
-    big = efx.expand(net(), "RepVGG", norm=norm)
+    big = efx.expand(net(), efx.RepVGG(norm=norm))
     sgd_steps(big, torch.randn(16, 3, 8, 8), steps=2)
-    fresh = efx.expand(net(), "RepVGG", norm=norm)
+    fresh = efx.expand(net(), efx.RepVGG(norm=norm))
     fresh.load_state_dict(big.state_dict())
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -236,7 +240,7 @@ def test_mobileone_k_is_a_rule_option() -> None:
     rule = RULES["MobileOne"].configured("MobileOne-k1", k=1)
     efx.register_rule(rule)
     try:
-        big = efx.expand(net(), "MobileOne-k1", norm="bn")
+        big = efx.expand(net(), RULES["MobileOne-k1"](norm="bn"))
         assert list(big[3].branches) == ["kxk_0", "1x1", "identity"]
     finally:
         efx.unregister_rule("MobileOne-k1")
@@ -248,7 +252,7 @@ def test_mobileone_k_is_a_rule_option() -> None:
 def test_fold_deploys_a_bn_trained_model(rule: str) -> None:
     """``efx.fold`` folds every branch's BN (running statistics) and the model's own BN."""
     model = net()
-    big = efx.expand(model, rule, norm="bn").train()
+    big = efx.expand(model, RULES[rule](norm="bn")).train()
     x = torch.randn(16, 3, 8, 8)
     sgd_steps(big, x, steps=3)
     big.eval()

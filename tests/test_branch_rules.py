@@ -63,7 +63,7 @@ def test_checkpoint_round_trip_between_fresh_expansions() -> None:
 def test_preserve_init_keeps_the_function(rule: str) -> None:
     model = mobilenet()
     randomize(model, seed=1)
-    big = efx.expand(model, rule, init="preserve").eval()
+    big = efx.expand(model, RULES[rule](init="preserve")).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert rel_err(model(x), big(x)) < 1e-5

@@ -85,7 +85,9 @@ def test_weight_decay_hits_psi_of_v_when_a_b_are_fixed():
     w0 = model[0].weight.detach().clone()
     bias0 = model[0].bias.detach().clone()
     gw = grad_w(model, x)
-    groups, penalty = efx.decay_groups(model, wd)
+    groups = efx.param_groups(model, lr, weight_decay=wd, chain_lr=None,
+                              decay_bias_and_norm=True)
+    penalty = groups.penalty
     opt = torch.optim.SGD(groups, lr=lr)
     (model(x).sum() + penalty()).backward()
     gb = model[0].bias.grad.clone()
@@ -104,7 +106,9 @@ def test_weight_decay_hits_v_and_never_a_b_when_learnable(learnable):
     comp = model[0].parametrizations.weight[0]
     v0 = model[0].parametrizations.weight.original.detach().clone()
     a0, b0 = comp.a.detach().clone(), comp.b.detach().clone()
-    groups, penalty = efx.decay_groups(model, wd)
+    groups = efx.param_groups(model, lr, weight_decay=wd, chain_lr=None,
+                              decay_bias_and_norm=True)
+    penalty = groups.penalty
     opt = torch.optim.SGD(groups, lr=lr)
     loss = model(x).sum() + penalty()
     assert penalty().item() == 0.0  # learnable: no penalty on Ψ(v)
@@ -179,7 +183,9 @@ def test_bake_and_contract_after_training(learnable):
     model = MODELS["smallnet_7x7"]()
     x = torch.randn(2, 3, 32, 32)
     big = efx.compand(efx.expand(model, "CK+FC", r=2), a=1.0, b=0.6, learnable=learnable)
-    groups, penalty = efx.decay_groups(big, 5e-4)
+    groups = efx.param_groups(big, 0.01, weight_decay=5e-4, chain_lr=None,
+                              decay_bias_and_norm=True)
+    penalty = groups.penalty
     opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
     for _ in range(3):
         opt.zero_grad()

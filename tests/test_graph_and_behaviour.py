@@ -98,7 +98,7 @@ def test_untraceable_model_is_expanded_by_module_walk_with_warning():
     sgd_steps(big, x, steps=2)
     assert rel_err(big(x), efx.contract(big)(x)) <= 1e-5
     with pytest.warns(UserWarning, match=r"module walk"):
-        pre = efx.expand(model, "CL+FC", r=2, init="preserve")
+        pre = efx.expand(model, efx.CL(r=2, init="preserve") + efx.FC(r=2, init="preserve"))
     assert rel_err(model(x), pre(x)) <= 1e-5
     assert "FX could not trace" in str(efx.plan(model, "CL", 2))
 

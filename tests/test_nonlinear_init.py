@@ -19,7 +19,7 @@ def test_nonlinear_counterpart_then_linearize_then_contract():
     big = efx.expand(smallnet_7x7(), "CK+FC", r=2)
     linear_out = big.eval()(x)
     keys = list(big.state_dict())
-    efx.nonlinear_counterpart(big, act="relu", init="keep")
+    big = efx.nonlinear_counterpart(big, act="relu", init="keep")
     assert list(big.state_dict()) == keys  # same checkpoint layout
     with torch.no_grad():
         assert rel_err(linear_out, big(x)) > 1e-3  # the ReLUs change the function
@@ -29,7 +29,7 @@ def test_nonlinear_counterpart_then_linearize_then_contract():
     big.train()
     sgd_steps(big, x, steps=3)  # train the nonlinear counterpart
     trained = copy.deepcopy(big.state_dict())
-    efx.linearize(big)
+    big = efx.linearize(big)
     assert state_equal(big.state_dict(), trained)  # weights kept
     assert all(b.act is None for b in big.modules() if isinstance(b, efx.ExpandedBlock))
     sgd_steps(big, x, steps=2, lr=0.01)  # continue as an ExpandNet
@@ -62,9 +62,9 @@ def test_he_init_and_keep():
     torch.manual_seed(0)
     big = efx.expand(smallnet_7x7(), "CK+FC", r=4)
     kept = copy.deepcopy(big)
-    efx.nonlinear_counterpart(kept, init="keep")
+    kept = efx.nonlinear_counterpart(kept, init="keep")
     assert state_equal(kept.state_dict(), big.state_dict())
-    efx.nonlinear_counterpart(big, "relu", init="he")
+    big = efx.nonlinear_counterpart(big, "relu", init="he")
     factors = [layer for m in big.modules() if isinstance(m, efx.ExpandedBlock)
                for layer in m.layers]
     # He: w ~ N(0, 2/fan_in), so Σ w²·fan_in/2 over all weights ≈ their count
@@ -95,7 +95,7 @@ def test_linearize_calibrates_block_scales_and_batchnorm():
     batches = [torch.randn(16, 3, 4, 4) for _ in range(3)]
     before = block_rms(big, batches)
     big.train()
-    efx.linearize(big, calibrate=[(x, None) for x in batches])  # data-loader style batches
+    efx.linearize(big, calibrate=[(x, None) for x in batches], inplace=True)  # loader-style
     assert big.training  # mode kept
     assert all(b.act is None for b in before)
     after = block_rms(big, batches)

@@ -220,11 +220,13 @@ def test_plan_counts_the_expanded_transposed_conv_as_torch_does():
 def test_plan_says_which_rules_apply_to_transposed_convs():
     model = nn.Sequential(nn.ConvTranspose2d(4, 4, 5, stride=2))
     assert efx.plan(model, "CL", 2).rows[0].rule == "CL"
-    for rule in ("CK", "RepVGG", "ACNet", "DBB", "MobileOne"):
+    for rule in ("CK", "RepVGG", "ACNet", "DBB", "MobileOne", "OREPA"):
         row = efx.plan(model, rule, 2).rows[0]
         assert row.rule is None
         assert row.reason.startswith(f"{rule} does not apply to transposed convolutions: ")
         assert row.reason.endswith("; use CL")
+        if rule != "CK":
+            assert "sums of transposed-convolution branches are not folded" in row.reason
     assert efx.plan(model, "FC", 2).rows[0].reason == "rule FC does not apply to ConvTranspose2d"
     with pytest.raises(efx.ConfigError, match=r"'0' was requested exactly \(rule mapping key "
                                               r"'0'\).*CK does not apply to transposed"):

@@ -47,7 +47,7 @@ def test_plan_and_expand_never_change_a_model_that_caches_in_forward():
     assert set(vars(model)) == before and model.cache == {}
     torch.save(model, io.BytesIO())  # FX proxies left behind cannot be pickled
     assert efx.plan(model, "CL", 2).rows[0].rule == "CL"  # a second call works too
-    big = efx.expand(model, "CL", r=2, init="preserve").eval()
+    big = efx.expand(model, efx.CL(r=2, init="preserve")).eval()
     with torch.no_grad():
         assert rel_err(model(x), big(x)) <= 1e-5 and rel_err(big(x), efx.contract(big)(x)) <= 1e-5
 
@@ -179,7 +179,7 @@ def test_registered_layer_expands_and_contracts_in_its_own_layout():
         assert [(r.path, r.layer, r.rule) for r in p.rows] == [
             ("0", "XW(6→12)", "FC"), ("2", "XW(12→3)", None)]
         assert p.rows[0].macs_before == 2 * 6 * 12
-        big = efx.expand(model, "FC", r=2, include=["*", "2"], init="preserve")
+        big = efx.expand(model, efx.FC(r=2, init="preserve"), include=["*", "2"])
         x = torch.randn(4, 6)
         assert rel_err(model(x), big(x)) <= 1e-5
         small = efx.contract(big)

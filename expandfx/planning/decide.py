@@ -8,8 +8,8 @@ Example::
     >>> import torch, torch.nn as nn
     >>> p = plan(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 30 * 30, 10)),
     ...          rule="CL", r=2, example_inputs=(torch.randn(1, 3, 32, 32),))
-    >>> [(row.path, row.rule) for row in p.rows]
-    [('0', 'CL'), ('2', None)]
+    >>> [(row.path, row.rule, row.config) for row in p.rows]
+    [('0', 'CL', CL(r=2)), ('2', None, None)]
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from ..execution import sequential_macs
 from ..helpers import first_match
 from ..linear.costs import layer_macs
 from ..rules import RULES
-from ..rules.spec import RuleSpec, check_spec, pick
+from ..rules.config import INITS, RuleConfig
+from ..rules.spec import RuleSpec, Spec, from_call
 from ..snapshot import preserved
 from ..tracing import GraphView, inspect, positional
 from .legality import (
@@ -44,7 +45,6 @@ from .legality import (
     _tied,
     _unusable,
     capacity_reason,
-    check_r,
     how_requested,
     requested_explicitly,
     transposed_reason,
@@ -58,20 +58,21 @@ __all__ = ["INITS", "Patterns", "decide", "input_shapes", "plan"]
 Patterns = str | Sequence[str] | None
 
 
-INITS = ("default", "preserve")
-
-
-def plan(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
+def plan(model: nn.Module, rule: RuleSpec = "CL", r: float | None = None, *,
          include: Patterns = None, exclude: Patterns = None,
-         example_inputs: Any = None) -> Plan:
+         example_inputs: Any = None, **deprecated: Any) -> Plan:
     """Decide, layer by layer, what ``expand`` would do; never changes ``model``.
 
-    MACs are those of one call per layer on ``example_inputs`` (a layer called at
-    several sites costs that much per call). When FX cannot trace the model, call sites
-    are recorded from a forward pass on ``example_inputs`` (see :mod:`expandfx.tracing`).
+    ``rule``, ``r``, ``include``, ``exclude`` and ``example_inputs`` as for ``expand``.
+    Every row carries the :class:`~expandfx.rules.config.RuleConfig` it got (its ``r``,
+    ``init`` and options such as ``norm``), and its parameter and MAC counts are those of
+    the block that config builds. MACs are those of one call per layer on
+    ``example_inputs`` (a layer called at several sites costs that much per call). When FX
+    cannot trace the model, call sites are recorded from a forward pass on
+    ``example_inputs`` (see :mod:`expandfx.tracing`).
     """
-    r = check_r(r)
-    rows, view = decide(model, rule, r, include=include, exclude=exclude,
+    spec = from_call("plan", rule, r, deprecated)
+    rows, view = decide(model, spec, include=include, exclude=exclude,
                         example_inputs=example_inputs)
 
     shapes = input_shapes(model, example_inputs, [row.module for row in rows])
@@ -85,14 +86,14 @@ def plan(model: nn.Module, rule: RuleSpec = "CL", r: float = 4, *,
         shape = shapes.get(id(row.module))
         if shape is not None:
             row.macs_before = row.macs_after = layer_macs(layer, list(shape))[1]
-        if row.rule:
-            meta_block = RULES[row.rule].build(layer, r, path=row.path, device="meta")
+        if row.config is not None:
+            meta_block = _meta_builder(row.config, layer, row.path)(row.config.r)
             row.params_after = param_count(meta_block)
             if shape is not None:
                 row.macs_after = sequential_macs(meta_block, shape)
     notes = [f"functional call {c}: left alone" for c in view.functional_calls]
-    return Plan(rows, view.traced, view.error, notes, recorded=view.recorded, rule=rule, r=r,
-                view=view)
+    return Plan(rows, view.traced, view.error, notes, recorded=view.recorded, rule=spec.source,
+                r=spec.short.r, view=view)
 
 
 @dataclass
@@ -100,22 +101,28 @@ class _Context:
     """What every layer's decision needs to know about the whole model."""
 
     view: GraphView
-    rule: RuleSpec
+    spec: Spec
     include: list[str] | None
     exclude: list[str]
     inside_block: dict[int, str]
     opaque: dict[int, str]
     owners: dict[int, set[str]]
     output: set[int]
-    r: float
+
+    @property
+    def rule(self) -> Any:
+        """The spec as :func:`~expandfx.planning.legality.how_requested` reads it (the
+        pattern mapping, whose exact keys are requests)."""
+        return self.spec.table
 
 
-def decide(model: nn.Module, rule: RuleSpec, r: float, *, include: Patterns = None,
-           exclude: Patterns = None, example_inputs: Any = None
+def decide(model: nn.Module, rule: RuleSpec | Spec, r: float | None = None, *,
+           include: Patterns = None, exclude: Patterns = None, example_inputs: Any = None
            ) -> tuple[list[LayerPlan], GraphView]:
-    """The rule or skip reason of every conv/linear layer, with its module paths."""
-    r = check_r(r)
-    check_spec(rule)
+    """The config (rule and settings) or skip reason of every conv/linear layer, with its
+    module paths; ``rule`` and ``r`` as for ``expand`` (or a resolved
+    :class:`~expandfx.rules.spec.Spec`)."""
+    spec = rule if isinstance(rule, Spec) else from_call("decide", rule, r, {})
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     view = inspect(model, example_inputs)
     paths: dict[int, list[str]] = defaultdict(list)
@@ -135,8 +142,8 @@ def decide(model: nn.Module, rule: RuleSpec, r: float, *, include: Patterns = No
     listed = [(key, m) for key, m in modules.items()  # every holder of a linear map's weight
               if key in handled or unhandled_reason(m) is not None]
     output = view.output_layers if view.checked else _last_linear(layers, inside_block)
-    ctx = _Context(view, rule, include, exclude, inside_block, _opaque_children(model),
-                   owners, output, r)
+    ctx = _Context(view, spec, include, exclude, inside_block, _opaque_children(model),
+                   owners, output)
     rows = []
     for key, module in listed:
         path = paths[key][0]
@@ -144,14 +151,15 @@ def decide(model: nn.Module, rule: RuleSpec, r: float, *, include: Patterns = No
         row = LayerPlan(path=path, layer=describe(module), rule=None,
                         aliases=sorted(set(paths[key][1:])), module=module,
                         call_sites=view.call_sites[key] if view.checked else None)
-        row.rule, row.reason = _choose(paths[key], module, ctx)
+        row.config, row.reason = _choose(paths[key], module, ctx)
+        row.rule = row.config.rule if row.config is not None else None
         rows.append(row)
     return rows, view
 
 
 def _choose(paths: list[str], module: nn.Module, ctx: _Context
-            ) -> tuple[str | None, str | None]:
-    """``(rule, None)`` or ``(None, reason)`` for one layer; a ConfigError when the user
+            ) -> tuple[RuleConfig | None, str | None]:
+    """``(config, None)`` or ``(None, reason)`` for one layer; a ConfigError when the user
     named this very layer (:func:`requested_explicitly`) and it cannot be expanded."""
     rule, reason = _decide_layer(paths, module, ctx)
     how = how_requested(paths, ctx.include, ctx.rule)
@@ -170,8 +178,8 @@ def _declined_by_user(reason: str) -> bool:
 
 
 def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
-                  ) -> tuple[str | None, str | None]:
-    """``(rule, None)`` or ``(None, reason)`` for one layer, in the order a user asks why."""
+                  ) -> tuple[RuleConfig | None, str | None]:
+    """``(config, None)`` or ``(None, reason)`` for one layer, in the order a user asks why."""
     path = paths[0]
     if id(module) in ctx.inside_block:
         return None, f"already part of the expanded block '{ctx.inside_block[id(module)]}'"
@@ -183,8 +191,8 @@ def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
     unhandled = unhandled_reason(module)
     if unhandled:  # whatever the rule spec says: its pattern may match, the type is the cause
         return None, unhandled
-    rule, reason = pick(ctx.rule, path, module)
-    if rule is None:
+    config, reason = ctx.spec.pick(path, module)
+    if config is None:
         return None, reason
     explicit = requested_explicitly(paths, ctx.include, ctx.rule)
     reason = (_unusable(path, module, explicit) or _not_plain(path, module)
@@ -193,24 +201,30 @@ def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
         return None, reason
 
     layer = registry.as_torch(module, device="meta", path=path)
-    reason = transposed_reason(rule, layer) or RULES[rule].skip_reason(layer) or capacity_reason(
-        path, rule, layer, ctx.r, _meta_builder(rule, layer, path))
+    reason = (transposed_reason(config.rule, layer) or RULES[config.rule].skip_reason(layer)
+              or capacity_reason(path, config.rule, layer, config.r or 1.0,
+                                 _meta_builder(config, layer, path)))
     if reason:
         return None, reason
-    if rule == "FC" and id(module) in ctx.output and not explicit:
+    if config.rule == "FC" and id(module) in ctx.output and not explicit:
         return None, _output_reason(path, ctx.view)
-    return rule, None
+    return config, None
 
 
-def _meta_builder(rule: str, layer: nn.Module, path: str) -> Callable[[float], ExpandedBlock]:
-    """``r -> block`` of ``rule`` on ``layer`` (meta tensors); a rule that builds a wrong block
-    is refused naming the layer."""
-    def build(rate: float) -> ExpandedBlock:
+def _meta_builder(config: RuleConfig, layer: nn.Module, path: str
+                  ) -> Callable[[float | None], ExpandedBlock]:
+    """``r -> block`` of ``config`` on ``layer`` (meta tensors; the rule's options, default
+    init: shapes only); a rule that builds a wrong block is refused naming the layer."""
+    shape_only = config.replace(init="default")
+
+    def build(rate: float | None) -> ExpandedBlock:
+        chosen = shape_only.replace(r=rate) if shape_only.r is not None else shape_only
         try:
-            return RULES[rule].build(layer, rate, path=path, device="meta")
+            return chosen.build(layer, path=path, device="meta")
         except ContractionError as exc:  # the block's own check: the rule built a wrong block
-            raise ConfigError(f"expand: rule {rule!r} could not build a block for '{path}': "
-                              f"{exc} Fix the rule's build, or exclude the layer.") from None
+            raise ConfigError(f"expand: rule {config.rule!r} could not build a block for "
+                              f"'{path}': {exc} Fix the rule's build, or exclude the "
+                              f"layer.") from None
     return build
 
 

@@ -29,6 +29,7 @@ from ..counting import param_count
 from ..errors import ConfigError
 from ..helpers import first_match
 from ..registry import LAYER_TYPES, TRANSPOSED_TYPES, base_type, torch_layer_type
+from ..rules import RULES
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
 from .report import _human
@@ -340,6 +341,8 @@ def transposed_reason(rule: str, layer: nn.Module) -> str | None:
     """
     if not registry.is_transposed(layer) or rule in TRANSPOSED_RULES:
         return None
-    why = _WHY_NOT_TRANSPOSED.get(rule, _BRANCHES if rule in (
-        "RepVGG", "ACNet", "DBB", "MobileOne") else "it builds blocks of plain convolutions")
+    found = RULES.get(rule)
+    branches = found is not None and "norm" in found.options  # RepVGG, ACNet, DBB, ...
+    why = _WHY_NOT_TRANSPOSED.get(rule, _BRANCHES if branches else
+                                  "it builds blocks of plain convolutions")
     return f"{rule} does not apply to transposed convolutions: {why}; use CL"

@@ -21,6 +21,7 @@ from .. import registry
 from ..helpers import human as _human
 from ..helpers import text_table
 from ..registry import base_type
+from ..rules.config import RuleConfig
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
 
@@ -29,7 +30,13 @@ __all__ = ["LayerPlan", "Plan", "describe"]
 
 @dataclass
 class LayerPlan:
-    """What happens to one conv/linear layer (one row of the plan)."""
+    """What happens to one conv/linear layer (one row of the plan).
+
+    ``rule`` is the rule's name (``None``: left alone, with the ``reason``) and ``config``
+    the :class:`~expandfx.rules.config.RuleConfig` it got (``CL(r=4)``). To edit a plan
+    before ``expand(model, plan=p)``, set ``config`` to another config (or ``rule`` to
+    ``None`` or another rule's name: that rule with its defaults and the plan's ``r``).
+    """
 
     path: str
     layer: str
@@ -42,11 +49,21 @@ class LayerPlan:
     macs_before: int | None = None
     macs_after: int | None = None
     module: nn.Module | None = field(default=None, repr=False, compare=False)
+    config: RuleConfig | None = None
+
+    @property
+    def label(self) -> str:
+        """What the plan's rule column shows: the config, or the (edited) rule name."""
+        if self.config is not None and self.rule == self.config.rule:
+            return repr(self.config)
+        return self.rule or "-"
 
 
 @dataclass
 class Plan:
-    """All rows, plus what the graph view found beyond them."""
+    """All rows, plus what the graph view found beyond them; ``rule`` and ``r`` are the
+    spec and shorthand rate as given (``None``: each rule's default); the rows carry the
+    configs."""
 
     rows: list[LayerPlan]
     traced: bool
@@ -54,7 +71,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     recorded: bool = False
     rule: RuleSpec = "CL"
-    r: float = 4.0
+    r: float | None = None
     view: GraphView | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -90,7 +107,7 @@ class Plan:
                 note = (note + "; " if note else "") + f"also at {', '.join(row.aliases)}"
             if row.call_sites and row.call_sites > 1:
                 note = (note + "; " if note else "") + f"called at {row.call_sites} sites"
-            lines.append((row.path, row.layer, row.rule or "-",
+            lines.append((row.path, row.layer, row.label,
                           _arrow(row.params_before, row.params_after),
                           _arrow(row.macs_before, row.macs_after), note))
         t = self.totals()

@@ -1,7 +1,9 @@
 """Expansion rules, one per file, and the rule specs that pick them per layer.
 
 - :mod:`~expandfx.rules.base` — the :class:`Rule` protocol and registry;
-- :mod:`~expandfx.rules.spec` — rule strings, mappings and callables → one rule per layer;
+- :mod:`~expandfx.rules.config` — rule configs (``efx.CL(r=4)``), validated when built;
+- :mod:`~expandfx.rules.spec` — configs, rule strings, mappings and callables → one config
+  per layer;
 - :mod:`~expandfx.rules.factors` — widths, factor constructors, function-preserving init;
 - one module per rule: :mod:`cl`, :mod:`ck`, :mod:`fc` (ExpandNets' chains),
   :mod:`acnet`, :mod:`repvgg`, :mod:`dbb`, :mod:`mobileone`, :mod:`orepa` (parallel

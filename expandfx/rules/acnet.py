@@ -84,6 +84,7 @@ def build(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str =
     return ExpandedBlock(conv, branches, rule="ACNet", r=r)
 
 
-RULE = Rule("ACNet", "conv", skip_reason, build, options=frozenset({"norm"}), summary=
+RULE = Rule("ACNet", "conv", skip_reason, build, options=frozenset({"norm"}), uses_r=False,
+            summary=
             "a k×k convolution (odd k ≥ 3, 2-D) becomes k×k + 1×k + k×1 branches, summed "
             "(ACNet)")

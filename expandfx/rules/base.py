@@ -12,6 +12,8 @@ Example::
     ['ACNet', 'CK', 'CL', 'DBB', 'FC', 'MobileOne', 'OREPA', 'RepVGG']
     >>> RULES["CL"].kind
     'conv'
+    >>> RULES["CL"](r=2)          # a rule called with its settings: a validated RuleConfig
+    CL(r=2)
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..block import ExpandedBlock
+    from .config import RuleConfig, RuleSet
 
 __all__ = ["RULES", "Rule", "find", "layer_kind", "register_rule", "unregister_rule"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Rule:
     """An expansion rule.
 
@@ -46,8 +49,18 @@ class Rule:
             raises :class:`~expandfx.errors.ConfigError` for an ``init`` it cannot honour.
         summary: one line for ``expandfx rules`` and the docs.
         options: the extra keyword arguments ``build`` takes (``"norm"`` for the branch
-            rules, ``"k"`` for MobileOne); ``expand(..., norm=...)`` passes ``norm`` to the
-            rules that take it, and :meth:`configured` fixes any of them.
+            rules, ``"k"`` for MobileOne); a config sets them (``RepVGG(norm="bn")``; their
+            values are checked by :data:`~expandfx.rules.config.OPTION_CHECKS`), and
+            :meth:`configured` fixes any of them.
+        uses_r: whether ``build`` uses the expansion rate ``r`` (the chain rules CL, CK, FC);
+            ``False`` for rules that keep the layer's width (the branch rules), whose configs
+            refuse ``r=`` and whose ``build`` gets ``r=1``.
+        inits: the ``init`` values ``build`` honours (CK: ``("default",)``).
+
+    Calling a registered rule returns its validated, frozen
+    :class:`~expandfx.rules.config.RuleConfig`: ``RULES["CL"](r=4)``, ``efx.CL(r=4)``,
+    ``efx.RepVGG(norm="bn")``. ``expand``/``plan`` take configs wherever they take rule
+    strings.
     """
 
     name: str
@@ -56,6 +69,27 @@ class Rule:
     build: Callable[..., ExpandedBlock]
     summary: str = ""
     options: frozenset[str] = frozenset()
+    uses_r: bool = True
+    inits: tuple[str, ...] = ("default", "preserve")
+
+    def __call__(self, r: float | None = None, *, init: str = "default",
+                 **options: Any) -> RuleConfig:
+        """This rule with its settings, validated: ``RULES["FC"](r=4, init="preserve")``."""
+        from .config import RuleConfig
+
+        if find(self.name) is not self:
+            raise ConfigError(f"Rule {self.name!r} is not registered, so no config can name "
+                              f"it; call expandfx.rules.register_rule(rule) first.")
+        return RuleConfig(self.name, r, init, tuple(options.items()))
+
+    def __add__(self, other: Any) -> RuleSet:
+        return self() + other
+
+    def __radd__(self, other: Any) -> RuleSet:
+        return other + self()
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name!r}, {self.kind!r})"
 
     def configured(self, name: str | None = None, **options: Any) -> Rule:
         """This rule with some of its :attr:`options` fixed, as a new rule to register::
@@ -65,7 +99,7 @@ class Rule:
             >>> rule.name, sorted(rule.options)
             ('MobileOne-k2', ['k', 'norm'])
 
-        An ``expand(..., norm=...)`` keyword given as well overrides a fixed ``norm``.
+        A config's own setting (``RULES["RepVGG-bn"](norm="scale")``) overrides a fixed one.
         """
         unknown = sorted(set(options) - self.options)
         if unknown:

@@ -79,4 +79,5 @@ def build(conv: nn.Module, r: float, init: str = "default", *, path: str = "",
 
 
 RULE = Rule("CK", "conv", skip_reason, build,
-            "a k×k convolution (odd k > 3) becomes (k−1)/2 layers of 3×3 (ExpandNets, Expand-CK)")
+            "a k×k convolution (odd k > 3) becomes (k−1)/2 layers of 3×3 (ExpandNets, Expand-CK)",
+            inits=("default",))

@@ -88,6 +88,7 @@ def build(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str =
     return ExpandedBlock(conv, branches, rule="DBB", r=r)
 
 
-RULE = Rule("DBB", "conv", skip_reason, build, options=frozenset({"norm"}), summary=
+RULE = Rule("DBB", "conv", skip_reason, build, options=frozenset({"norm"}), uses_r=False,
+            summary=
             "a k×k convolution becomes k×k + 1×1 + (1×1 → k×k) + (1×1 → k×k average "
             "pooling) branches, summed (Diverse Branch Block)")

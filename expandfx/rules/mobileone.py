@@ -9,7 +9,7 @@ the layer maps ``m → m`` with stride 1 and padding ``d·(k−1)/2``. Works for
 branches and the identity) and depthwise ones (its depthwise block).
 
 ``k`` (the paper's trivial over-parameterization factor; 4 for MobileOne-S0, 1 for the
-larger models) is a rule option: ``build(conv, k=2)`` or
+larger models) is a rule option: ``efx.MobileOne(k=2)``, ``build(conv, k=2)`` or
 ``RULES["MobileOne"].configured("MobileOne-k2", k=2)``. Default 4. Without per-branch
 norms the ``k`` copies add into one kernel (their sum trains like one branch of ``k``× the
 learning rate); the paper trains each with its own BatchNorm: ``norm="bn"``
@@ -88,6 +88,7 @@ def build(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str =
     return ExpandedBlock(conv, branches, rule="MobileOne", r=r)
 
 
-RULE = Rule("MobileOne", "conv", skip_reason, build, options=frozenset({"norm", "k"}), summary=
+RULE = Rule("MobileOne", "conv", skip_reason, build, options=frozenset({"norm", "k"}),
+            uses_r=False, summary=
             "a convolution becomes k parallel copies + a 1×1 + (identity), summed "
             "(MobileOne; k is a rule option, default 4)")

@@ -192,7 +192,7 @@ def build(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str =
     return ExpandedBlock(conv, branches, rule="OREPA", r=r)
 
 
-RULE = Rule("OREPA", "conv", skip_reason, build, options=frozenset({"norm"}), summary=
+RULE = Rule("OREPA", "conv", skip_reason, build, options=frozenset({"norm"}), uses_r=False, summary=
             "a convolution becomes six scaled linear branches (k×k, 1×1 → avg pooling, "
             "1×1 → frequency prior, 1×1 → k×k, 1×1, depthwise-separable), summed; "
             "1×1 layers two (Online Re-parameterization)")

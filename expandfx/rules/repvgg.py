@@ -100,5 +100,6 @@ def dirac(shape: torch.Size, groups: int, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-RULE = Rule("RepVGG", "conv", skip_reason, build, options=frozenset({"norm"}), summary=
+RULE = Rule("RepVGG", "conv", skip_reason, build, options=frozenset({"norm"}), uses_r=False,
+            summary=
             "a k×k convolution becomes k×k + 1×1 (+ identity) branches, summed (RepVGG)")
