@@ -1,9 +1,12 @@
 """Exact algebra of linear chains: the one home of kernel composition and bias propagation.
 
 :func:`expandfx.linear.fold.fold` composes every chain with :func:`compose_chain` (and
-chain blocks whose factors share one ``groups`` call it directly, for speed). Weights use
-PyTorch's layouts: a convolution weight is ``[out, in // groups, *kernel]``, a linear
-weight ``[out, in]``.
+chain blocks whose factors share one ``groups`` call it directly, for speed). A chain folds
+pairwise (:func:`compose_pair`, in the cheapest order) or all at once at points
+(:func:`compose_points`), whichever costs fewer multiply-accumulates (:func:`chain_method`);
+:func:`last_step`, :func:`finish` and :func:`finish_grad` split off the last composition so
+that a recomputing backward need not run it again. Weights use PyTorch's layouts: a
+convolution weight is ``[out, in // groups, *kernel]``, a linear weight ``[out, in]``.
 
 Example::
 
