@@ -331,6 +331,11 @@ def recomposed(block: ExpandedBlock, params: dict[str, WeightBias] | None = None
     if not any(t is not None and t.requires_grad for t in flat):
         return block.weight_bias(params=params)
 
+    if block.__dict__.get("_plain_chain") and getattr(block, "act", None) is None \
+            and len(pairs) > 1:
+        out = _RecomposeChain.apply(getattr(block.template, "groups", 1), *flat)
+        return out[0], (out[1] if len(out) > 1 else None)
+
     def compose(tensors: Sequence[torch.Tensor | None]) -> WeightBias:
         return block.weight_bias(params={p: (tensors[2 * i], tensors[2 * i + 1])
                                          for i, p in enumerate(paths)})
@@ -365,6 +370,55 @@ class _Recompose(torch.autograd.Function):
             wrt = [t for t, need in zip(inputs, needs, strict=True) if t is not None and need]
             found = iter(torch.autograd.grad(outs, wrt, grads[:len(outs)], allow_unused=True,
                                              create_graph=higher))
+        return (None, *(next(found) if t is not None and need else None
+                        for t, need in zip(inputs, needs, strict=True)))
+
+
+class _RecomposeChain(torch.autograd.Function):
+    """A plain chain's :func:`~expandfx.linear.compose.compose_chain` whose backward
+    recomputes only what the gradients need: the two operands of the last composition
+    (:func:`~expandfx.linear.compose.last_step`); the last, largest product and the
+    interpolation are not run again (:func:`~expandfx.linear.compose.finish_grad` gives the
+    operands' gradients from ``dW`` and the operands). Saves only the factors.
+
+    Arithmetic for a chain ``W = A3 ∘ A2 ∘ A1`` composed as ``A3 ∘ (A2 ∘ A1)``: the
+    backward of the kept version needs ``A12 = A2 ∘ A1``; each factor's gradient in any
+    other order (``dA3 = (dW ∘ A1ᵀ) ∘ A2ᵀ``, ...) costs more for the shapes of CL and CK
+    (wide middle layers), so recomputing ``A12`` — and nothing else — is the cheapest
+    backward that keeps no partial product."""
+
+    @staticmethod
+    def forward(ctx: Any, groups: int, *tensors: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
+        ctx.groups = groups
+        ctx.save_for_backward(*tensors)
+        weight, bias = compose.compose_chain(list(zip(tensors[0::2], tensors[1::2],
+                                                      strict=True)), groups)
+        return (weight,) if bias is None else (weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        needs = ctx.needs_input_grad[1:]
+        higher = torch.is_grad_enabled()  # create_graph=True: keep the saved tensors' history
+        with torch.enable_grad():
+            inputs = [t if t is None or higher else t.detach().requires_grad_(need)
+                      for t, need in zip(ctx.saved_tensors, needs, strict=True)]
+            weights, biases = inputs[0::2], inputs[1::2]
+            step = compose.last_step(weights, ctx.groups)
+            operands = compose.finish_grad(step, grads[0])
+            if operands is None:  # a "pair" step: differentiate the last composition
+                outs, outgrads = [compose.finish(step)], [grads[0]]
+            else:
+                outs, outgrads = [step.first, step.second], list(operands)
+            if len(grads) > 1:
+                outs.append(compose.chain_bias(list(zip(weights, biases, strict=True)),
+                                               ctx.groups))
+                outgrads.append(grads[1])
+            kept = [(o, g) for o, g in zip(outs, outgrads, strict=True) if o.requires_grad]
+            wrt = [t for t, need in zip(inputs, needs, strict=True) if t is not None and need]
+            found = iter(torch.autograd.grad([o for o, _ in kept], wrt, [g for _, g in kept],
+                                             allow_unused=True, create_graph=higher)
+                         if kept and wrt else [None] * len(wrt))
         return (None, *(next(found) if t is not None and need else None
                         for t, need in zip(inputs, needs, strict=True)))
 

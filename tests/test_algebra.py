@@ -101,3 +101,97 @@ def test_tune_kernels_measures_each_spatial_pair_once_and_leaves_rng_alone():
     execution.forget_measurements()
     a, b = next(iter(chosen))
     assert compose.known_kernel_method(a, b, 1, torch.float32, "cpu") is None
+
+
+def _pairwise(weights, groups):
+    from expandfx.linear.compose import compose_pair
+
+    out = (weights[0], None)
+    for w in weights[1:]:
+        out = compose_pair(out, (w, None), groups)
+    return out[0]
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("kernels", [(3, 3, 3), (3, 1, 3), (1, 5, 3, 1), (3, 5)])
+def test_the_point_method_composes_exactly_what_the_pairwise_folding_does(dims, groups, kernels):
+    """Evaluation at points, a point-wise matrix chain and interpolation give the pairwise
+    kernel to rounding (float64), pointwise factors and groups included; the bias of the
+    chain is the pairwise one."""
+    from expandfx.linear.compose import chain_bias, compose_pair, compose_points
+
+    torch.manual_seed(dims + 3 * groups)
+    widths = [4, 6, 8, 10, 2][:len(kernels) + 1]
+    weights = [torch.randn(widths[i + 1], widths[i] // groups, *(k,) * dims,
+                           dtype=torch.float64) for i, k in enumerate(kernels)]
+    biases = [torch.randn(w.shape[0], dtype=torch.float64) for w in weights]
+    ours = compose_points(weights, groups)
+    ref = _pairwise(weights, groups)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
+    pair = (weights[0], biases[0])
+    for w, b in zip(weights[1:], biases[1:], strict=True):
+        pair = compose_pair(pair, (w, b), groups)
+    bias = chain_bias(list(zip(weights, biases, strict=True)), groups)
+    assert (bias - pair[1]).abs().max() <= 1e-10 * pair[1].abs().max()
+
+
+def test_the_point_method_in_float32_stays_within_its_documented_error():
+    """Conditioning of the 7 points (7.4e2): a 7x7 kernel from three 3x3 ones in float32
+    agrees with the float64 one to about 4e-6 relative (pairwise: 3e-7)."""
+    from expandfx.linear.compose import compose_points
+
+    torch.manual_seed(0)
+    shapes = [(128, 32, 3, 3), (256, 128, 3, 3), (64, 256, 3, 3)]
+    weights = [torch.randn(s, dtype=torch.float64) / (s[1] * 9) ** 0.5 for s in shapes]
+    ref = _pairwise(weights, 1)
+    ours = compose_points([w.float() for w in weights]).double()
+    assert (ours - ref).norm() <= 2e-5 * ref.norm()
+
+
+def test_chain_method_takes_points_where_they_cost_fewer_macs_and_can_be_used():
+    """CK's 3x3 chains of the Table 6 network: points (about half the MACs of the best
+    pairwise order); a chain with one spatial kernel (CL), half precision, or a composed
+    kernel over 7 wide: pairwise. ``chain_cost`` is what composition does."""
+    from expandfx.linear import compose
+
+    ck = [(128, 32, 3, 3), (256, 128, 3, 3), (64, 256, 3, 3)]
+    assert compose.chain_method(ck) == "points"
+    assert compose.chain_cost(ck) == compose.points_cost(ck) < compose._best_splits(
+        tuple(ck))[1] // 1.9
+    assert compose.spatial_pairs(ck) == []  # nothing for the kernel-method tuner
+    assert compose.chain_method(ck, torch.float16) == "pairs"
+    assert compose.chain_method([(128, 32, 1, 1), (256, 128, 7, 7), (64, 256, 1, 1)]) == "pairs"
+    wide = [(128, 32, 3, 3), (256, 128, 3, 3), (256, 256, 3, 3), (64, 256, 3, 3)]  # 9x9
+    assert compose.chain_method(wide) == "pairs"
+    # pair_cost: one MAC per tap pair and channel triple (the padding's zeros not counted)
+    assert compose.pair_cost((6, 3, 3, 3), (8, 6, 3, 3)) == 8 * 6 * 3 * 9 * 9
+    assert compose.last_step_cost(ck) == 49 * 64 * 256 * 32 + 64 * 32 * 49 * 49
+
+
+@pytest.mark.parametrize("shapes", [
+    [(32, 8, 3, 3), (64, 32, 3, 3), (16, 64, 3, 3)],  # points
+    [(32, 8, 1, 1), (64, 32, 7, 7), (16, 64, 1, 1)],  # matmul (a pointwise last factor)
+    [(40, 16), (12, 40)],  # matmul (linear)
+    [(6, 3, 3, 3), (7, 6, 3, 3)],  # pair
+])
+def test_finish_grad_is_the_gradient_of_the_last_step(shapes):
+    """The operands' gradients of the chain's last composition from ``dW`` and the operands
+    alone equal autograd's through ``finish`` (float64)."""
+    from expandfx.linear import compose
+
+    torch.manual_seed(len(shapes))
+    weights = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    step = compose.last_step(weights)
+    assert torch.allclose(compose.finish(step), _pairwise(weights, 1), rtol=1e-10, atol=1e-10)
+    dw = torch.randn(step.out, dtype=torch.float64)
+    ours = compose.finish_grad(step, dw)
+    if step.kind == "pair":
+        assert ours is None
+        return
+    first, second = (t.detach().requires_grad_() for t in (step.first, step.second))
+    ref = torch.autograd.grad(compose.finish(step._replace(first=first, second=second)),
+                              [first, second], dw)
+    for a, b in zip(ours, ref, strict=True):
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max()
