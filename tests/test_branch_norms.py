@@ -61,21 +61,7 @@ def test_trained_in_training_mode_contracts_exactly(rule: str, norm: str | None)
 def test_collapsed_and_sequential_gradients_agree_in_float64(rule: str, norm) -> None:
     conv = nn.Conv2d(6, 6, 3, padding=1, groups=3).double()
     x = torch.randn(4, 6, 7, 7, dtype=torch.float64)
-    blocks = []
-    for mode in ("sequential", "collapsed"):
-        block = RULES[rule].build(conv, 1, norm=norm).double()
-        if blocks:
-            block.load_state_dict(blocks[0].state_dict())
-        else:
-            randomize(block, seed=2)
-        block.mode = mode
-        block(x).square().sum().backward()
-        blocks.append(block)
-    pairs = [(a, b) for a, b in zip(blocks[0].parameters(), blocks[1].parameters(), strict=True)
-             if a.requires_grad]
-    assert len(pairs) >= 3
-    for a, b in pairs:
-        assert (a.grad - b.grad).abs().max().item() <= 1e-10 * max(1.0, a.grad.abs().max())
+    assert_modes_agree(lambda: RULES[rule].build(conv, 1, norm=norm).double(), x, least=3)
 
 
 @pytest.mark.parametrize("rule", BRANCH_RULES)
@@ -303,21 +289,7 @@ def test_orepa_trained_in_training_mode_contracts_exactly(mode: str) -> None:
 def test_orepa_collapsed_and_sequential_gradients_agree_in_float64(conv: nn.Module) -> None:
     conv = copy.deepcopy(conv).double()
     x = torch.randn(4, conv.in_channels, *(7,) * len(conv.kernel_size), dtype=torch.float64)
-    blocks = []
-    for mode in ("sequential", "collapsed"):
-        block = orepa.build(conv).double()
-        if blocks:
-            block.load_state_dict(blocks[0].state_dict())
-        else:
-            randomize(block, seed=2)
-        block.mode = mode
-        block(x).square().sum().backward()
-        blocks.append(block)
-    pairs = [(a, b) for a, b in zip(blocks[0].parameters(), blocks[1].parameters(), strict=True)
-             if a.requires_grad]
-    assert len(pairs) >= 5
-    for a, b in pairs:
-        assert (a.grad - b.grad).abs().max().item() <= 1e-10 * max(1.0, a.grad.abs().max())
+    blocks = assert_modes_agree(lambda: orepa.build(conv).double(), x, least=5)
     with torch.no_grad():
         assert rel_err(blocks[0](x), blocks[0].contract()(x)) <= 1e-12
 
@@ -464,3 +436,24 @@ def test_bn_trains_torchvision_resnet18_and_contracts_exactly(rule: str) -> None
     assert list(small.state_dict()) == list(model.state_dict())
     with torch.no_grad():
         assert rel_err(big(x), small(x)) <= 1e-5
+
+
+def assert_modes_agree(make_block, x: torch.Tensor, least: int) -> list:
+    """Sequential and collapsed copies of one randomized block: every trainable parameter's
+    gradient agrees to 1e-10 (float64); at least ``least`` of them. Returns both blocks."""
+    blocks = []
+    for mode in ("sequential", "collapsed"):
+        block = make_block()
+        if blocks:
+            block.load_state_dict(blocks[0].state_dict())
+        else:
+            randomize(block, seed=2)
+        block.mode = mode
+        block(x).square().sum().backward()
+        blocks.append(block)
+    pairs = [(a, b) for a, b in zip(blocks[0].parameters(), blocks[1].parameters(), strict=True)
+             if a.requires_grad]
+    assert len(pairs) >= least
+    for a, b in pairs:
+        assert (a.grad - b.grad).abs().max().item() <= 1e-10 * max(1.0, a.grad.abs().max())
+    return blocks
