@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from variants import VARIANTS, build_variant, phases  # noqa: E402
 
 import expandfx as efx  # noqa: E402
-from expandfx.analysis import gradient_confusion  # noqa: E402
 from expandfx.demo import accuracy, digits, fit, reproducible  # noqa: E402
+from expandfx.diagnostics import gradient_confusion  # noqa: E402
 from expandfx.models import CNN1D, smallnet_digits  # noqa: E402
 from expandfx.optim import step_gain  # noqa: E402
 

@@ -22,8 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import conftest  # noqa: E402,F401  (torchvision import workaround of this machine)
-
-from expandfx.conformance import (  # noqa: E402
+from conformance import (  # noqa: E402
     FAMILIES,
     ZOO,
     ZOO_INPUT,

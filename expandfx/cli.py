@@ -26,10 +26,10 @@ import expandfx as efx
 
 from .demo import run_demo
 from .errors import ExpandFXError
-from .helpers import rel_error
 from .models import EXAMPLE_SHAPES, MODELS
+from .restoring import training_flags
 from .rules import RULES
-from .snapshot import training_flags
+from .tolerances import rel_error
 
 __all__ = ["BLOCK_KEY", "CLIError", "EPILOG", "block_keys", "build_parser", "cmd_check",
            "cmd_demo", "cmd_export", "cmd_models", "cmd_plan", "cmd_rules", "default_input",

@@ -38,7 +38,8 @@ from torch.nn.utils import parametrize
 
 from .copying import copy_model
 from .errors import ConfigError
-from .helpers import first_match, text_table
+from .formatting import text_table
+from .patterns import first_match
 from .registry import LAYER_TYPES, TRANSPOSED_TYPES, base_type
 
 __all__ = ["Compander", "LEARNABLE", "PSIS", "Psi", "bake", "compand", "companded",

@@ -27,11 +27,11 @@ from torch import nn
 
 import expandfx as efx
 from expandfx.block import MEASURE_ENV
-from expandfx.counting import param_count
-from expandfx.helpers import rel_error
+from expandfx.linear.costs import param_count
 from expandfx.models import smallnet_digits
 from expandfx.optim import ChainLR
 from expandfx.quantize import split_samples
+from expandfx.tolerances import rel_error
 
 __all__ = ["accuracy", "digits", "fit", "reproducible", "run_demo", "train"]
 

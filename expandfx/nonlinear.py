@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 from .block import ExpandedBlock
 from .copying import copy_model
 from .errors import ConfigError
-from .snapshot import training_flags
+from .restoring import training_flags
 
 __all__ = ["ACTIVATIONS", "linearize", "nonlinear_counterpart"]
 

@@ -45,12 +45,12 @@ from torch import nn
 
 from .compander import bake
 from .errors import ConfigError, ExpandFXError
-from .helpers import FOLD_TOLERANCES, model_dtype, rel_error
 from .passes.contract import deployable
 from .passes.fold import fold
 from .quantize import Int8Config, Int8Report, as_config, quantize_onnx
 from .registry import original_template
 from .surgery import blocks, replace
+from .tolerances import FOLD_TOLERANCES, model_dtype, rel_error
 
 __all__ = ["ExportReport", "FOLD_TOLERANCES", "TOLERANCES", "VerificationError", "check_report",
            "compact_architecture", "export_onnx", "graph_summary", "verify_onnx"]

@@ -9,12 +9,12 @@ in ``forward``, as in every Hugging Face model; data-dependent control flow) and
 (eval mode, ``no_grad``): module hooks count the calls of each layer, and a torch function
 mode sees every op, so a layer weight passed to an op outside that layer's own call is a
 direct use. Without example inputs the view says why FX failed and callers fall back to a
-module walk. Tracing and recording never change the model (:mod:`expandfx.snapshot`).
+module walk. Tracing and recording never change the model (:mod:`expandfx.restoring`).
 
 Example::
 
     >>> import torch, torch.nn as nn
-    >>> view = inspect(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    >>> view = graph_view(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
     >>> view.traced, view.call_sites[view.key(view.model[0])]
     (True, 1)
 """
@@ -35,9 +35,9 @@ from torch.utils._pytree import tree_leaves
 from . import registry
 from .block import ExpandedBlock
 from .errors import ConfigError
-from .snapshot import preserved
+from .restoring import preserved
 
-__all__ = ["GraphView", "inspect", "positional", "record"]
+__all__ = ["GraphView", "graph_view", "positional", "record"]
 
 
 _FUNCTIONAL = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d,
@@ -88,7 +88,7 @@ class GraphView:
         return id(module)
 
 
-def inspect(model: nn.Module, example_inputs: Any = None) -> GraphView:
+def graph_view(model: nn.Module, example_inputs: Any = None) -> GraphView:
     """Trace ``model`` (or, failing that, record a forward on ``example_inputs``)."""
     try:
         with preserved(model):  # a forward that caches would keep FX proxies

@@ -32,7 +32,7 @@ from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
 from expandfx.sharding import is_sharded
 from expandfx.surgery import blocks, replace
-from expandfx.tracing import GraphView, inspect
+from expandfx.tracing import GraphView, graph_view
 
 __all__ = ["contract", "deployable", "norm_for_shift"]
 
@@ -60,7 +60,7 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         warnings.warn(f"contract: {type(model).__name__} has no expanded blocks; {what} and "
                       f"returned {'it' if inplace else 'an equivalent copy'}.", stacklevel=2)
         return target
-    view = inspect(target) if any(b.shift_to_next_norm for b, _ in found.values()) else None
+    view = graph_view(target) if any(b.shift_to_next_norm for b, _ in found.values()) else None
     for block, paths in found.values():
         if len(paths) == 1 and paths[0] == "":
             return block.contract("<root>")

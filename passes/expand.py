@@ -31,7 +31,7 @@ from expandfx.rules.base import layer_kind
 from expandfx.rules.config import RuleConfig
 from expandfx.rules.spec import RuleSpec, Shorthand, from_call
 from expandfx.surgery import replace
-from expandfx.tracing import GraphView, inspect
+from expandfx.tracing import GraphView, graph_view
 
 __all__ = ["expand"]
 
@@ -231,7 +231,7 @@ def _check_calls(target: nn.Module, swapped: list, example_inputs: Any = None) -
     Catches layers also referenced outside the module tree (a plain Python list, a
     closure), whose old copy would keep running untrained while the block is ignored.
     """
-    after = inspect(target, example_inputs)
+    after = graph_view(target, example_inputs)
     wrong = [paths[0] for paths, _, block, sites in swapped
              if not after.checked or after.call_sites[id(block)] != sites]
     if not wrong:

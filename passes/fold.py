@@ -55,8 +55,8 @@ from torch.utils._pytree import tree_leaves
 
 from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
-from expandfx.helpers import FOLD_TOLERANCES, model_dtype, rel_error
 from expandfx.linear.ir import PAD_MODES, Affine, pad_from_pairs
+from expandfx.tolerances import FOLD_TOLERANCES, model_dtype, rel_error
 
 __all__ = ["FoldReport", "fold"]
 

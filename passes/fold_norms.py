@@ -44,9 +44,9 @@ from torch.utils._pytree import tree_leaves
 
 from expandfx import registry
 from expandfx.errors import FoldError
-from expandfx.helpers import rel_error
 from expandfx.linear import Affine, Seq, batchnorm, fold
 from expandfx.surgery import replace
+from expandfx.tolerances import rel_error
 
 __all__ = ["fold_norms"]
 

@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from expandfx import registry
 from expandfx.block import CONV_TYPES, torch_layer_type
 from expandfx.errors import ConfigError, FoldError
-from expandfx.helpers import human
+from expandfx.formatting import human
 from expandfx.linear import Affine, Geometry, Identity, Par, Seq, batchnorm, fold
 from expandfx.linear.ir import Node, leaves, map_leaves
 

@@ -10,14 +10,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conformance import FAMILIES, ZOO, ZOO_INPUT, build_zoo_model
 from support import rel_err
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import expandfx as efx
-from expandfx.conformance import FAMILIES, ZOO, ZOO_INPUT, build_zoo_model
 from expandfx.errors import ConfigError
-from expandfx.helpers import rel_error
+from expandfx.tolerances import rel_error
 
 TOL = 1e-5  # docs/design.md §4, float32
 BN = nn.modules.batchnorm._BatchNorm

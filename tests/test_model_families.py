@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 import torch
+from conformance import FAMILIES, roundtrip_record
 
 import expandfx as efx
-from expandfx.conformance import FAMILIES, roundtrip_record
 
 pytest.importorskip("transformers", reason="transformers not installed: skipped")
 pytest.importorskip("torchvision", reason="torchvision not installed: skipped")

@@ -8,10 +8,10 @@ import warnings
 
 import pytest
 import torch
+from conformance import ZOO, ZOO_INPUT, applicable_rules, build_zoo_model, roundtrip_record
 from torch import nn
 
 import expandfx as efx
-from expandfx.conformance import ZOO, ZOO_INPUT, applicable_rules, build_zoo_model, roundtrip_record
 
 pytest.importorskip("torchvision", reason="torchvision not installed: model-zoo tests skipped")
 pytest.importorskip("timm", reason="timm not installed: model-zoo tests skipped")

@@ -13,7 +13,7 @@ from support import state_equal
 from torch import nn
 
 import expandfx as efx
-from expandfx.counting import param_count
+from expandfx.linear.costs import param_count
 from expandfx.models import smallnet_7x7
 from expandfx.rules import RULES, Rule, register_rule, unregister_rule
 from expandfx.rules.factors import conv_factor

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import expandfx as efx
-from expandfx.analysis import gradient_confusion
+from expandfx.diagnostics import gradient_confusion
+from expandfx.rules import unregister_rule
 
 BENCH = Path(__file__).parents[1] / "benchmarks"
 
@@ -49,7 +50,14 @@ def test_accuracy_study_quick_run(tmp_path):
 
 def test_branch_study_quick_run_resumes(tmp_path):
     pytest.importorskip("mnist1d", reason="mnist1d not installed")
-    study = load("branch_study")
+    study = load("branch_study")  # registers its rule "Single": unregistered at the end
+    try:
+        _branch_study_resumes(study, tmp_path)
+    finally:
+        unregister_rule("Single")
+
+
+def _branch_study_resumes(study, tmp_path):
     study.main(["--quick", "--out", str(tmp_path), "--variants", "compact,DBB/bn,ACNet"])
     records = [json.loads(line) for line in
                (tmp_path / "branch_study.partial.jsonl").read_text().splitlines()]

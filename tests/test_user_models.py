@@ -10,11 +10,11 @@ import io
 
 import pytest
 import torch
+from conformance import roundtrip_record
 from support import rel_err
 from torch import nn
 
 import expandfx as efx
-from expandfx.conformance import roundtrip_record
 
 
 class CachesInForward(nn.Module):

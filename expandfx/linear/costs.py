@@ -105,3 +105,13 @@ def layer_macs(layer: nn.Module, shape: list[int]) -> tuple[list[int], int]:
     out = [shape[0], layer.out_channels, *spatial]
     fan_in = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
     return out, math.prod(out) * fan_in
+
+
+def param_count(module: nn.Module) -> int:
+    """Number of parameters (shared parameters counted once).
+
+    >>> import torch.nn as nn
+    >>> param_count(nn.Linear(4, 2))
+    10
+    """
+    return sum(p.numel() for p in module.parameters())

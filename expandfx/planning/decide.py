@@ -24,16 +24,15 @@ from torch import nn
 
 from .. import registry
 from ..block import ExpandedBlock
-from ..counting import param_count
 from ..errors import ConfigError, ContractionError
 from ..execution import sequential_macs
-from ..helpers import first_match
-from ..linear.costs import layer_macs
+from ..linear.costs import layer_macs, param_count
+from ..patterns import first_match
+from ..restoring import preserved
 from ..rules import RULES
 from ..rules.config import INITS, RuleConfig
 from ..rules.spec import RuleSpec, Spec, from_call
-from ..snapshot import preserved
-from ..tracing import GraphView, inspect, positional
+from ..tracing import GraphView, graph_view, positional
 from .legality import (
     _graph_reason,
     _is_parametrized_layer,
@@ -124,7 +123,7 @@ def decide(model: nn.Module, rule: RuleSpec | Spec, r: float | None = None, *,
     :class:`~expandfx.rules.spec.Spec`)."""
     spec = rule if isinstance(rule, Spec) else from_call("decide", rule, r, {})
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
-    view = inspect(model, example_inputs)
+    view = graph_view(model, example_inputs)
     paths: dict[int, list[str]] = defaultdict(list)
     modules: dict[int, nn.Module] = {}
     owners: dict[int, set[str]] = defaultdict(set)

@@ -25,9 +25,9 @@ from torch.nn.utils import parametrize
 
 from .. import registry
 from ..block import ExpandedBlock
-from ..counting import param_count
 from ..errors import ConfigError
-from ..helpers import first_match
+from ..linear.costs import param_count
+from ..patterns import first_match
 from ..registry import LAYER_TYPES, TRANSPOSED_TYPES, base_type, torch_layer_type
 from ..rules import RULES
 from ..rules.spec import RuleSpec

@@ -18,8 +18,8 @@ from typing import Any
 from torch import nn
 
 from .. import registry
-from ..helpers import human as _human
-from ..helpers import text_table
+from ..formatting import human as _human
+from ..formatting import text_table
 from ..registry import base_type
 from ..rules.config import RuleConfig
 from ..rules.spec import RuleSpec

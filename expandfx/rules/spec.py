@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
-from ..helpers import first_match
+from ..patterns import first_match
 from .base import RULES, Rule, find, layer_kind
 from .config import INITS, RuleConfig, RuleSet, _check_norm, _rate
 

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -25,15 +26,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .block import ExpandedBlock
-from .helpers import randomize_factors, rel_error
-from .passes.contract import contract
-from .passes.expand import expand
-from .planning import plan
-from .surgery import blocks
+from expandfx import ExpandedBlock, contract, expand, plan
+from expandfx.surgery import blocks
+from expandfx.tolerances import rel_error
 
 __all__ = ["FAMILIES", "Family", "ZOO", "ZOO_INPUT", "applicable_rules", "build_zoo_model",
            "detection_probe", "raft_after_training_step", "raft_probe", "roundtrip_record"]
+
+
+def randomize_factors(model: nn.Module, seed: int = 0) -> None:
+    """Fresh weights of a trained-like scale (``1/√fan-in``; 0.1 for vectors) in every
+    expanded block of ``model``, from a seeded generator (in place)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in (m for m in model.modules() if isinstance(m, ExpandedBlock)):
+            for p in block.parameters():
+                scale = 1 / math.sqrt(p[0].numel()) if p.dim() > 1 else 0.1
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) * scale)
 
 
 Probe = Callable[[nn.Module, tuple], Any]
