@@ -304,6 +304,14 @@ class ExpandedBlock(nn.Module):
         see :func:`expandfx.execution.resolve_mode`."""
         return execution.resolve_mode(self, x)
 
+    @property
+    def auto_decisions(self) -> dict[tuple[Any, ...], str]:
+        """What ``auto`` mode chose for each input it has seen (a copy): ``(shape, dtype,
+        device, grad enabled, autocast) -> "sequential" | "collapsed"``; emptied by
+        :func:`~expandfx.execution.set_mode` and
+        :func:`~expandfx.execution.forget_measurements`."""
+        return dict(self._auto)
+
     def folded(self) -> WeightBias:
         """:meth:`weight_bias` in the working dtype; cached only inside :func:`frozen`
         (see :func:`expandfx.execution.folded`)."""

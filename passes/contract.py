@@ -9,7 +9,8 @@ check each is still an unedited linear topology, fold its factors in float64
 (``expandfx.linear.fold``), rebuild the original layer class with its exact
 hyperparameters, swap it in. The result has the original ``state_dict`` keys. A bias-free
 layer trained with per-branch BatchNorms (``norm="bn"``) has a shift and no bias: it moves
-into the running mean of the BatchNorm that is the layer's only use (:func:`norm_for_shift`).
+into the running mean of the BatchNorm that is the layer's only use
+(:func:`~expandfx.planning.legality.norm_for_shift`).
 
 Example::
 
@@ -30,11 +31,12 @@ from torch import nn
 from expandfx.compander import bake, companded
 from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
+from expandfx.planning.legality import norm_for_shift
 from expandfx.sharding import is_sharded
 from expandfx.surgery import blocks, replace
-from expandfx.tracing import GraphView, graph_view
+from expandfx.tracing import graph_view
 
-__all__ = ["contract", "deployable", "norm_for_shift"]
+__all__ = ["contract", "deployable"]
 
 
 def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -69,27 +71,11 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             shift_into = norm_for_shift(view, block, paths[0])
             if isinstance(shift_into, str):
                 raise ContractionError(f"contract: block '{paths[0]}' ({block.rule}, "
-                                       f"norm='bn') on a bias-free layer: {shift_into}")
+                                       f"norm='bn') on a bias-free layer: {shift_into}.")
         replace(target, paths, block.contract(paths[0], shift_into=shift_into))
     return target
 
 
-def norm_for_shift(view: GraphView, layer: nn.Module, path: str) -> nn.Module | str:
-    """The BatchNorm that a bias-free layer's (or its block's) result goes to and nowhere
-    else — where the shift of its branch BNs can go (:meth:`ExpandedBlock.contract`) — or
-    why there is none (a sentence that says what to do)."""
-    fix = (f"use norm='scale' (no shift), give the layer a bias, or exclude '{path}' "
-           f"(exclude=[{path!r}])")
-    if not view.traced:
-        return (f"torch.fx could not trace the model ({view.error}), so it cannot be checked "
-                f"that its result goes only to a BatchNorm, which must take the branch BNs' "
-                f"shift (the layer has no bias for it); {fix}.")
-    bn = view.norm_after.get(id(layer))
-    if bn is None or view.call_sites[id(layer)] != 1 or view.call_sites[id(bn)] != 1:
-        return (f"its result does not go only to a BatchNorm with running statistics (called "
-                f"once), so the branch BNs' shift (β − γ·mean/σ) has nowhere to go in the "
-                f"compact layer, which has no bias; {fix}.")
-    return bn
 
 
 def deployable(model: nn.Module) -> tuple[nn.Module, list[str]]:

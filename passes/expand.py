@@ -16,7 +16,6 @@ import warnings
 from collections import Counter
 from typing import Any
 
-from expandfx.passes.contract import norm_for_shift
 from torch import nn
 
 from expandfx import registry
@@ -25,7 +24,7 @@ from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
 from expandfx.planning import LayerPlan, Patterns, Plan, decide
 from expandfx.planning import plan as make_plan
-from expandfx.planning.legality import transposed_reason
+from expandfx.planning.legality import norm_for_shift, transposed_reason
 from expandfx.rules import RULES, find
 from expandfx.rules.base import layer_kind
 from expandfx.rules.config import RuleConfig
@@ -128,7 +127,7 @@ def expand(model: nn.Module, rule: RuleSpec | None = None, r: float | None = Non
             why = norm_for_shift(view, row.module, row.path)
             if isinstance(why, str):
                 raise ConfigError(f"expand: {row.rule} with norm='bn' on the bias-free layer "
-                                  f"'{row.path}': {why}")
+                                  f"'{row.path}': {why}.")
     swapped = []  # every block is built before any is swapped in: a failure changes nothing
     for row, layer, block in built:
         paths = [row.path, *row.aliases]

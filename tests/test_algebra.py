@@ -65,11 +65,11 @@ def test_every_kernel_composition_method_gives_the_same_values_and_gradients(gro
     torch.manual_seed(groups)
     wa = torch.randn(4 * groups, 3, *ka, dtype=torch.float64, requires_grad=True)
     wb = torch.randn(5 * groups, 4, *kb, dtype=torch.float64, requires_grad=True)
-    ref = algebra._compose_kernels_conv(wa, wb, groups)
+    ref = algebra.KERNEL_METHODS["conv"](wa, wb, groups)
     ref_grads = torch.autograd.grad(ref, (wa, wb), torch.linspace(-1, 1, ref.numel()).view_as(ref))
-    outs = [algebra._compose_kernels(wa, wb, groups)]
+    outs = [algebra.compose_pair((wa, None), (wb, None), groups)[0]]  # as chains compose
     if ka != (1, 1) and kb != (1, 1):
-        outs.append(algebra._fold_kernels(wa, wb, groups))
+        outs.append(algebra.KERNEL_METHODS["fold"](wa, wb, groups))
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         grads = torch.autograd.grad(out, (wa, wb), torch.linspace(-1, 1, out.numel()).view_as(out))
@@ -158,8 +158,7 @@ def test_chain_method_takes_points_where_they_cost_fewer_macs_and_can_be_used():
 
     ck = [(128, 32, 3, 3), (256, 128, 3, 3), (64, 256, 3, 3)]
     assert compose.chain_method(ck) == "points"
-    assert compose.chain_cost(ck) == compose.points_cost(ck) < compose._best_splits(
-        tuple(ck))[1] // 1.9
+    assert compose.chain_cost(ck) == compose.points_cost(ck) < compose.pairs_cost(ck) // 1.9
     assert compose.spatial_pairs(ck) == []  # nothing for the kernel-method tuner
     assert compose.chain_method(ck, torch.float16) == "pairs"
     assert compose.chain_method([(128, 32, 1, 1), (256, 128, 7, 7), (64, 256, 1, 1)]) == "pairs"

@@ -76,7 +76,7 @@ def test_measuring_touches_no_grad_graph_hook_or_rng(record_timings):
     for p, g in zip(big.parameters(), grads_ref, strict=True):
         assert (p.grad - g).abs().max().item() <= 1e-4 * scale
     for b in blocks(big):  # one decision per block for this input and grad mode
-        assert list(b._auto.values()) in (["collapsed"], ["sequential"])
+        assert list(b.auto_decisions.values()) in (["collapsed"], ["sequential"])
 
 
 def test_choice_is_cached_per_shape_dtype_and_grad_mode(record_timings):
@@ -92,10 +92,10 @@ def test_choice_is_cached_per_shape_dtype_and_grad_mode(record_timings):
         big(x)
     assert len(record_timings) > n and record_timings[-1] == 0  # forward only under no_grad
     big.double()(x.double())
-    assert {k[1] for k in block._auto} == {torch.float32, torch.float64}
-    assert {k[3] for k in block._auto} == {True, False}
+    assert {k[1] for k in block.auto_decisions} == {torch.float32, torch.float64}
+    assert {k[3] for k in block.auto_decisions} == {True, False}
     efx.set_mode(big, "auto")
-    assert block._auto == {}
+    assert block.auto_decisions == {}
 
 
 @pytest.mark.parametrize("switch", ["env", "set_mode"])
@@ -110,7 +110,7 @@ def test_measuring_can_be_switched_off(record_timings, monkeypatch, switch):
     assert record_timings == []
     for b in blocks(big):
         assert b.resolve_mode(x) == cheaper_mode(b, tuple(x.shape))
-        assert b._auto == {}  # model decisions are not cached: a later measurement may run
+        assert b.auto_decisions == {}  # model decisions are not cached: a later measurement may run
 
 
 def test_no_measuring_under_compile_functorch_or_meta(record_timings, monkeypatch):
@@ -124,10 +124,10 @@ def test_no_measuring_under_compile_functorch_or_meta(record_timings, monkeypatc
     out = torch.func.vmap(lambda v: torch.func.functional_call(big, params, (v,)))(x[:, None])
     with torch.no_grad():
         assert rel_err(efx.set_mode(copy.deepcopy(big), "sequential")(x), out[:, 0]) <= 1e-5
-    assert record_timings == [] and block._auto == {}
+    assert record_timings == [] and block.auto_decisions == {}
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     big(x)
-    assert record_timings == [] and block._auto == {}
+    assert record_timings == [] and block.auto_decisions == {}
 
 
 def test_measuring_inside_activation_checkpointing(record_timings):
@@ -155,4 +155,4 @@ def test_identical_blocks_share_one_measured_decision(record_timings):
     n = len(record_timings)
     assert torch.equal(twin(x), y) and len(record_timings) == n  # decided once, not re-timed
     for a, b in zip(blocks(big), blocks(twin), strict=True):
-        assert a._auto == b._auto
+        assert a.auto_decisions == b.auto_decisions

@@ -134,9 +134,10 @@ def test_scale_init_and_preserve(rule: str) -> None:
 
 def test_refusals_name_the_layer_and_the_way_out() -> None:
     bias_free = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU())
-    with pytest.raises(efx.ConfigError, match=r"bias-free layer '0'.*does not go only to a "
+    with pytest.raises(efx.ConfigError, match=r"'0' was requested exactly.*bias-free layer: "
+                                              r"its result does not go only to a "
                                               r"BatchNorm.*norm='scale'.*exclude"):
-        efx.expand(bias_free, efx.RepVGG(norm="bn"))
+        efx.expand(bias_free, {"0": efx.RepVGG(norm="bn")})
     with pytest.raises(efx.ConfigError, match=r"ACNet\(init='preserve', norm='bn'\): "
                                               r"init='preserve' with norm='bn' cannot hold.*"
                                               r"Use init='default'"):
@@ -415,7 +416,9 @@ def test_bn_on_a_bias_free_layer_moves_its_shift_into_the_next_bn() -> None:
     with pytest.raises(efx.ContractionError, match=r"no bias to hold it.*expandfx.contract"):
         big[0].contract("0")
     with pytest.raises(efx.ConfigError, match=r"'conv'.*does not go only to a BatchNorm"):
-        efx.expand(Residual(), "RepVGG", norm="bn")
+        efx.expand(Residual(), {"conv": efx.RepVGG(norm="bn")})
+    row = next(r for r in efx.plan(Residual(), efx.RepVGG(norm="bn")).rows if r.path == "conv")
+    assert row.rule is None and "does not go only to a BatchNorm" in row.reason
 
 
 @pytest.mark.parametrize("rule", ["RepVGG", "DBB"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import warnings
 
 import pytest
@@ -149,10 +150,19 @@ def test_the_plan_counts_the_block_the_norm_builds(norm):
 
 
 def test_the_plan_refuses_what_expand_refuses_for_a_norm():
+    """A bias-free layer not followed solely by a BatchNorm cannot take norm='bn' (the
+    branch BNs' shift has nowhere to go): plan and expand skip it with that reason, an
+    exact request raises, and norm='scale' is planned."""
     bias_free = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU())
-    for call in (efx.expand,):  # plan does not yet check the BN after a bias-free layer (open)
-        with pytest.raises(efx.ConfigError, match=r"bias-free layer .0."):
-            call(bias_free, efx.RepVGG(norm="bn"))
+    why = r"RepVGG with norm='bn' on a bias-free layer: its result does not go only to a BatchNorm"
+    assert re.match(why, efx.plan(bias_free, efx.RepVGG(norm="bn")).rows[0].reason)
+    with pytest.raises(efx.ConfigError, match=r"expanded no layer.*" + why):
+        efx.expand(bias_free, efx.RepVGG(norm="bn"), strict=True)
+    for call in (efx.plan, efx.expand):
+        with pytest.raises(efx.ConfigError, match=r"'0' was requested exactly.*" + why):
+            call(bias_free, {"0": efx.RepVGG(norm="bn")})
+    followed = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    assert efx.plan(followed, efx.RepVGG(norm="bn")).rows[0].reason is None
     assert efx.plan(bias_free, efx.RepVGG(norm="scale")).rows[0].params_after == 108 + 12 + 8
 
 

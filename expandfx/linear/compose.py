@@ -30,8 +30,8 @@ import torch.nn.functional as F
 __all__ = ["KERNEL_METHODS", "POINTS", "Step", "chain_bias", "chain_cost", "chain_method",
            "compose_chain", "compose_pair", "compose_points", "composed_shape", "finish",
            "finish_grad", "forget_kernel_methods", "grouped", "kernel_method",
-           "known_kernel_method", "last_step", "last_step_cost", "pair_cost", "points_cost",
-           "prefer_kernel_method", "spatial_pairs", "ungrouped"]
+           "known_kernel_method", "last_step", "last_step_cost", "pair_cost", "pairs_cost",
+           "points_cost", "prefer_kernel_method", "spatial_pairs", "ungrouped"]
 
 
 Tensor = torch.Tensor
@@ -577,12 +577,17 @@ def _best_splits(shapes: tuple[tuple[int, ...], ...]) -> tuple[dict[tuple[int, i
     return split, cost[0, n - 1]
 
 
+def pairs_cost(shapes: Sequence[tuple[int, ...]]) -> int:
+    """Multiply-accumulates of folding a chain of weights of these shapes pair by pair in
+    the cheapest order (the matrix-chain programme)."""
+    return _best_splits(tuple(tuple(s) for s in shapes))[1]
+
+
 def chain_cost(shapes: Sequence[tuple[int, ...]]) -> int:
     """Multiply-accumulates of folding a chain of weights of these shapes as
     :func:`compose_chain` does (float32): the best pairwise order or the point method."""
     shapes = tuple(tuple(s) for s in shapes)
-    pairs = _best_splits(shapes)[1]
-    return points_cost(shapes) if chain_method(shapes) == "points" else pairs
+    return points_cost(shapes) if chain_method(shapes) == "points" else pairs_cost(shapes)
 
 
 def grouped(weight: Tensor, groups: int) -> Tensor:

@@ -46,6 +46,7 @@ from .legality import (
     capacity_reason,
     how_requested,
     requested_explicitly,
+    shift_reason,
     transposed_reason,
     unhandled_reason,
 )
@@ -200,9 +201,10 @@ def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
         return None, reason
 
     layer = registry.as_torch(module, device="meta", path=path)
+    build = _meta_builder(config, layer, path)
     reason = (transposed_reason(config.rule, layer) or RULES[config.rule].skip_reason(layer)
-              or capacity_reason(path, config.rule, layer, config.r or 1.0,
-                                 _meta_builder(config, layer, path)))
+              or capacity_reason(path, config.rule, layer, config.r or 1.0, build)
+              or shift_reason(path, module, layer, config, ctx.view, build))
     if reason:
         return None, reason
     if config.rule == "FC" and id(module) in ctx.output and not explicit:

@@ -34,8 +34,8 @@ from ..rules.spec import RuleSpec
 from ..tracing import GraphView
 from .report import _human
 
-__all__ = ["TRANSPOSED_RULES", "capacity_reason", "check_r", "how_requested",
-           "requested_explicitly", "transposed_reason", "unhandled_reason"]
+__all__ = ["TRANSPOSED_RULES", "capacity_reason", "check_r", "how_requested", "norm_for_shift",
+           "requested_explicitly", "shift_reason", "transposed_reason", "unhandled_reason"]
 
 if TYPE_CHECKING:
     from .decide import _Context
@@ -346,3 +346,34 @@ def transposed_reason(rule: str, layer: nn.Module) -> str | None:
     why = _WHY_NOT_TRANSPOSED.get(rule, _BRANCHES if branches else
                                   "it builds blocks of plain convolutions")
     return f"{rule} does not apply to transposed convolutions: {why}; use CL"
+
+def norm_for_shift(view: GraphView, layer: nn.Module, path: str) -> nn.Module | str:
+    """The BatchNorm that a bias-free layer's (or its block's) result goes to and nowhere
+    else — where the shift of its branch BNs can go (:meth:`ExpandedBlock.contract`) — or
+    why there is none (a sentence that says what to do)."""
+    fix = (f"use norm='scale' (no shift), give the layer a bias, or exclude '{path}' "
+           f"(exclude=[{path!r}])")
+    if not view.traced:
+        return (f"torch.fx could not trace the model ({view.error}), so it cannot be checked "
+                f"that its result goes only to a BatchNorm, which must take the branch BNs' "
+                f"shift (the layer has no bias for it); {fix}")
+    bn = view.norm_after.get(id(layer))
+    if bn is None or view.call_sites[id(layer)] != 1 or view.call_sites[id(bn)] != 1:
+        return (f"its result does not go only to a BatchNorm with running statistics (called "
+                f"once), so the branch BNs' shift (β − γ·mean/σ) has nowhere to go in the "
+                f"compact layer, which has no bias; {fix}")
+    return bn
+
+
+def shift_reason(path: str, module: nn.Module, layer: nn.Module, config: Any, view: GraphView,
+                 build: Callable[[float | None], ExpandedBlock]) -> str | None:
+    """Why a bias-free layer cannot take ``config``'s per-branch BatchNorms
+    (``norm="bn"``), or ``None``: their summed shift must go into the BatchNorm that is the
+    layer's only use (:func:`norm_for_shift`)."""
+    if getattr(layer, "bias", None) is not None or dict(config.options).get("norm") != "bn":
+        return None
+    if not build(config.r).shift_to_next_norm:
+        return None
+    why = norm_for_shift(view, module, path)
+    return f"{config.rule} with norm='bn' on a bias-free layer: {why}" if isinstance(why, str) \
+        else None

@@ -190,6 +190,12 @@ def from_call(who: str, rule: Any, r: Any, deprecated: dict[str, Any]) -> Spec:
                           f"rule strings, and {_describe(spec)} already sets every rule's "
                           f"settings. Put them in the configs (e.g. "
                           f"{spec.configs()[0].rule}(...)) and drop the keyword.")
+    if r is not None and not callable(spec.table) and not any(
+            RULES[c.rule].uses_r for c in spec.configs()):
+        users = sorted(n for n, x in RULES.items() if x.uses_r)
+        raise ConfigError(f"{who}: r={r!r} would be ignored: rule {rule!r} uses no "
+                          f"expansion rate (branch rules keep the layer's width). Drop r=, or "
+                          f"combine with a rule that uses it: {users}.")
     if norm is not UNSET and norm is not None and not callable(spec.table) and not any(
             "norm" in RULES[c.rule].options for c in spec.configs()):
         raise ConfigError(f"{who}: norm={norm!r} is per-branch normalization, but rule "
