@@ -153,7 +153,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         pairs = zip(tree_leaves(big(x)), tree_leaves(small(x)), strict=True)
         err = max(rel_error(r, o) for r, o in pairs if isinstance(r, torch.Tensor))
     same_keys = list(small.state_dict()) == list(model.state_dict())
-    print(f"{args.model}: {n_blocks} layer(s) expanded with {args.rule}, r={args.r:g}")
+    rate = "" if args.r is None else f", r={args.r:g}"
+    print(f"{args.model}: {n_blocks} layer(s) expanded with {args.rule}{rate}")
     print(f"contract(big) vs big: max |diff| / max |out| = {err:.2e} (limit 1e-5)")
     print(f"state_dict keys identical to the original: {same_keys}")
     out_path = Path(args.out or f"{args.model.replace(':', '_').replace('.', '_')}.onnx")
@@ -189,9 +190,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     foreign = [k for k in state if k not in own]
     expanded = block_keys(foreign, own)
     if expanded:
-        if args.rule is None or args.r is None:
+        if args.rule is None:
             raise CLIError(f"{str(path)!r} is a checkpoint of an expanded model: pass the rule "
-                           f"and r it was expanded with (--rule ... --r ...)")
+                           f"and r it was expanded with (--rule ... --r ...; r defaults to 4)")
         model = efx.expand(model, args.rule, args.r, **patterns(args))
     if any(k.endswith(".parametrizations.weight.original") and k not in model.state_dict()
            for k in state):
@@ -292,12 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a few epochs, one seed (for tests)")
     d.set_defaults(func=cmd_demo)
 
-    def common(p: argparse.ArgumentParser, rule_default: str | None = "CL",
-               r_default: float | None = 4.0) -> None:
+    def common(p: argparse.ArgumentParser, rule_default: str | None = "CL") -> None:
         p.add_argument("model", metavar="MODEL", help="model name or package.module:factory")
         p.add_argument("--rule", default=rule_default, help=f"rule (default: {rule_default})")
-        p.add_argument("--r", type=float, default=r_default,
-                       help=f"expansion rate (default: {r_default})")
+        p.add_argument("--r", type=float, default=None,
+                       help="expansion rate of CL, CK, FC (default: 4; branch rules take none)")
         p.add_argument("--input", help="input shape, e.g. 1,3,32,32 (in-repo models: known)")
         p.add_argument("--include", action="append", metavar="GLOBS",
                        help="expand only layers matching these module-path globs, comma-"
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
 
     e = sub.add_parser("export", help="contract/bake/export/verify a trained checkpoint")
-    common(e, rule_default=None, r_default=None)
+    common(e, rule_default=None)
     e.add_argument("--weights", required=True, help="state_dict file (torch.save)")
     e.add_argument("--out", required=True, help="ONNX file to write")
     e.add_argument("--psi", default="arctan", help="compander Ψ of a companded checkpoint")

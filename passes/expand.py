@@ -24,9 +24,9 @@ from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
 from expandfx.planning import LayerPlan, Patterns, Plan, decide
 from expandfx.planning import plan as make_plan
+from expandfx.planning.layers import describe_layer
 from expandfx.planning.legality import norm_for_shift, transposed_reason
 from expandfx.rules import RULES, find
-from expandfx.rules.base import layer_kind
 from expandfx.rules.config import RuleConfig
 from expandfx.rules.spec import RuleSpec, Shorthand, from_call
 from expandfx.surgery import replace
@@ -153,14 +153,15 @@ def _build(target: nn.Module, row: LayerPlan, config: RuleConfig | None, mode: s
            ) -> tuple[nn.Module, ExpandedBlock]:
     """(the layer, its block) for one planned row; errors name the layer's path."""
     layer = target.get_submodule(row.path)
-    torch_layer = registry.as_torch(layer, path=row.path)
+    described = row.description or describe_layer(layer, [row.path])
     rule = RULES.get(config.rule) if config is not None else None
     why = ("it is not a registered rule" if rule is None else
-           f"it applies to {rule.kind} layers" if rule.kind != layer_kind(layer) else
-           transposed_reason(rule.name, torch_layer) or rule.skip_reason(torch_layer))
+           f"it applies to {rule.kind} layers" if rule.kind != described.kind else
+           transposed_reason(rule.name, described) or rule.skip_reason(described.torch))
     if why:  # only an edited plan gets here: decide() checks every rule it picks
         raise ConfigError(f"expand: the plan gives '{row.path}' rule {row.rule!r}, but "
                           f"{why}. Set that row's rule to None or another rule.")
+    torch_layer = registry.as_torch(layer, path=row.path)  # the copy's weights, torch layout
     try:
         block = config.build(torch_layer, path=row.path)
     except ContractionError as exc:  # the block's own check: the rule built a wrong block

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from expandfx import ExpandedBlock, contract, expand, plan
+from expandfx.rules import find
 from expandfx.surgery import blocks
 from expandfx.tolerances import rel_error
 
@@ -45,6 +46,12 @@ def randomize_factors(model: nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) * scale)
 
 
+
+def _uses_r(rule: Any) -> bool:
+    """Whether a rule string (``"CK+FC"``) names a rule that takes an expansion rate."""
+    return not isinstance(rule, str) or any(find(n).uses_r for n in rule.split("+"))
+
+
 Probe = Callable[[nn.Module, tuple], Any]
 
 
@@ -58,6 +65,7 @@ def roundtrip_record(model: nn.Module, rule: Any, r: float, x: torch.Tensor | tu
     also the ``example_inputs`` of plan and expand (call sites recorded if FX fails).
     """
     model = model.eval()
+    r = r if _uses_r(rule) else None  # branch rules keep the width: r would be refused
     inputs = x if isinstance(x, tuple) else (x,)
     example = None if probe is not None else inputs
     run = probe or (lambda m, args: m(*args))

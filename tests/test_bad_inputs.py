@@ -112,7 +112,7 @@ def test_checkpoint_of_another_rule_leads_with_the_diagnosis():
     """Issue #22: expandfx's diagnosis used to come after 1–2 KB of torch's key lists."""
     ckpt = efx.expand(smallnet_7x7(), "CL", r=2).state_dict()
     with pytest.raises(RuntimeError) as err:
-        efx.expand(smallnet_7x7(), "ACNet", r=2).load_state_dict(ckpt)
+        efx.expand(smallnet_7x7(), "ACNet").load_state_dict(ckpt)
     lines = str(err.value).splitlines()
     assert "the checkpoint was saved from another expansion rule" in lines[1]
     assert "Missing key(s)" not in str(err.value) and "Unexpected key(s)" not in str(err.value)
@@ -125,7 +125,7 @@ def test_checkpoint_of_another_rule_leads_with_the_diagnosis():
     ckpt = efx.expand(smallnet_7x7(), "CL", r=2).state_dict()
     ckpt["extra.weight"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"extra.weight\""):
-        efx.expand(smallnet_7x7(), "ACNet", r=2).load_state_dict(ckpt)
+        efx.expand(smallnet_7x7(), "ACNet").load_state_dict(ckpt)
 
 
 def test_non_tensor_example_inputs():
@@ -632,7 +632,7 @@ def test_a_rule_that_cannot_expand_a_transposed_conv_says_so_and_names_cl():
         efx.plan(UserNet(), {"up": "CK", "*": "CL"}, 2, example_inputs=(USER_X,))
     with pytest.raises(efx.ConfigError, match=r"'up' was requested exactly.*RepVGG does not "
                                               r"apply to transposed convolutions.*use CL"):
-        efx.expand(UserNet(), "RepVGG", 2, include=["*", "up"], example_inputs=(USER_X,))
+        efx.expand(UserNet(), "RepVGG", include=["*", "up"], example_inputs=(USER_X,))
 
 
 def test_output_size_on_a_block_of_a_plain_conv_is_refused():

@@ -221,7 +221,7 @@ def test_plan_says_which_rules_apply_to_transposed_convs():
     model = nn.Sequential(nn.ConvTranspose2d(4, 4, 5, stride=2))
     assert efx.plan(model, "CL", 2).rows[0].rule == "CL"
     for rule in ("CK", "RepVGG", "ACNet", "DBB", "MobileOne", "OREPA"):
-        row = efx.plan(model, rule, 2).rows[0]
+        row = efx.plan(model, rule, 2 if rule == "CK" else None).rows[0]
         assert row.rule is None
         assert row.reason.startswith(f"{rule} does not apply to transposed convolutions: ")
         assert row.reason.endswith("; use CL")

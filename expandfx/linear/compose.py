@@ -324,9 +324,9 @@ def compose_points(weights: Sequence[Tensor], groups: int = 1) -> Tensor:
     per-point channel matrices; the interpolation reads the chain's ``[points, out·in]``
     transposed.
 
-    >>> a, b, c = torch.randn(4, 2, 3, 3), torch.randn(5, 4, 3, 3), torch.randn(3, 5, 3, 3)
+    >>> a, b, c = (torch.randn(*s, 3, 3, dtype=torch.float64) for s in ((4, 2), (5, 4), (3, 5)))
     >>> pairwise = compose_pair(compose_pair((a, None), (b, None)), (c, None))[0]
-    >>> bool(torch.allclose(compose_points([a, b, c]), pairwise, atol=1e-4))
+    >>> bool(torch.allclose(compose_points([a, b, c]), pairwise, rtol=0, atol=1e-10))
     True
     """
     return finish(_points_step(weights, groups))

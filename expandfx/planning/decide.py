@@ -33,6 +33,7 @@ from ..rules import RULES
 from ..rules.config import INITS, RuleConfig
 from ..rules.spec import RuleSpec, Spec, from_call
 from ..tracing import GraphView, graph_view, positional
+from .layers import LayerView, describe_layer, unhandled_reason
 from .legality import (
     _graph_reason,
     _is_parametrized_layer,
@@ -48,9 +49,8 @@ from .legality import (
     requested_explicitly,
     shift_reason,
     transposed_reason,
-    unhandled_reason,
 )
-from .report import LayerPlan, Plan, describe
+from .report import LayerPlan, Plan
 
 __all__ = ["INITS", "Patterns", "decide", "input_shapes", "plan"]
 
@@ -77,17 +77,17 @@ def plan(model: nn.Module, rule: RuleSpec = "CL", r: float | None = None, *,
 
     shapes = input_shapes(model, example_inputs, [row.module for row in rows])
     for row in rows:
-        if unhandled_reason(row.module):  # its own weights only (MultiheadAttention.out_proj
-            row.params_before = row.params_after = sum(  # has its own row); no MAC model
+        layer = row.description
+        if layer.unhandled:  # its own weights only (MultiheadAttention.out_proj has its own
+            row.params_before = row.params_after = sum(  # row); no MAC model
                 p.numel() for p in row.module.parameters(recurse=False))
             continue
-        layer = registry.as_torch(row.module, device="meta", path=row.path)
         row.params_before = row.params_after = param_count(row.module)
         shape = shapes.get(id(row.module))
         if shape is not None:
-            row.macs_before = row.macs_after = layer_macs(layer, list(shape))[1]
+            row.macs_before = row.macs_after = layer_macs(layer.torch, list(shape))[1]
         if row.config is not None:
-            meta_block = _meta_builder(row.config, layer, row.path)(row.config.r)
+            meta_block = _meta_builder(row.config, layer)(row.config.r)
             row.params_after = param_count(meta_block)
             if shape is not None:
                 row.macs_after = sequential_macs(meta_block, shape)
@@ -136,32 +136,34 @@ def decide(model: nn.Module, rule: RuleSpec | Spec, r: float | None = None, *,
                 owners[id(param)].add(f"{name}.{pname}" if name else pname)
     inside_block = {id(m): path for path, b in model.named_modules()
                     if isinstance(b, ExpandedBlock) for m in b.modules()}
-    layers = [(key, m) for key, m in modules.items()
+    layers = [key for key, m in modules.items()
               if registry.is_layer(m) or _is_parametrized_layer(m)]
-    handled = {key for key, _ in layers}
-    listed = [(key, m) for key, m in modules.items()  # every holder of a linear map's weight
-              if key in handled or unhandled_reason(m) is not None]
-    output = view.output_layers if view.checked else _last_linear(layers, inside_block)
+    handled = set(layers)
+    described = [describe_layer(m, paths[key], view.call_sites[key] if view.checked else None)
+                 for key, m in modules.items()  # every holder of a linear map's weight
+                 if key in handled or unhandled_reason(m) is not None]
+    for layer in described:
+        _reject_lazy(layer.path, layer.module)
+    output = view.output_layers if view.checked else _last_linear(
+        [v for v in described if not v.unhandled], inside_block)
     ctx = _Context(view, spec, include, exclude, inside_block, _opaque_children(model),
                    owners, output)
     rows = []
-    for key, module in listed:
-        path = paths[key][0]
-        _reject_lazy(path, module)
-        row = LayerPlan(path=path, layer=describe(module), rule=None,
-                        aliases=sorted(set(paths[key][1:])), module=module,
-                        call_sites=view.call_sites[key] if view.checked else None)
-        row.config, row.reason = _choose(paths[key], module, ctx)
+    for layer in described:
+        row = LayerPlan(path=layer.path, layer=layer.text, rule=None,
+                        aliases=list(layer.aliases), module=layer.module,
+                        call_sites=layer.call_sites, description=layer)
+        row.config, row.reason = _choose(layer, ctx)
         row.rule = row.config.rule if row.config is not None else None
         rows.append(row)
     return rows, view
 
 
-def _choose(paths: list[str], module: nn.Module, ctx: _Context
-            ) -> tuple[RuleConfig | None, str | None]:
+def _choose(layer: LayerView, ctx: _Context) -> tuple[RuleConfig | None, str | None]:
     """``(config, None)`` or ``(None, reason)`` for one layer; a ConfigError when the user
     named this very layer (:func:`requested_explicitly`) and it cannot be expanded."""
-    rule, reason = _decide_layer(paths, module, ctx)
+    paths = [layer.path, *layer.aliases]
+    rule, reason = _decide_layer(layer, ctx)
     how = how_requested(paths, ctx.include, ctx.rule)
     if reason is not None and how is not None and not _declined_by_user(reason):
         undo = ("drop it from include=" if how.startswith("include") else
@@ -177,10 +179,9 @@ def _declined_by_user(reason: str) -> bool:
     return reason.startswith("excluded by ") or reason.endswith(" gives None")
 
 
-def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
-                  ) -> tuple[RuleConfig | None, str | None]:
+def _decide_layer(layer: LayerView, ctx: _Context) -> tuple[RuleConfig | None, str | None]:
     """``(config, None)`` or ``(None, reason)`` for one layer, in the order a user asks why."""
-    path = paths[0]
+    path, module, paths = layer.path, layer.module, [layer.path, *layer.aliases]
     if id(module) in ctx.inside_block:
         return None, f"already part of the expanded block '{ctx.inside_block[id(module)]}'"
     if ctx.include is not None and first_match(path, ctx.include) is None:
@@ -188,23 +189,22 @@ def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
     hit = first_match(path, ctx.exclude)
     if hit:
         return None, f"excluded by {hit!r}"
-    unhandled = unhandled_reason(module)
-    if unhandled:  # whatever the rule spec says: its pattern may match, the type is the cause
-        return None, unhandled
-    config, reason = ctx.spec.pick(path, module)
+    if layer.unhandled:  # whatever the rule spec says: a pattern may match, the type is why
+        return None, layer.unhandled
+    config, reason = ctx.spec.pick(path, module, layer.kind)
     if config is None:
         return None, reason
     explicit = requested_explicitly(paths, ctx.include, ctx.rule)
-    reason = (_unusable(path, module, explicit) or _not_plain(path, module)
+    reason = (_unusable(path, module, explicit) or _not_plain(layer)
               or _tied(module, paths, ctx.owners) or _graph_reason(module, ctx))
     if reason:
         return None, reason
 
-    layer = registry.as_torch(module, device="meta", path=path)
-    build = _meta_builder(config, layer, path)
-    reason = (transposed_reason(config.rule, layer) or RULES[config.rule].skip_reason(layer)
-              or capacity_reason(path, config.rule, layer, config.r or 1.0, build)
-              or shift_reason(path, module, layer, config, ctx.view, build))
+    build = _meta_builder(config, layer)
+    reason = (transposed_reason(config.rule, layer)
+              or RULES[config.rule].skip_reason(layer.torch)
+              or capacity_reason(path, config.rule, layer.torch, config.r or 1.0, build)
+              or shift_reason(layer, config, ctx.view, build))
     if reason:
         return None, reason
     if config.rule == "FC" and id(module) in ctx.output and not explicit:
@@ -212,7 +212,7 @@ def _decide_layer(paths: list[str], module: nn.Module, ctx: _Context
     return config, None
 
 
-def _meta_builder(config: RuleConfig, layer: nn.Module, path: str
+def _meta_builder(config: RuleConfig, layer: LayerView
                   ) -> Callable[[float | None], ExpandedBlock]:
     """``r -> block`` of ``config`` on ``layer`` (meta tensors; the rule's options, default
     init: shapes only); a rule that builds a wrong block is refused naming the layer."""
@@ -221,10 +221,10 @@ def _meta_builder(config: RuleConfig, layer: nn.Module, path: str
     def build(rate: float | None) -> ExpandedBlock:
         chosen = shape_only.replace(r=rate) if shape_only.r is not None else shape_only
         try:
-            return chosen.build(layer, path=path, device="meta")
+            return chosen.build(layer.torch, path=layer.path, device="meta")
         except ContractionError as exc:  # the block's own check: the rule built a wrong block
             raise ConfigError(f"expand: rule {config.rule!r} could not build a block for "
-                              f"'{path}': {exc} Fix the rule's build, or exclude the "
+                              f"'{layer.path}': {exc} Fix the rule's build, or exclude the "
                               f"layer.") from None
     return build
 

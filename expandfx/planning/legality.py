@@ -28,10 +28,11 @@ from ..block import ExpandedBlock
 from ..errors import ConfigError
 from ..linear.costs import param_count
 from ..patterns import first_match
-from ..registry import LAYER_TYPES, TRANSPOSED_TYPES, base_type, torch_layer_type
+from ..registry import LAYER_TYPES, TRANSPOSED_TYPES, base_type
 from ..rules import RULES
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
+from .layers import LayerView, unhandled_reason
 from .report import _human
 
 __all__ = ["TRANSPOSED_RULES", "capacity_reason", "check_r", "how_requested", "norm_for_shift",
@@ -89,8 +90,9 @@ def _output_reason(path: str, view: GraphView) -> str:
             f"mapping {mapping} (command line: --include '*,{path}')")
 
 
-def _last_linear(layers: list[tuple[int, nn.Module]], inside_block: dict[int, str]) -> set[int]:
-    linear = [key for key, m in layers if registry.is_linear(m) and key not in inside_block]
+def _last_linear(layers: list[LayerView], inside_block: dict[int, str]) -> set[int]:
+    linear = [id(v.module) for v in layers
+              if v.kind == "linear" and id(v.module) not in inside_block]
     return set(linear[-1:])
 
 
@@ -105,9 +107,9 @@ def check_r(r: Any) -> float:
     return value
 
 
-def _not_plain(path: str, module: nn.Module) -> str | None:
+def _not_plain(layer: LayerView) -> str | None:
     """Why a subclass or a hooked layer may compute something else (warned and reported)."""
-    base = _plain_base(module)
+    path, module, base = layer.path, layer.module, layer.plain
     cls, torch_cls = _name(type(module)), _name(base)
     custom = _custom_methods(module, base)
     extra = sorted(set(module._parameters) - {"weight", "bias"} | set(module._buffers))
@@ -174,12 +176,6 @@ def _unusable(path: str, module: nn.Module, explicit: bool) -> str | None:
     if explicit:
         raise ConfigError(f"expand: '{path}' {what}. {fix}.")
     return f"{what}: left alone. {fix} to expand it"
-
-
-def _plain_base(module: nn.Module) -> type[nn.Module]:
-    """The class a layer must not override: its registered class, else the torch layer."""
-    found = registry.lookup(module)
-    return found[0] if found else torch_layer_type(module)
 
 
 def _custom_methods(module: nn.Module, base: type[nn.Module]) -> list[str]:
@@ -307,20 +303,6 @@ def _rank_bound(block: ExpandedBlock, layer: nn.Module) -> tuple[int, int] | Non
 
 
 
-def unhandled_reason(module: nn.Module) -> str | None:
-    """Why a module that holds a linear map's weight is not a layer expandfx handles (so the
-    plan lists it with this reason), or ``None`` for every other module."""
-    cls = type(module).__name__
-    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-        return (f"{cls} applies its weight_ih/weight_hh matrices itself, inside its "
-                f"recurrence: not a layer type expandfx expands")
-    if isinstance(module, nn.MultiheadAttention):
-        return (f"{cls} applies its input projection (in_proj_weight) itself, in "
-                f"F.multi_head_attention_forward: not a layer type expandfx expands (its "
-                f"out_proj has its own row)")
-    return None
-
-
 # The rules that expand transposed convolutions exactly (expandfx.rules.cl builds the chain).
 TRANSPOSED_RULES = frozenset({"CL"})
 _WHY_NOT_TRANSPOSED = {
@@ -332,14 +314,16 @@ _BRANCHES = ("sums of transposed-convolution branches are not folded by expandfx
              "(their cropping and output_padding would have to align per stride phase)")
 
 
-def transposed_reason(rule: str, layer: nn.Module) -> str | None:
+def transposed_reason(rule: str, layer: LayerView) -> str | None:
     """Why ``rule`` cannot expand the transposed convolution ``layer``, or ``None`` (CL, and
     any layer that is no transposed convolution).
 
-    >>> print(transposed_reason("CK", nn.ConvTranspose2d(4, 4, 5)))  # doctest: +ELLIPSIS
+    >>> from expandfx.planning.layers import describe_layer
+    >>> up = describe_layer(nn.ConvTranspose2d(4, 4, 5), ["up"])
+    >>> print(transposed_reason("CK", up))  # doctest: +ELLIPSIS
     CK does not apply to transposed convolutions: a chain of k×k ...; use CL
     """
-    if not registry.is_transposed(layer) or rule in TRANSPOSED_RULES:
+    if not layer.transposed or rule in TRANSPOSED_RULES:
         return None
     found = RULES.get(rule)
     branches = found is not None and "norm" in found.options  # RepVGG, ACNet, DBB, ...
@@ -365,15 +349,15 @@ def norm_for_shift(view: GraphView, layer: nn.Module, path: str) -> nn.Module | 
     return bn
 
 
-def shift_reason(path: str, module: nn.Module, layer: nn.Module, config: Any, view: GraphView,
+def shift_reason(layer: LayerView, config: Any, view: GraphView,
                  build: Callable[[float | None], ExpandedBlock]) -> str | None:
     """Why a bias-free layer cannot take ``config``'s per-branch BatchNorms
     (``norm="bn"``), or ``None``: their summed shift must go into the BatchNorm that is the
     layer's only use (:func:`norm_for_shift`)."""
-    if getattr(layer, "bias", None) is not None or dict(config.options).get("norm") != "bn":
+    if getattr(layer.torch, "bias", None) is not None or dict(config.options).get("norm") != "bn":
         return None
     if not build(config.r).shift_to_next_norm:
         return None
-    why = norm_for_shift(view, module, path)
+    why = norm_for_shift(view, layer.module, layer.path)
     return f"{config.rule} with norm='bn' on a bias-free layer: {why}" if isinstance(why, str) \
         else None

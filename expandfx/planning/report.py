@@ -6,26 +6,25 @@ it was skipped, parameters and MACs before → after.
 Example::
 
     >>> import torch.nn as nn
-    >>> describe(nn.Conv2d(3, 8, 3, stride=2, padding=1))
-    'Conv2d(3→8, k3, s2, p1)'
+    >>> row = LayerPlan(path="0", layer="Conv2d(3→8, k3)", rule="CL")
+    >>> row.label
+    'CL'
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import nn
 
-from .. import registry
 from ..formatting import human as _human
 from ..formatting import text_table
-from ..registry import base_type
 from ..rules.config import RuleConfig
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
+from .layers import LayerView
 
-__all__ = ["LayerPlan", "Plan", "describe"]
+__all__ = ["LayerPlan", "Plan"]
 
 
 @dataclass
@@ -36,6 +35,7 @@ class LayerPlan:
     the :class:`~expandfx.rules.config.RuleConfig` it got (``CL(r=4)``). To edit a plan
     before ``expand(model, plan=p)``, set ``config`` to another config (or ``rule`` to
     ``None`` or another rule's name: that rule with its defaults and the plan's ``r``).
+    ``description`` is the :class:`~expandfx.planning.layers.LayerView` every stage read.
     """
 
     path: str
@@ -50,6 +50,7 @@ class LayerPlan:
     macs_after: int | None = None
     module: nn.Module | None = field(default=None, repr=False, compare=False)
     config: RuleConfig | None = None
+    description: LayerView | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -130,39 +131,6 @@ class Plan:
                        f"weights were not checked (pass example_inputs to record them).")
         out.extend(f"note: {n}" for n in self.notes)
         return "\n".join(out)
-
-
-def describe(layer: nn.Module) -> str:
-    """``Conv2d(3→8, k7, s1, p3)`` — a short one-line description."""
-    if isinstance(layer, (nn.RNNBase, nn.RNNCellBase)):
-        layers = f", {layer.num_layers} layers" if getattr(layer, "num_layers", 1) > 1 else ""
-        return f"{type(layer).__name__}({layer.input_size}→{layer.hidden_size}{layers})"
-    if isinstance(layer, nn.MultiheadAttention):
-        return f"{type(layer).__name__}({layer.embed_dim}, {layer.num_heads} heads)"
-    torch_layer = registry.as_torch(layer, device="meta")
-    if torch_layer is not layer:  # a registered class: Conv1D(32→96)
-        return type(layer).__name__ + "(" + describe(torch_layer).partition("(")[2]
-    kind = base_type(layer)
-    if issubclass(kind, nn.Linear):
-        return f"Linear({layer.in_features}→{layer.out_features})"
-    extras = [f"k{_short(layer.kernel_size)}"]
-    for attr, tag, default in (("stride", "s", 1), ("padding", "p", 0),
-                               ("output_padding", "op", 0), ("dilation", "d", 1),
-                               ("groups", "g", 1)):
-        value = getattr(layer, attr, default)
-        if _short(value) != str(default):
-            extras.append(f"{tag}{_short(value)}")
-    if layer.padding_mode != "zeros":
-        extras.append(layer.padding_mode)
-    return f"{kind.__name__}({layer.in_channels}→{layer.out_channels}, {', '.join(extras)})"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, tuple) and len(set(value)) == 1:
-        return str(value[0])
-    if isinstance(value, tuple):
-        return "x".join(map(str, value))
-    return str(value)
 
 
 def _arrow(before: int | None, after: int | None) -> str:

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .. import registry
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
     from ..block import ExpandedBlock
     from .config import RuleConfig, RuleSet
 
-__all__ = ["RULES", "Rule", "find", "layer_kind", "register_rule", "unregister_rule"]
+__all__ = ["RULES", "Rule", "find", "register_rule", "unregister_rule"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -143,8 +142,3 @@ def find(name: str) -> Rule | None:
     folded = name.strip().casefold()
     return next((r for n, r in RULES.items() if n.casefold() == folded), None)
 
-
-def layer_kind(module: nn.Module) -> str:
-    """The :attr:`Rule.kind` that applies to a conv/linear ``module``: ``"linear"`` or
-    ``"conv"``."""
-    return "linear" if registry.is_linear(module) else "conv"

@@ -13,9 +13,9 @@ Example::
 
     >>> import torch.nn as nn
     >>> spec = resolve({"features.*": "CL", "classifier.*": "FC"}, Shorthand(r=2))
-    >>> spec.pick("features.0", nn.Conv2d(3, 8, 3))
+    >>> spec.pick("features.0", nn.Conv2d(3, 8, 3), "conv")
     (CL(r=2), None)
-    >>> spec.pick("classifier.0", nn.Linear(4, 2))
+    >>> spec.pick("classifier.0", nn.Linear(4, 2), "linear")
     (FC(r=2), None)
 """
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..patterns import first_match
-from .base import RULES, Rule, find, layer_kind
+from .base import RULES, Rule, find
 from .config import INITS, RuleConfig, RuleSet, _check_norm, _rate
 
 __all__ = ["RuleSpec", "Shorthand", "Spec", "from_call", "parse", "resolve"]
@@ -106,8 +106,9 @@ class Spec:
     table: RuleSet | dict[str, RuleSet | None] | Callable[..., Any]
     short: Shorthand
 
-    def pick(self, name: str, module: nn.Module) -> tuple[RuleConfig | None, str | None]:
-        """The config for this layer, or ``(None, reason)``."""
+    def pick(self, name: str, module: nn.Module, kind: str
+             ) -> tuple[RuleConfig | None, str | None]:
+        """The config for this layer (of :attr:`Rule.kind` ``kind``), or ``(None, reason)``."""
         table = self.table
         if isinstance(table, dict):
             matched = first_match(name, table)
@@ -122,7 +123,7 @@ class Spec:
                                                      where=f"{where} for '{name}'")
         if rules is None:
             return None, f"{where} gives None"
-        chosen = rules.for_kind(layer_kind(module))
+        chosen = rules.for_kind(kind)
         if chosen is None:
             return None, f"rule {_short_repr(rules)} does not apply to {type(module).__name__}"
         return chosen, None
