@@ -100,7 +100,7 @@ class ExpandedBlock(nn.Module):
     __jit_unused_properties__ = ["original_type", "weight", "bias", "factors"]
 
     def __init__(self, original: nn.Module, layers: list[nn.Module] | dict[str, Any],
-                 rule: str, r: float, pre_pad: list[int] | None = None,
+                 rule: str, r: float | None, pre_pad: list[int] | None = None,
                  mode: str = "auto") -> None:
         super().__init__()
         self.mode = check_mode(mode)
@@ -118,7 +118,7 @@ class ExpandedBlock(nn.Module):
             self.layers = nn.ModuleList(layers)
         self.topology: Node = self._current_topology()  # fixed now; check() compares
         self.rule = rule
-        self.r = float(r)
+        self.r = None if r is None else float(r)  # None: a rule without a rate (branches)
         self.pre_pad = pre_pad
         self.pad_mode = PAD_MODES[getattr(original, "padding_mode", "zeros")]
         self.signatures = [layer_signature(layer) for layer in self.factors]
@@ -201,7 +201,7 @@ class ExpandedBlock(nn.Module):
         """``torch.jit.script`` cannot compile a block (its forward interprets a topology):
         say so, and what to do, instead of TorchScript's error about a lambda."""
         raise ConfigError(f"torch.jit.script: the model holds an expanded block "
-                          f"({self.rule}, r={self.r:g}, replacing a "
+                          f"({self.label}, replacing a "
                           f"{type(self.template).__name__}), which TorchScript cannot compile. "
                           f"Contract first and script the compact model "
                           f"(torch.jit.script(expandfx.contract(model))); torch.compile works on "
@@ -421,7 +421,7 @@ class ExpandedBlock(nn.Module):
         before = len(error_msgs)
         if prefix + "weight" in state_dict:
             error_msgs.append(
-                f"'{path}' is an expanded block ({self.rule}, r={self.r:g}) but the checkpoint "
+                f"'{path}' is an expanded block ({self.label}) but the checkpoint "
                 f"holds a compact layer ('{prefix}weight'). Load the checkpoint into the compact "
                 f"model first, then expand it (init='preserve' keeps its function), or "
                 f"contract this model before loading."
@@ -429,15 +429,15 @@ class ExpandedBlock(nn.Module):
         mismatch = self._structure_mismatch(state_dict, prefix)
         if mismatch:
             error_msgs.append(
-                f"'{path}': the checkpoint holds {mismatch[0]} but this block ({self.rule}, "
-                f"r={self.r:g}) has {mismatch[1]}: the checkpoint was saved from another "
+                f"'{path}': the checkpoint holds {mismatch[0]} but this block ({self.label}) "
+                f"has {mismatch[1]}: the checkpoint was saved from another "
                 f"expansion rule. Expand the fresh model with the checkpoint's rule and r.")
         for factor_path, layer in zip(self.factor_paths, self.factors, strict=True):
             key = f"{prefix}{factor_path}.weight"
             if key in state_dict and tuple(state_dict[key].shape) != tuple(layer.weight.shape):
                 error_msgs.append(
                     f"'{path}': the checkpoint's '{key}' has shape "
-                    f"{tuple(state_dict[key].shape)} but this block ({self.rule}, r={self.r:g}) "
+                    f"{tuple(state_dict[key].shape)} but this block ({self.label}) "
                     f"has {tuple(layer.weight.shape)}: the checkpoint was saved from another "
                     f"expansion. Expand the fresh model with the same rule and r as the "
                     f"checkpoint."
@@ -468,8 +468,14 @@ class ExpandedBlock(nn.Module):
         kind = next(iter(theirs))
         return describe(kind, theirs[kind]), describe(ours_kind, ours)
 
+    @property
+    def label(self) -> str:
+        """``CL, r=4`` (or ``RepVGG``: a rule without a rate) — how messages name the block."""
+        return self.rule if self.r is None else f"{self.rule}, r={self.r:g}"
+
     def extra_repr(self) -> str:
-        return f"rule={self.rule}, r={self.r:g}, folds_to={self.original_type.__name__}"
+        rate = "" if self.r is None else f", r={self.r:g}"
+        return f"rule={self.rule}{rate}, folds_to={self.original_type.__name__}"
 
 
 def _chain_topology(prefix: str, n: int) -> Seq:

@@ -61,7 +61,9 @@ def expand(model: nn.Module, rule: RuleSpec | None = None, r: float | None = Non
         example_inputs: optional positional inputs of ``forward``: MACs in the log, and the
             call-site checks of a model that FX cannot trace (recorded on one forward).
         mode: how blocks run while training: ``"auto"`` (default: per block and input
-            shape, whichever of the two below costs fewer MACs), ``"collapsed"`` (compose
+            shape, whichever of the two below runs faster when timed once on the first such
+            input, the MAC model where it cannot time, see
+            :func:`expandfx.execution.resolve_mode`), ``"collapsed"`` (compose
             the factors, run one layer: the compact layer's cost, same gradients) or
             ``"sequential"`` (the layers one after another, as in the paper).
             ``expandfx.set_mode`` switches later.
