@@ -22,6 +22,7 @@ stay reachable as attributes for compatibility, outside ``__all__``.
 from .block import ExpandedBlock, frozen, set_mode
 from .compander import Compander, Psi, bake, compand, companded, modified_adaptive
 from .errors import ConfigError, ContractionError, ExpandFXError, FoldError
+from .layer_types import register_layer, unregister_layer
 from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
 from .optim import ChainLR, ParamGroups, chain_scale, param_groups
@@ -30,7 +31,6 @@ from .passes.expand import expand
 from .passes.fold import FoldReport, fold
 from .planning import LayerPlan, Plan, plan
 from .quantize import Int8Config, Int8Report
-from .registry import register_layer, unregister_layer
 from .rules import RULES as _RULES
 from .rules import Rule, register_rule, unregister_rule
 from .rules.config import RuleConfig, RuleSet

@@ -38,10 +38,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import execution, registry
+from . import execution, layer_types
 from .copying import parameter_free_copy
 from .errors import ConfigError, ContractionError, FoldError
 from .execution import MEASURE_ENV, MODES, check_mode, frozen, measuring_enabled, set_mode
+
+# Re-exported from their homes (execution.py, layer_types.py) for modules that import them here.
+from .layer_types import (  # noqa: E402
+    CONV_TYPES,
+    HYPERPARAMETERS,
+    LAYER_TYPES,
+    base_type,
+    layer_signature,
+    torch_layer_type,
+)
 from .linear.compose import WeightBias, compose_chain
 from .linear.fold import fold
 from .linear.ir import (
@@ -58,16 +68,6 @@ from .linear.ir import (
     map_leaves,
     pairs_from_pad,
     run,
-)
-
-# Re-exported from their homes (execution.py, registry.py) for modules that import them here.
-from .registry import (  # noqa: E402
-    CONV_TYPES,
-    HYPERPARAMETERS,
-    LAYER_TYPES,
-    base_type,
-    layer_signature,
-    torch_layer_type,
 )
 
 __all__ = ["CONV_TYPES", "HYPERPARAMETERS", "LAYER_TYPES", "MEASURE_ENV", "MODES",
@@ -131,7 +131,7 @@ class ExpandedBlock(nn.Module):
         self.register_load_state_dict_post_hook(_drop_explained_keys)
         groups = getattr(self.template, "groups", 1)
         self._plain_chain = self.is_chain and all(  # conv layout: compose_chain's arithmetic
-            getattr(f, "groups", 1) == groups and not registry.is_transposed(f)
+            getattr(f, "groups", 1) == groups and not layer_types.is_transposed(f)
             for f in self.layers)
 
     @property
@@ -236,7 +236,7 @@ class ExpandedBlock(nn.Module):
     def weight(self) -> torch.Tensor:
         """The block's effective weight (differentiable): what ``contract`` will fold to, in
         the original layer's layout (``[in, out]`` for transformers' Conv1D)."""
-        return registry.original_layout(self, self.weight_bias()[0])
+        return layer_types.original_layout(self, self.weight_bias()[0])
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -276,13 +276,13 @@ class ExpandedBlock(nn.Module):
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         """The block on ``x``; ``output_size`` as a replaced ``ConvTransposeNd`` takes it (it
         picks the output_padding; the block's 1×1 factors keep the spatial size)."""
-        if output_size is not None and not registry.is_transposed(self.template):
+        if output_size is not None and not layer_types.is_transposed(self.template):
             raise ConfigError(f"ExpandedBlock ({self.rule}): output_size is an argument of a "
                               f"transposed convolution's forward, but this block replaces a "
                               f"{type(self.template).__name__}. Call it with the input only.")
 
         def call(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
-            if output_size is not None and registry.is_transposed(layer):
+            if output_size is not None and layer_types.is_transposed(layer):
                 return layer(y, output_size)
             return layer(y)
 
@@ -294,7 +294,7 @@ class ExpandedBlock(nn.Module):
             return x
         if self.resolve_mode(x) == "collapsed":
             weight, bias = self.folded()  # the original layer's op
-            return registry.layer_call(self.template, x, weight, bias, output_size)
+            return layer_types.layer_call(self.template, x, weight, bias, output_size)
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad, mode=self.pad_mode)
         return run(self.topology, x, lambda path, y: call(self.get_submodule(path), y))
@@ -413,7 +413,7 @@ class ExpandedBlock(nn.Module):
             layer.bias = _like(bias, ref, any(f.bias.requires_grad for f in factors
                                               if f.bias is not None))
         layer.train(self.training)
-        return registry.restore(self, layer, path)  # a registered class, e.g. HF Conv1D
+        return layer_types.restore(self, layer, path)  # a registered class, e.g. HF Conv1D
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         error_msgs: list[str] = args[-1]

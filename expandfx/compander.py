@@ -39,8 +39,8 @@ from torch.nn.utils import parametrize
 from .copying import copy_model
 from .errors import ConfigError
 from .formatting import text_table
+from .layer_types import LAYER_TYPES, TRANSPOSED_TYPES, base_type
 from .patterns import first_match
-from .registry import LAYER_TYPES, TRANSPOSED_TYPES, base_type
 
 __all__ = ["Compander", "LEARNABLE", "PSIS", "Psi", "bake", "compand", "companded",
            "modified_adaptive", "summary"]

@@ -45,14 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import registry
+from . import layer_types
 from .errors import ConfigError
+from .layer_types import layer_signature
 from .linear import compose
 from .linear.compose import WeightBias
 from .linear.costs import fold_macs, layer_macs, topology_macs
 from .linear.fold import fold
 from .linear.ir import run
-from .registry import layer_signature
 
 if TYPE_CHECKING:  # the block calls into this module; this module only walks blocks
     from .block import ExpandedBlock
@@ -246,7 +246,7 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
 
     def apply(path: str, y: torch.Tensor) -> torch.Tensor:
         layer, (w, b) = block.get_submodule(path), by_path[path]
-        return registry.layer_call(layer, y, w, b)
+        return layer_types.layer_call(layer, y, w, b)
 
     def sequential() -> torch.Tensor:
         y = x if block.pre_pad is None else F.pad(x, block.pre_pad, mode=block.pad_mode)
@@ -258,7 +258,7 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
         else:
             one = fold(block.linear_map(params=by_path))
             w, b = one.weight, one.bias
-        return registry.layer_call(block.template, x, w, b)
+        return layer_types.layer_call(block.template, x, w, b)
 
     runs = {"sequential": sequential, "collapsed": collapsed}
     # identity hooks on top: the caller's saved-tensor hooks (checkpointing) never see ours
@@ -594,7 +594,7 @@ def compose_macs(block: ExpandedBlock) -> int:
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):  # folds as a depthwise 1×…×1
             dims = len(getattr(block.template, "kernel_size", ()))
             return (layer.num_features, 1, *(1,) * dims)
-        if registry.is_transposed(layer):  # [in, out/g, *k]: the same products as a conv's
+        if layer_types.is_transposed(layer):  # [in, out/g, *k]: the same products as a conv's
             return (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
         return tuple(layer.weight.shape)
 

@@ -45,10 +45,10 @@ from torch import nn
 
 from .compander import bake
 from .errors import ConfigError, ExpandFXError
+from .layer_types import original_template
 from .passes.contract import deployable
 from .passes.fold import fold
 from .quantize import Int8Config, Int8Report, as_config, quantize_onnx
-from .registry import original_template
 from .surgery import blocks, replace
 from .tolerances import FOLD_TOLERANCES, model_dtype, rel_error
 

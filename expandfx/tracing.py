@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from . import registry
+from . import layer_types
 from .block import ExpandedBlock
 from .errors import ConfigError
 from .restoring import preserved
@@ -59,7 +59,7 @@ class _LayerLeafTracer(fx.Tracer):
     """Default FX leaves plus every conv/linear (sub)class, registered layer and block."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (registry.is_layer(m) or isinstance(m, ExpandedBlock)
+        return (layer_types.is_layer(m) or isinstance(m, ExpandedBlock)
                 or super().is_leaf_module(m, qualname))
 
 
@@ -104,12 +104,13 @@ def graph_view(model: nn.Module, example_inputs: Any = None) -> GraphView:
             module = model.get_submodule(node.target)
             view.call_sites[id(module)] += 1
             bn = _sole_batchnorm_user(node, model)
-            if bn is not None and (registry.is_layer(module) or isinstance(module, ExpandedBlock)):
+            if bn is not None and (layer_types.is_layer(module)
+                                   or isinstance(module, ExpandedBlock)):
                 view.norm_after[id(module)] = bn
         elif node.op == "get_attr":
             owner, _, attr = str(node.target).rpartition(".")
             module = model.get_submodule(owner) if owner else model
-            if registry.is_layer(module):
+            if layer_types.is_layer(module):
                 users = ", ".join(sorted(str(u.target.__name__ if callable(u.target)
                                                else u.target) for u in node.users))
                 view.direct_uses[id(module)].append(f"'{attr}' read directly by {users}")
@@ -147,7 +148,7 @@ def _output_layers(output: fx.Node, model: nn.Module) -> set[int]:
         source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if node.op == "call_module":
             module = model.get_submodule(node.target)
-            if registry.is_linear(module):
+            if layer_types.is_linear(module):
                 found.add(id(module))
             elif isinstance(module, _PASS_MODULES) and source is not None:
                 todo.append(source)
@@ -197,7 +198,7 @@ def record(model: nn.Module, example_inputs: Any, error: str | None = None) -> G
     inputs = positional(example_inputs)
     view = GraphView(model, traced=False, error=error, recorded=True)
     layers = {id(m): m for m in model.modules()
-              if registry.is_layer(m) or isinstance(m, ExpandedBlock)}
+              if layer_types.is_layer(m) or isinstance(m, ExpandedBlock)}
     owners = {id(p): (key, name) for key, m in layers.items()
               for name, p in m._parameters.items() if name in ("weight", "bias") and p is not None}
     active: Counter[int] = Counter()
@@ -209,7 +210,7 @@ def record(model: nn.Module, example_inputs: Any, error: str | None = None) -> G
 
     def leave(module: nn.Module, args: tuple, out: Any) -> None:
         active[id(module)] -= 1
-        if registry.is_linear(module) and isinstance(out, torch.Tensor):
+        if layer_types.is_linear(module) and isinstance(out, torch.Tensor):
             results[id(module)].append(out)
 
     handles = [h for m in layers.values() for h in (m.register_forward_pre_hook(enter),

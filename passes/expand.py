@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from expandfx import registry
+from expandfx import layer_types
 from expandfx.block import ExpandedBlock, check_mode
 from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
@@ -95,7 +95,7 @@ def expand(model: nn.Module, rule: RuleSpec | None = None, r: float | None = Non
     unknown = sorted(set(deprecated) - {"init", "norm"})
     if unknown:
         raise TypeError(f"expand() got an unexpected keyword argument {unknown[0]!r}")
-    if registry.is_layer(model):
+    if layer_types.is_layer(model):
         raise ConfigError(f"expand: the model is a single layer ({type(model).__name__}); expand "
                           f"cannot return the same class for it. Wrap it in a module, e.g. "
                           f"nn.Sequential(layer), or build an ExpandedBlock with "
@@ -163,14 +163,14 @@ def _build(target: nn.Module, row: LayerPlan, config: RuleConfig | None, mode: s
     if why:  # only an edited plan gets here: decide() checks every rule it picks
         raise ConfigError(f"expand: the plan gives '{row.path}' rule {row.rule!r}, but "
                           f"{why}. Set that row's rule to None or another rule.")
-    torch_layer = registry.as_torch(layer, path=row.path)  # the copy's weights, torch layout
+    torch_layer = layer_types.as_torch(layer, path=row.path)  # the copy's weights, torch layout
     try:
         block = config.build(torch_layer, path=row.path)
     except ContractionError as exc:  # the block's own check: the rule built a wrong block
         raise ConfigError(f"expand: rule {row.rule!r} could not build a block for "
                           f"'{row.path}': {exc} Fix the rule's build, or exclude the layer."
                           ) from None
-    registry.attach(block, layer, torch_layer)
+    layer_types.attach(block, layer, torch_layer)
     block.mode = mode
     return layer, block
 

@@ -42,7 +42,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from expandfx import registry
+from expandfx import layer_types
 from expandfx.errors import FoldError
 from expandfx.linear import Affine, Seq, batchnorm, fold
 from expandfx.surgery import replace
@@ -99,7 +99,7 @@ def fold_norms(model: nn.Module, inputs: tuple[Any, ...], tol: float = 1e-5
     for path, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(path)
     layers = {id(m): _Layer(m) for m in model.modules()
-              if (registry.is_layer(m) or type(m) in TRANSPOSED)
+              if (layer_types.is_layer(m) or type(m) in TRANSPOSED)
               and not parametrize.is_parametrized(m)}
     norms = {id(m): _Norm(m) for m in model.modules()
              if isinstance(m, _BatchNorm) and not m.training and m.running_var is not None}
@@ -195,7 +195,7 @@ def _record(model: nn.Module, inputs: tuple[Any, ...], layers: dict[int, _Layer]
         recorder.paused = True
         rec.plain = _plain_problem(m, rec.x, out)
         recorder.paused = False
-        feature = out.dim() - 1 if registry.is_linear(m) else 1
+        feature = out.dim() - 1 if layer_types.is_linear(m) else 1
         if out.dim() > feature:
             recorder.track(out, _Output(id(m), feature))
 
@@ -265,7 +265,7 @@ def _why_not(norm: _Norm, layers: dict[int, _Layer], paths: dict[int, list[str]]
 def _fold_pair(layer: _Layer, norm: _Norm, lpath: str, npath: str, tol: float) -> str | None:
     """Write the folded weights into the layer, if they reproduce the BatchNorm's output."""
     module = layer.module
-    plain = registry.as_torch(module, path=lpath)
+    plain = layer_types.as_torch(module, path=lpath)
     dims = len(getattr(plain, "kernel_size", ()))
     try:
         a = fold(Seq((Affine.of(plain).to(torch.float64),
@@ -274,7 +274,7 @@ def _fold_pair(layer: _Layer, norm: _Norm, lpath: str, npath: str, tol: float) -
         return f"it does not fold into '{lpath}': {exc}"
     w = module.weight
     weight = a.weight.to(w.dtype)
-    found = registry.lookup(module)
+    found = layer_types.lookup(module)
     if found is not None and found[1].weight_from is not None:
         weight = found[1].weight_from(weight)
     bias = a.bias.to(w.dtype)
@@ -292,20 +292,20 @@ def _fold_pair(layer: _Layer, norm: _Norm, lpath: str, npath: str, tol: float) -
 def _plain_call(plain: nn.Module, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if isinstance(plain, nn.Linear):
         return F.linear(x, weight, bias)
-    if registry.is_transposed(plain):  # a subclass too: its plain op is checked first
+    if layer_types.is_transposed(plain):  # a subclass too: its plain op is checked first
         op = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[plain.weight.dim() - 3]
         return op(x, weight, bias, plain.stride, plain.padding, plain.output_padding,
                   plain.groups, plain.dilation)
-    return registry.TORCH_TYPES[f"conv{len(plain.kernel_size)}d"]._conv_forward(
+    return layer_types.TORCH_TYPES[f"conv{len(plain.kernel_size)}d"]._conv_forward(
         plain, x, weight, bias)
 
 
 def _plain_problem(module: nn.Module, x: Tensor, out: Tensor) -> str | None:
     """Why ``module`` does not compute its plain torch op on ``x``, if it does not."""
-    if type(module) in (*registry.TORCH_TYPES.values(), *TRANSPOSED):
+    if type(module) in (*layer_types.TORCH_TYPES.values(), *TRANSPOSED):
         return None
     try:
-        plain = registry.as_torch(module)
+        plain = layer_types.as_torch(module)
         with torch.no_grad():
             want = _plain_call(plain, x, plain.weight, plain.bias)
     except Exception as exc:  # a wrong layout, an unusual signature

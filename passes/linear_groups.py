@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from expandfx import registry
+from expandfx import layer_types
 from expandfx.block import CONV_TYPES, torch_layer_type
 from expandfx.errors import ConfigError, FoldError
 from expandfx.formatting import human
@@ -74,7 +74,7 @@ class LeafTracer(fx.Tracer):
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (registry.is_layer(m) or isinstance(m, (_BatchNorm, *self._timm_leaves))
+        return (layer_types.is_layer(m) or isinstance(m, (_BatchNorm, *self._timm_leaves))
                 or super().is_leaf_module(m, qualname))
 
 
@@ -213,11 +213,11 @@ def _plain_layer(module: nn.Module, path: str) -> tuple[nn.Module | None, str | 
         plain = module
     elif type(module) in TRANSPOSED:  # exactly torch's: subclasses may compute otherwise
         plain = module
-    elif registry.is_transposed(module):  # a subclass: kept as an opaque module
+    elif layer_types.is_transposed(module):  # a subclass: kept as an opaque module
         return None, None
-    elif registry.is_layer(module):
+    elif layer_types.is_layer(module):
         try:
-            plain = registry.as_torch(module, path=path)
+            plain = layer_types.as_torch(module, path=path)
         except ConfigError as exc:
             return None, str(exc)
     else:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import registry
+from .. import layer_types
 from ..block import ExpandedBlock
 from ..errors import ConfigError, ContractionError
 from ..execution import sequential_macs
@@ -137,7 +137,7 @@ def decide(model: nn.Module, rule: RuleSpec | Spec, r: float | None = None, *,
     inside_block = {id(m): path for path, b in model.named_modules()
                     if isinstance(b, ExpandedBlock) for m in b.modules()}
     layers = [key for key, m in modules.items()
-              if registry.is_layer(m) or _is_parametrized_layer(m)]
+              if layer_types.is_layer(m) or _is_parametrized_layer(m)]
     handled = set(layers)
     described = [describe_layer(m, paths[key], view.call_sites[key] if view.checked else None)
                  for key, m in modules.items()  # every holder of a linear map's weight

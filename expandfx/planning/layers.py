@@ -21,8 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from .. import registry
-from ..registry import base_type
+from .. import layer_types
+from ..layer_types import base_type
 
 __all__ = ["LayerView", "describe", "describe_layer", "unhandled_reason"]
 
@@ -70,15 +70,15 @@ def describe_layer(module: nn.Module, paths: list[str], call_sites: int | None =
     if unhandled is not None:
         return LayerView(path, module, None, False, None, None, _describe_other(module),
                          unhandled, aliases, call_sites)
-    found = registry.lookup(module)
-    torch_layer = registry.as_torch(module, device="meta", path=path)
-    kind = "linear" if (found[1].kind if found else registry.kind(module)) == "linear" \
+    found = layer_types.lookup(module)
+    torch_layer = layer_types.as_torch(module, device="meta", path=path)
+    kind = "linear" if (found[1].kind if found else layer_types.kind(module)) == "linear" \
         else "conv"
-    plain = found[0] if found else registry.torch_layer_type(module)
+    plain = found[0] if found else layer_types.torch_layer_type(module)
     text = describe(torch_layer)
     if torch_layer is not module:  # a registered class: Conv1D(32→96)
         text = type(module).__name__ + "(" + text.partition("(")[2]
-    return LayerView(path, module, kind, registry.is_transposed(torch_layer), plain,
+    return LayerView(path, module, kind, layer_types.is_transposed(torch_layer), plain,
                      torch_layer, text, None, aliases, call_sites)
 
 
@@ -105,7 +105,7 @@ def describe(layer: nn.Module) -> str:
     """
     if unhandled_reason(layer) is not None:
         return _describe_other(layer)
-    torch_layer = registry.as_torch(layer, device="meta")
+    torch_layer = layer_types.as_torch(layer, device="meta")
     if torch_layer is not layer:
         return type(layer).__name__ + "(" + describe(torch_layer).partition("(")[2]
     kind = base_type(layer)

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import registry
+from .. import layer_types
 from ..block import ExpandedBlock
 from ..errors import ConfigError
+from ..layer_types import LAYER_TYPES, TRANSPOSED_TYPES, base_type
 from ..linear.costs import param_count
 from ..patterns import first_match
-from ..registry import LAYER_TYPES, TRANSPOSED_TYPES, base_type
 from ..rules import RULES
 from ..rules.spec import RuleSpec
 from ..tracing import GraphView
@@ -212,7 +212,7 @@ def _tied(module: nn.Module, paths: list[str], owners: dict[int, set[str]]) -> s
 def _is_parametrized_layer(module: nn.Module) -> bool:
     return parametrize.is_parametrized(module) and (
         issubclass(base_type(module), (*LAYER_TYPES, *TRANSPOSED_TYPES))
-        or registry.lookup(module) is not None)
+        or layer_types.lookup(module) is not None)
 
 
 def _opaque_children(model: nn.Module) -> dict[int, str]:
@@ -221,7 +221,7 @@ def _opaque_children(model: nn.Module) -> dict[int, str]:
     for path, module in model.named_modules():
         builtin = type(module).__module__.startswith("torch.nn")
         container = isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-        if builtin and not container and not registry.is_layer(module):
+        if builtin and not container and not layer_types.is_layer(module):
             for child in module.modules():
                 if child is not module:
                     opaque.setdefault(id(child), f"'{path}' ({type(module).__name__})")

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..block import ExpandedBlock
-from ..registry import is_transposed
+from ..layer_types import is_transposed
 from .base import Rule
 from .factors import (
     conv_factor,

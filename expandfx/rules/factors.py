@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..layer_types import conv_type, is_transposed, torch_layer_type
 from ..linear.compose import grouped, ungrouped
 from ..linear.ir import explicit_padding
-from ..registry import conv_type, is_transposed, torch_layer_type
 
 
 def width(r: float, channels: int, groups: int = 1) -> int:

@@ -1,4 +1,5 @@
-"""Layer classes known to compute a plain linear map or convolution, besides torch's own.
+"""The layer registry: the classes expandfx treats as conv/linear layers — torch's own and
+registered ones that compute a plain linear map or convolution — and how to read each.
 
 Some libraries ship their own linear layers: transformers' ``Conv1D`` (GPT-2 and
 relatives: ``y = x @ W + b`` with the weight stored ``[in, out]``), timm's ``Linear`` (an
