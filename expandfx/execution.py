@@ -7,15 +7,17 @@ How an :class:`~expandfx.block.ExpandedBlock` runs is decided here, not in the b
   structure where that is safe, else the MAC model (:func:`cheaper_mode`, from
   :mod:`expandfx.linear.costs`); the process-wide decision cache;
 - the kernel-method tuner (:func:`tune_kernels`), which records in
-  :mod:`expandfx.linear.compose` which of two equal compositions of spatial kernels is faster;
+  :mod:`expandfx.linear.compose` which of two equal compositions of spatial kernels is faster,
+  and the chain-method tuner (:func:`tune_chain`), which records whether a whole chain
+  composes faster pairwise or at points;
 - :func:`timed`, the one timer both use: on an accelerator it synchronizes the device before
   starting and before stopping the clock (so it times kernels, not their launches); on the
   CPU, ``time.perf_counter`` alone;
 - the frozen cache (:func:`frozen`, :func:`folded`).
 
 Every measurement leaves a :class:`Measurement` in :func:`measurements`;
-:func:`forget_measurements` drops the decisions and the kernel preferences (a benchmark
-that wants fresh decisions, a test).
+:func:`forget_measurements` drops the decisions and the kernel and chain preferences (a
+benchmark that wants fresh decisions, a test).
 
 Example::
 
@@ -60,7 +62,8 @@ if TYPE_CHECKING:  # the block calls into this module; this module only walks bl
 __all__ = ["MEASURE_ENV", "MODES", "Measurement", "cheaper_mode", "check_mode",
            "collapsed_macs", "compose_macs", "folded", "forget_measurements", "frozen",
            "measurements", "measuring_enabled", "recomposed", "resolve_mode",
-           "sequential_macs", "set_mode", "structure", "synchronize", "timed", "tune_kernels"]
+           "sequential_macs", "set_mode", "structure", "synchronize", "timed", "tune_chain",
+           "tune_kernels"]
 
 
 MODES = ("auto", "collapsed", "sequential")
@@ -97,7 +100,8 @@ def set_mode(model: nn.Module, mode: str, *, measure: bool | None = None,
     ``measure`` (for ``"auto"``): ``True``/``False`` lets the blocks time both executions
     or makes them decide by the MAC model alone; ``None`` keeps each block's setting
     (default: follow ``EXPANDFX_AUTO_MEASURE``, on unless set to ``0``). Forgets the
-    decisions ``auto`` measured so far for blocks of these structures. ``recompose``
+    decisions ``auto`` measured so far for blocks of these structures, and the chain
+    methods measured for their chains' shapes (:func:`tune_chain`). ``recompose``
     (collapsed training): ``True`` (the default) keeps only the factors for backward and
     recomputes the composition there (:func:`recomposed`: the compact layer's memory);
     ``False`` keeps the composition's partial products (more memory, no recomputation);
@@ -119,6 +123,8 @@ def set_mode(model: nn.Module, mode: str, *, measure: bool | None = None,
         module._auto.clear()
         for key in [k for k in _DECISIONS if k[0] == structure(module)]:
             del _DECISIONS[key]
+        if module.__dict__.get("_plain_chain"):
+            compose.forget_chain_methods([[tuple(f.weight.shape) for f in module.layers]])
     return model
 
 
@@ -226,6 +232,8 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
     seq_macs = sequential_macs(block, x.shape)
     col_macs = collapsed_macs(block, x.shape)
     if seq_macs > 8 * col_macs or col_macs > 8 * seq_macs:
+        if grad and col_macs <= seq_macs:  # collapsed without timing: its composition still
+            _tune_composition(block)       # runs at every step, so pick its fastest method
         return "collapsed" if col_macs <= seq_macs else "sequential"
     paths = block.factor_paths
     params = [(layer.weight, layer.bias) for layer in block.factors]
@@ -240,8 +248,8 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
     leaves = [t for pair in weights for t in pair if t is not None and t.requires_grad]
     if grad and x.requires_grad:
         leaves.append(x)
-    if grad and block.is_chain:
-        tune_kernels(weights, getattr(block.template, "groups", 1))
+    if grad:
+        _tune_composition(block, weights)
     by_path = dict(zip(paths, weights, strict=True))
 
     def apply(path: str, y: torch.Tensor) -> torch.Tensor:
@@ -284,6 +292,22 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
     _MEASURED.append(Measurement(structure(block), tuple(x.shape), grad, len(leaves),
                                  {k: tuple(v) for k, v in times.items()}, choice))
     return choice
+
+
+def _tune_composition(block: ExpandedBlock, weights: Sequence[WeightBias] | None = None
+                      ) -> None:
+    """Tune how a chain block composes in training (kernel pairs; for a plain chain, whose
+    collapsed forward is ``compose_chain``, also pairs vs points) before it is timed or run."""
+    if not block.is_chain:
+        return
+    if weights is None:
+        with torch.no_grad():  # current values (through any parametrization)
+            weights = [(layer.weight, layer.bias) for layer in block.factors]
+    groups = getattr(block.template, "groups", 1)
+    if block.__dict__.get("_plain_chain") and getattr(block, "act", None) is None:
+        tune_chain(weights, groups, recompose=block.__dict__.get("recompose", True))
+    else:
+        tune_kernels(weights, groups)
 
 
 # In training, sequential execution keeps every factor's activations (r× the compact layer's
@@ -333,7 +357,7 @@ def recomposed(block: ExpandedBlock, params: dict[str, WeightBias] | None = None
 
     if block.__dict__.get("_plain_chain") and getattr(block, "act", None) is None \
             and len(pairs) > 1:
-        out = _RecomposeChain.apply(getattr(block.template, "groups", 1), *flat)
+        out = _RecomposeChain.apply(getattr(block.template, "groups", 1), None, *flat)
         return out[0], (out[1] if len(out) > 1 else None)
 
     def compose(tensors: Sequence[torch.Tensor | None]) -> WeightBias:
@@ -385,26 +409,38 @@ class _RecomposeChain(torch.autograd.Function):
     backward of the kept version needs ``A12 = A2 ∘ A1``; each factor's gradient in any
     other order (``dA3 = (dW ∘ A1ᵀ) ∘ A2ᵀ``, ...) costs more for the shapes of CL and CK
     (wide middle layers), so recomputing ``A12`` — and nothing else — is the cheapest
-    backward that keeps no partial product."""
+    backward that keeps no partial product.
+
+    ``method`` (``"pairs"``, ``"points"``, or ``None``: what ``chain_method`` picks) is
+    fixed in forward, so backward recomputes the same steps even if a preference is recorded
+    in between."""
 
     @staticmethod
-    def forward(ctx: Any, groups: int, *tensors: torch.Tensor | None
+    def forward(ctx: Any, groups: int, method: str | None, *tensors: torch.Tensor | None
                 ) -> tuple[torch.Tensor, ...]:
-        ctx.groups = groups
+        weights = tensors[0::2]
+        if method is None:
+            method = compose.chain_method([tuple(w.shape) for w in weights], weights[0].dtype,
+                                          weights[0].device)
+        ctx.groups, ctx.method = groups, method
         ctx.save_for_backward(*tensors)
-        weight, bias = compose.compose_chain(list(zip(tensors[0::2], tensors[1::2],
-                                                      strict=True)), groups)
+        weight, bias = compose.compose_chain(list(zip(weights, tensors[1::2], strict=True)),
+                                             groups, method=method)
         return (weight,) if bias is None else (weight, bias)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        needs = ctx.needs_input_grad[1:]
+        needs = ctx.needs_input_grad[2:]
         higher = torch.is_grad_enabled()  # create_graph=True: keep the saved tensors' history
         with torch.enable_grad():
             inputs = [t if t is None or higher else t.detach().requires_grad_(need)
                       for t, need in zip(ctx.saved_tensors, needs, strict=True)]
             weights, biases = inputs[0::2], inputs[1::2]
-            step = compose.last_step(weights, ctx.groups)
+            method = ctx.method
+            if method == "points" and not compose.points_allowed(
+                    [tuple(w.shape) for w in weights], weights[0].dtype):
+                method = "pairs"  # matmul precision lowered since forward: same gradients
+            step = compose.last_step(weights, ctx.groups, method=method)
             operands = compose.finish_grad(step, grads[0])
             if operands is None:  # a "pair" step: differentiate the last composition
                 outs, outgrads = [compose.finish(step)], [grads[0]]
@@ -419,8 +455,8 @@ class _RecomposeChain(torch.autograd.Function):
             found = iter(torch.autograd.grad([o for o, _ in kept], wrt, [g for _, g in kept],
                                              allow_unused=True, create_graph=higher)
                          if kept and wrt else [None] * len(wrt))
-        return (None, *(next(found) if t is not None and need else None
-                        for t, need in zip(inputs, needs, strict=True)))
+        return (None, None, *(next(found) if t is not None and need else None
+                              for t, need in zip(inputs, needs, strict=True)))
 
 
 def _tracing_or_transformed() -> bool:
@@ -515,6 +551,7 @@ def forget_measurements() -> None:
     _DECISIONS.clear()
     _MEASURED.clear()
     compose.forget_kernel_methods()
+    compose.forget_chain_methods()
     for block in list(_KNOWN_BLOCKS):
         block._auto.clear()
 
@@ -527,7 +564,8 @@ _KNOWN_BLOCKS: weakref.WeakSet = weakref.WeakSet()  # blocks holding per-block d
 def tune_kernels(factors: Sequence[WeightBias], groups: int, repeats: int = 3
                  ) -> dict[tuple[tuple[int, ...], tuple[int, ...]], str]:
     """Time both kernel-composition methods (forward + backward) for every spatial pair
-    :func:`~expandfx.linear.compose.compose_chain` folds in this chain, once per
+    :func:`~expandfx.linear.compose.compose_chain` folds in this chain when it composes
+    pairwise (whatever :func:`tune_chain` then prefers), once per
     shape/dtype/device, with :func:`timed`, and record the faster in
     :mod:`expandfx.linear.compose` (:func:`~expandfx.linear.compose.kernel_method` reads it).
     Returns ``{(shape A, shape B): method}`` for every spatial pair of the chain. Works on
@@ -535,7 +573,7 @@ def tune_kernels(factors: Sequence[WeightBias], groups: int, repeats: int = 3
     weights = [w.detach() for w, _ in factors]
     ref = weights[0]
     chosen = {}
-    for sa, sb in compose.spatial_pairs([tuple(w.shape) for w in weights]):
+    for sa, sb in compose.spatial_pairs([tuple(w.shape) for w in weights], method="pairs"):
         known = compose.known_kernel_method(sa, sb, groups, ref.dtype, ref.device)
         if known is not None:
             chosen[sa, sb] = known
@@ -554,6 +592,57 @@ def tune_kernels(factors: Sequence[WeightBias], groups: int, repeats: int = 3
         compose.prefer_kernel_method(sa, sb, groups, ref.dtype, ref.device, best)
         chosen[sa, sb] = best
     return chosen
+
+
+def tune_chain(factors: Sequence[WeightBias], groups: int, repeats: int = 3, *,
+               recompose: bool = True) -> str:
+    """Time the whole composition of this chain (forward + backward) pairwise and at points
+    (:data:`~expandfx.linear.compose.CHAIN_METHODS`) where both can be used, once per weight
+    shapes/dtype/device, with :func:`timed` and :func:`tune_kernels`' repeat policy (a
+    warm-up round, then ``repeats`` interleaved ones; median), and record the faster in
+    :mod:`expandfx.linear.compose` (:func:`~expandfx.linear.compose.chain_method` reads it).
+    The pairs are timed with their tuned kernel methods (:func:`tune_kernels` runs first);
+    ``recompose`` times the recomputing backward that collapsed training runs
+    (:func:`recomposed`), else plain autograd. Returns the method the chain now composes by.
+    Works on constant kernels of the same shapes: no graph, grad or RNG of the caller is
+    touched; both methods compute the same weight (to rounding). Times and records nothing
+    for meta tensors or under ``torch.compile``, tracing and functorch transforms.
+
+    >>> import torch
+    >>> ck = [torch.zeros(12, 4, 3, 3), torch.zeros(16, 12, 3, 3), torch.zeros(4, 16, 3, 3)]
+    >>> tune_chain([(w, None) for w in ck], 1) in ("pairs", "points")
+    True
+    >>> forget_measurements()
+    """
+    weights = [w.detach() for w, _ in factors]
+    ref = weights[0]
+    shapes = [tuple(w.shape) for w in weights]
+    if ref.is_meta or _tracing_or_transformed():  # nothing to time: the MAC rule decides
+        return compose.chain_method(shapes, ref.dtype)
+    if len(weights) < 2 or not compose.points_allowed(shapes, ref.dtype):
+        tune_kernels(factors, groups, repeats)
+        return "pairs"
+    if compose.known_chain_method(shapes, ref.dtype, ref.device) is not None:
+        return compose.chain_method(shapes, ref.dtype, ref.device)
+    tune_kernels(factors, groups, repeats)
+    kernels = [torch.full(s, 0.01, dtype=ref.dtype, device=ref.device, requires_grad=True)
+               for s in shapes]
+    flat = [t for w in kernels for t in (w, None)]
+
+    def run(method: str) -> torch.Tensor:
+        if recompose:
+            return _RecomposeChain.apply(groups, method, *flat)[0]
+        return compose.compose_chain([(w, None) for w in kernels], groups, method=method)[0]
+
+    times: dict[str, list[float]] = {m: [] for m in compose.CHAIN_METHODS}
+    for rep in range(repeats + 1):
+        for name in compose.CHAIN_METHODS:
+            seconds = _timed_step(lambda name=name: run(name), kernels, ref.device)
+            if rep:  # the first round warms up
+                times[name].append(seconds)
+    best = min(times, key=lambda m: sorted(times[m])[len(times[m]) // 2])
+    compose.prefer_chain_method(shapes, ref.dtype, ref.device, best)
+    return best
 
 
 # --------------------------------------------------------------------- the MAC model

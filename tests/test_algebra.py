@@ -194,3 +194,75 @@ def test_finish_grad_is_the_gradient_of_the_last_step(shapes):
                               [first, second], dw)
     for a, b in zip(ours, ref, strict=True):
         assert (a - b).abs().max() <= 1e-10 * b.abs().max()
+
+
+def test_a_recorded_chain_method_is_read_per_shapes_dtype_and_device_and_refused_where_unusable():
+    """prefer/known/forget_chain_method: composition reads the recorded preference for its
+    weights' shapes, dtype and device; a recorded "points" is refused where points cannot be
+    used (half precision, reduced-precision float32 matmuls, a composed kernel over 7)."""
+    from expandfx.linear import compose
+
+    compose.forget_chain_methods()
+    ck = [(128, 32, 3, 3), (256, 128, 3, 3), (64, 256, 3, 3)]
+    assert compose.known_chain_method(ck, torch.float32, "cpu") is None
+    compose.prefer_chain_method(ck, torch.float32, "cpu", "pairs")
+    assert compose.known_chain_method(ck, torch.float32, "cpu") == "pairs"
+    assert compose.chain_method(ck, torch.float32, "cpu") == "pairs"
+    assert compose.chain_method(ck, torch.float32, "meta") == "points"  # another device
+    assert compose.chain_method(ck) == "points"  # no device: the MAC rule
+    assert compose.spatial_pairs(ck, torch.float32, "cpu") != []  # pairs: tuned per pair
+    for dtype in (torch.float16, torch.bfloat16):
+        compose.prefer_chain_method(ck, dtype, "cpu", "points")
+        assert compose.chain_method(ck, dtype, "cpu") == "pairs"
+    small = [(12, 3, 3, 3), (32, 12, 3, 3), (8, 32, 3, 3)]  # pairs by MACs
+    compose.prefer_chain_method(small, torch.float32, "cpu", "points")
+    assert compose.chain_method(small) == "pairs"
+    assert compose.chain_method(small, torch.float32, "cpu") == "points"
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert compose.chain_method(small, torch.float32, "cpu") == "pairs"
+        with pytest.raises(ValueError, match="cannot compose"):
+            compose.compose_chain([(torch.zeros(s), None) for s in small], method="points")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    wide = [(8, 4, 3, 3), (8, 8, 3, 3), (8, 8, 3, 3), (4, 8, 3, 3)]  # 9x9
+    compose.prefer_chain_method(wide, torch.float64, "cpu", "points")
+    assert compose.chain_method(wide, torch.float64, "cpu") == "pairs"
+    with pytest.raises(ValueError, match="must be one of"):
+        compose.prefer_chain_method(ck, torch.float32, "cpu", "fold")
+    compose.forget_chain_methods([ck])
+    assert compose.known_chain_method(ck, torch.float32, "cpu") is None
+    assert compose.known_chain_method(small, torch.float32, "cpu") == "points"
+    compose.forget_chain_methods()
+    assert compose.known_chain_method(small, torch.float32, "cpu") is None
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_pairs_and_points_compose_the_same_chain_to_1e12_in_float64(groups):
+    """Both chain methods, forced: the same weight, bias and gradients (float64)."""
+    from expandfx.linear import compose
+
+    torch.manual_seed(groups)
+    widths = [4, 8, 12, 6]
+    factors = [(torch.randn(widths[i + 1], widths[i] // groups, 3, 3, dtype=torch.float64,
+                            requires_grad=True),
+                torch.randn(widths[i + 1], dtype=torch.float64, requires_grad=True))
+               for i in range(3)]
+    leaves = [t for pair in factors for t in pair]
+    results = {}
+    for method in compose.CHAIN_METHODS:
+        w, b = compose.compose_chain(factors, groups, method=method)
+        grads = torch.autograd.grad((w, b), leaves, (torch.linspace(-1, 1, w.numel()).view_as(w)
+                                                     .double(), torch.ones_like(b)))
+        results[method] = (w, b, grads)
+        step = compose.last_step([w for w, _ in factors], groups, method=method)
+        assert step.kind == ("points" if method == "points" else "pair")
+        assert (compose.finish(step) - w).abs().max() <= 1e-12 * w.abs().max()
+    (wa, ba, ga), (wb, bb, gb) = results["pairs"], results["points"]
+    assert (wa - wb).abs().max() <= 1e-12 * wa.abs().max()
+    assert (ba - bb).abs().max() <= 1e-12 * ba.abs().max()
+    for x, y in zip(ga, gb, strict=True):
+        assert (x - y).abs().max() <= 1e-12 * x.abs().max()
+    with pytest.raises(ValueError, match="must be one of"):
+        compose.compose_chain(factors, groups, method="fold")

@@ -126,8 +126,16 @@ def test_no_measuring_under_compile_functorch_or_meta(record_timings, monkeypatc
         assert rel_err(efx.set_mode(copy.deepcopy(big), "sequential")(x), out[:, 0]) <= 1e-5
     assert record_timings == [] and block.auto_decisions == {}
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    big(x)
+    big(x).sum().backward()
     assert record_timings == [] and block.auto_decisions == {}
+    from expandfx.linear import compose  # nor was any chain method timed
+
+    shapes = [tuple(f.weight.shape) for f in block.layers]
+    assert compose.points_allowed(shapes) and all(
+        compose.known_chain_method(shapes, torch.float32, d) is None for d in ("cpu", "meta"))
+    assert execution.tune_chain([(f.weight, f.bias) for f in meta[0].layers], 1) \
+        == compose.chain_method(shapes)
+    assert compose.known_chain_method(shapes, torch.float32, "meta") is None
 
 
 def test_measuring_inside_activation_checkpointing(record_timings):
@@ -156,3 +164,97 @@ def test_identical_blocks_share_one_measured_decision(record_timings):
     assert torch.equal(twin(x), y) and len(record_timings) == n  # decided once, not re-timed
     for a, b in zip(blocks(big), blocks(twin), strict=True):
         assert a.auto_decisions == b.auto_decisions
+
+
+def _chains(model: nn.Module) -> list[list[tuple[int, ...]]]:
+    """The weight shapes of every expanded chain of ``model`` that could compose at points."""
+    from expandfx.linear import compose
+
+    found = []
+    for b in blocks(model):
+        if b.is_chain:
+            shapes = [tuple(f.weight.shape) for f in b.layers]
+            if compose.points_allowed(shapes, torch.float32):
+                found.append(shapes)
+    return found
+
+
+def test_training_in_auto_mode_records_how_each_chain_composes(record_timings):
+    """A training step in auto mode times every CK chain's composition pairwise and at
+    points and records the faster, which is then what the chain composes by; the caller's
+    RNG and grads are untouched; forget_measurements and set_mode forget it."""
+    from expandfx.linear import compose
+
+    torch.manual_seed(0)
+    big = efx.expand(smallnet_7x7(), "CK", r=2)
+    chains = _chains(big)
+    assert len(chains) == 3  # the three 7x7 convs: three 3x3 kernels each
+    x = torch.randn(4, 3, 32, 32)
+    rng = torch.get_rng_state()
+    big(x).sum().backward()
+    assert torch.equal(rng, torch.get_rng_state())
+    for shapes in chains:
+        known = compose.known_chain_method(shapes, torch.float32, "cpu")
+        assert known in compose.CHAIN_METHODS
+        assert compose.chain_method(shapes, torch.float32, "cpu") == known
+        assert compose.known_chain_method(shapes, torch.float64, "cpu") is None
+    before = [p.grad.clone() for p in big.parameters()]
+    assert execution.tune_chain([(f.weight, f.bias) for f in blocks(big)[0].layers], 1) \
+        == compose.known_chain_method(chains[0], torch.float32, "cpu")  # cached: not re-timed
+    assert all(torch.equal(p.grad, g) for p, g in zip(big.parameters(), before, strict=True))
+    efx.set_mode(big, "auto")
+    assert all(compose.known_chain_method(s, torch.float32, "cpu") is None for s in chains)
+    big(x).sum().backward()
+    assert all(compose.known_chain_method(s, torch.float32, "cpu") for s in chains)
+    execution.forget_measurements()
+    assert all(compose.known_chain_method(s, torch.float32, "cpu") is None for s in chains)
+
+
+@pytest.mark.parametrize("switch", ["env", "set_mode"])
+def test_without_measuring_no_chain_method_is_recorded(record_timings, monkeypatch, switch):
+    """Measuring off: nothing is timed or recorded, the MAC rule decides how chains compose."""
+    from expandfx.linear import compose
+
+    big = efx.expand(smallnet_7x7(), "CK", r=2)
+    if switch == "env":
+        monkeypatch.setenv(execution.MEASURE_ENV, "0")
+    else:
+        efx.set_mode(big, "auto", measure=False)
+    big(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert record_timings == []
+    for shapes in _chains(big):
+        assert compose.known_chain_method(shapes, torch.float32, "cpu") is None
+        assert compose.chain_method(shapes, torch.float32, "cpu") == compose.chain_method(shapes)
+
+
+@pytest.mark.parametrize("recompose", [True, False])
+def test_either_chain_method_trains_the_same_function(record_timings, recompose):
+    """Forcing each recorded preference: the same outputs and gradients (float64, 1e-12
+    relative), both through collapsed training and through the tuner's own timing path."""
+    from expandfx.linear import compose
+
+    torch.manual_seed(1)
+    big = efx.set_mode(efx.expand(smallnet_7x7(), "CK", r=2).double(), "collapsed",
+                       recompose=recompose)
+    chains = _chains(big)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    results = {}
+    for method in compose.CHAIN_METHODS:
+        for shapes in chains:
+            compose.prefer_chain_method(shapes, torch.float64, "cpu", method)
+            assert compose.chain_method(shapes, torch.float64, "cpu") == method
+        big.zero_grad(set_to_none=True)
+        out = big(x)
+        out.square().sum().backward()
+        results[method] = (out.detach(), [p.grad.clone() for p in big.parameters()])
+    (out_a, grads_a), (out_b, grads_b) = results["pairs"], results["points"]
+    assert rel_err(out_a, out_b) <= 1e-12
+    scale = max(g.abs().max() for g in grads_a)
+    for a, b in zip(grads_a, grads_b, strict=True):  # a bias before a training BN: ~0
+        assert (a - b).abs().max() <= 1e-12 * max(a.abs().max(), 1e-2 * scale)
+    execution.forget_measurements()
+    factors = [(f.weight, f.bias) for f in blocks(big)[0].layers]
+    assert execution.tune_chain(factors, 1, repeats=1, recompose=recompose) \
+        in compose.CHAIN_METHODS
+    assert all(p.grad is None or torch.equal(p.grad, g)
+               for p, g in zip(big.parameters(), grads_b, strict=True))

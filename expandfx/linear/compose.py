@@ -3,7 +3,8 @@
 :func:`expandfx.linear.fold.fold` composes every chain with :func:`compose_chain` (and
 chain blocks whose factors share one ``groups`` call it directly, for speed). A chain folds
 pairwise (:func:`compose_pair`, in the cheapest order) or all at once at points
-(:func:`compose_points`), whichever costs fewer multiply-accumulates (:func:`chain_method`);
+(:func:`compose_points`), whichever costs fewer multiply-accumulates or was measured faster
+(:func:`chain_method`, which reads the preferences :func:`prefer_chain_method` records);
 :func:`last_step`, :func:`finish` and :func:`finish_grad` split off the last composition so
 that a recomputing backward need not run it again. Weights use PyTorch's layouts: a
 convolution weight is ``[out, in // groups, *kernel]``, a linear weight ``[out, in]``.
@@ -27,11 +28,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KERNEL_METHODS", "POINTS", "Step", "chain_bias", "chain_cost", "chain_method",
-           "compose_chain", "compose_pair", "compose_points", "composed_shape", "finish",
-           "finish_grad", "forget_kernel_methods", "grouped", "kernel_method",
-           "known_kernel_method", "last_step", "last_step_cost", "pair_cost", "pairs_cost",
-           "points_cost", "prefer_kernel_method", "spatial_pairs", "ungrouped"]
+__all__ = ["CHAIN_METHODS", "KERNEL_METHODS", "POINTS", "Step", "chain_bias", "chain_cost",
+           "chain_method", "compose_chain", "compose_pair", "compose_points", "composed_shape",
+           "finish", "finish_grad", "forget_chain_methods", "forget_kernel_methods", "grouped",
+           "kernel_method", "known_chain_method", "known_kernel_method", "last_step",
+           "last_step_cost", "pair_cost", "pairs_cost", "points_allowed", "points_cost",
+           "prefer_chain_method", "prefer_kernel_method", "spatial_pairs", "ungrouped"]
 
 
 Tensor = torch.Tensor
@@ -183,11 +185,17 @@ def forget_kernel_methods() -> None:
 Shape = tuple[int, ...]
 
 
-def spatial_pairs(shapes: Sequence[Shape]) -> list[tuple[Shape, Shape]]:
+def spatial_pairs(shapes: Sequence[Shape], dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None, *,
+                  method: str | None = None) -> list[tuple[Shape, Shape]]:
     """The (A, B) weight shapes of every pair of spatial 2-D kernels that
-    :func:`compose_chain` composes for a chain of these weight shapes, in its order."""
+    :func:`compose_chain` composes for a chain of these weight shapes, in its order: none
+    when it composes at points (:func:`chain_method` for ``dtype`` and ``device``, or
+    ``method``; ``method="pairs"``: the pairs of the pairwise order in any case)."""
     shapes = [tuple(s) for s in shapes]
-    if any(len(s) != 4 for s in shapes) or chain_method(shapes) == "points":
+    if method is None:
+        method = chain_method(shapes, dtype, device)
+    if any(len(s) != 4 for s in shapes) or method == "points":
         return []
     split, _ = _best_splits(tuple(shapes))
     pairs: list[tuple[Shape, Shape]] = []
@@ -220,7 +228,8 @@ KERNEL_METHODS = {
 }
 
 
-def compose_chain(layers: Sequence[WeightBias], groups: int = 1) -> WeightBias:
+def compose_chain(layers: Sequence[WeightBias], groups: int = 1, *,
+                  method: str | None = None) -> WeightBias:
     """Fold ``[(w1, b1), (w2, b2), ...]`` (applied in that order) into one ``(w, b)``.
 
     All layers share ``groups``; only the padding of the first layer, the stride
@@ -228,13 +237,16 @@ def compose_chain(layers: Sequence[WeightBias], groups: int = 1) -> WeightBias:
     allowed — :func:`expandfx.linear.fold.chain` checks that first. Composition of affine maps
     is associative, so the pairs are folded in the order that costs the fewest
     multiply-accumulates (as for a matrix chain), or, when that is cheaper still, the whole
-    chain at once by :func:`compose_points` (:func:`chain_method` decides). Works in the
-    dtype given: ``contract`` passes float64, collapsed execution the working dtype.
+    chain at once by :func:`compose_points` (:func:`chain_method` decides for the weights'
+    dtype and device; ``method``, ``"pairs"`` or ``"points"``, forces one: both give the same
+    weight to rounding). Works in the dtype given: ``contract`` passes float64, collapsed
+    execution the working dtype.
     """
     if not layers:
         raise ValueError("compose_chain: empty chain")
     shapes = tuple(tuple(w.shape) for w, _ in layers)
-    if chain_method(shapes, layers[0][0].dtype) == "points":
+    ref = layers[0][0]
+    if _method(shapes, ref.dtype, ref.device, method, "compose_chain") == "points":
         return compose_points([w for w, _ in layers], groups), chain_bias(layers, groups)
     split, _ = _best_splits(shapes)
 
@@ -346,9 +358,11 @@ class Step(NamedTuple):
     out: tuple[int, ...]
 
 
-def last_step(weights: Sequence[Tensor], groups: int = 1) -> Step:
+def last_step(weights: Sequence[Tensor], groups: int = 1, *,
+              method: str | None = None) -> Step:
     """The chain's last composition with its operands computed as :func:`compose_chain`
-    computes them (differentiably): ``finish(last_step(ws, g))`` is its weight. A backward
+    computes them (differentiably, by ``method`` as there): ``finish(last_step(ws, g))`` is
+    its weight. A backward
     that has ``dW`` can get the operands' gradients from :func:`finish_grad` without
     computing the last (largest) product again.
 
@@ -360,7 +374,7 @@ def last_step(weights: Sequence[Tensor], groups: int = 1) -> Step:
     if len(weights) < 2:
         raise ValueError("last_step: a chain of at least two weights is needed")
     shapes = tuple(tuple(w.shape) for w in weights)
-    if chain_method(shapes, weights[0].dtype) == "points":
+    if _method(shapes, weights[0].dtype, weights[0].device, method, "last_step") == "points":
         return _points_step(weights, groups)
     split, _ = _best_splits(shapes)
 
@@ -526,16 +540,96 @@ def last_step_cost(shapes: Sequence[Shape]) -> int:
     return pair_cost(shape(0, k), shape(k + 1, n - 1))
 
 
-def chain_method(shapes: Sequence[Shape], dtype: torch.dtype = torch.float32) -> str:
-    """``"points"`` when :func:`compose_points` costs fewer multiply-accumulates than the
-    best pairwise order and can be used in ``dtype`` (float64; float32 with full-precision
-    matmuls), else ``"pairs"``."""
+# The two ways of composing a whole chain (same weight to rounding): pairwise in the
+# cheapest order, or at once at points.
+CHAIN_METHODS = ("pairs", "points")
+
+# (weight shapes, dtype, device) -> "pairs" | "points": measured preferences, filled by the
+# execution layer's tuner (:func:`expandfx.execution.tune_chain`); read here, timed there.
+_CHAIN_METHOD: dict[tuple, str] = {}
+
+
+def _chain_key(shapes: Sequence[Shape], dtype: torch.dtype,
+               device: torch.device | str) -> tuple:
+    return (tuple(tuple(s) for s in shapes), dtype, str(torch.device(device)))
+
+
+def points_allowed(shapes: Sequence[Shape], dtype: torch.dtype = torch.float32) -> bool:
+    """Whether :func:`compose_points` may compose a chain of these weight shapes in
+    ``dtype``: at least two spatial kernels, a composed kernel of at most ``len(POINTS)``
+    per dimension, and float64 or float32 with full-precision matmuls (not half precision,
+    TF32 or bf16 shortcuts: the interpolation's error would grow with them)."""
     shapes = tuple(tuple(s) for s in shapes)
     if dtype not in (torch.float32, torch.float64) or not _points_shape_ok(shapes):
+        return False
+    return dtype == torch.float64 or _full_precision()
+
+
+def chain_method(shapes: Sequence[Shape], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> str:
+    """How :func:`compose_chain` composes a chain of these weight shapes: ``"pairs"`` where
+    the point method cannot be used (:func:`points_allowed`), else the preference recorded
+    by :func:`prefer_chain_method` for these shapes, ``dtype`` and ``device`` (none is read
+    when ``device`` is ``None``: the cost model), else ``"points"`` when
+    :func:`compose_points` costs fewer multiply-accumulates than the best pairwise order."""
+    shapes = tuple(tuple(s) for s in shapes)
+    if not points_allowed(shapes, dtype):
         return "pairs"
-    if dtype == torch.float32 and not _full_precision():
-        return "pairs"
+    if device is not None:
+        found = _CHAIN_METHOD.get(_chain_key(shapes, dtype, device))
+        if found is not None:
+            return found
     return "points" if points_cost(shapes) < _best_splits(shapes)[1] else "pairs"
+
+
+def known_chain_method(shapes: Sequence[Shape], dtype: torch.dtype,
+                       device: torch.device | str) -> str | None:
+    """The recorded preference for a chain of these weight shapes, or ``None``."""
+    return _CHAIN_METHOD.get(_chain_key(shapes, dtype, device))
+
+
+def prefer_chain_method(shapes: Sequence[Shape], dtype: torch.dtype,
+                        device: torch.device | str, method: str) -> None:
+    """Record ``method`` (``"pairs"`` or ``"points"``) for chains of these weight shapes;
+    :func:`chain_method` still answers ``"pairs"`` where points cannot be used.
+
+    >>> ck = [(128, 32, 3, 3), (256, 128, 3, 3), (64, 256, 3, 3)]
+    >>> prefer_chain_method(ck, torch.float32, "cpu", "pairs")
+    >>> chain_method(ck, torch.float32, "cpu"), chain_method(ck)  # recorded, the MAC rule
+    ('pairs', 'points')
+    >>> prefer_chain_method(ck, torch.float16, "cpu", "points")
+    >>> chain_method(ck, torch.float16, "cpu")  # half precision never composes at points
+    'pairs'
+    >>> forget_chain_methods()
+    """
+    if method not in CHAIN_METHODS:
+        raise ValueError(f"prefer_chain_method: method must be one of {list(CHAIN_METHODS)}, "
+                         f"got {method!r}")
+    _CHAIN_METHOD[_chain_key(shapes, dtype, device)] = method
+
+
+def forget_chain_methods(shapes: Sequence[Sequence[Shape]] | None = None) -> None:
+    """Drop the recorded chain preferences: every one, or those of these chains (a list of
+    chains' weight shapes; every dtype and device) — back to the MAC rule of
+    :func:`chain_method`."""
+    if shapes is None:
+        _CHAIN_METHOD.clear()
+        return
+    drop = {tuple(tuple(s) for s in chain) for chain in shapes}
+    for key in [k for k in _CHAIN_METHOD if k[0] in drop]:
+        del _CHAIN_METHOD[key]
+
+
+def _method(shapes: tuple[Shape, ...], dtype: torch.dtype, device: torch.device,
+            method: str | None, who: str) -> str:
+    if method is None:
+        return chain_method(shapes, dtype, device)
+    if method not in CHAIN_METHODS:
+        raise ValueError(f"{who}: method must be one of {list(CHAIN_METHODS)}, got {method!r}")
+    if method == "points" and not points_allowed(shapes, dtype):
+        raise ValueError(f"{who}: the point method cannot compose weights of shapes "
+                         f"{list(shapes)} in {dtype} (see points_allowed); use 'pairs'")
+    return method
 
 
 def _full_precision() -> bool:
@@ -585,7 +679,8 @@ def pairs_cost(shapes: Sequence[tuple[int, ...]]) -> int:
 
 def chain_cost(shapes: Sequence[tuple[int, ...]]) -> int:
     """Multiply-accumulates of folding a chain of weights of these shapes as
-    :func:`compose_chain` does (float32): the best pairwise order or the point method."""
+    :func:`compose_chain` does by the MAC rule (float32, no measured preference): the best
+    pairwise order or the point method."""
     shapes = tuple(tuple(s) for s in shapes)
     return points_cost(shapes) if chain_method(shapes) == "points" else pairs_cost(shapes)
 
