@@ -166,7 +166,8 @@ def resolve_mode(block: ExpandedBlock, x: torch.Tensor | Sequence[int]) -> str:
     both executions run on detached copies of the input and of the factor weights
     (forward, plus backward through ``torch.autograd.grad`` when gradients are needed;
     a warm-up round, then one timed round, or three interleaved ones when the two are
-    within 3×; median), so no autograd graph, ``.grad``, hook or RNG state of the caller
+    within 3× and a step takes under 0.1 s — 0.5 s when the two are within 1.5×; median),
+    so no autograd graph, ``.grad``, hook or RNG state of the caller
     is touched. When gradients are needed, sequential must be at least
     ``SEQUENTIAL_MEMORY_PREMIUM`` (10 %) faster to be chosen: it keeps r× wider activations
     for backward than collapsed execution, which keeps only the compact layer's. A block
@@ -283,9 +284,13 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
             _MEASURED.append(Measurement(structure(block), tuple(x.shape), grad, len(leaves),
                                          {k: (v,) for k, v in first.items()}, choice))
             return choice
-        # two more interleaved rounds unless slow (deciding must stay cheap)
+        # two more interleaved rounds unless slow (deciding must stay cheap); a close call
+        # gets them up to 0.5 s a step: one round on a loaded machine picks on noise
+        weighted = [t * _premium(name, grad) for name, t in first.items()]
+        close = max(weighted) < 1.5 * min(weighted)
+        slowest = max(first.values())
         times = {name: [t] for name, t in first.items()}
-        for _ in range(0 if max(first.values()) > 0.1 else 2):
+        for _ in range(2 if slowest <= 0.1 or (close and slowest <= 0.5) else 0):
             for name, fn in runs.items():
                 times[name].append(_timed_step(fn, leaves, x.device))
     choice = min(times, key=lambda n: statistics.median(times[n]) * _premium(n, grad))
