@@ -406,7 +406,10 @@ def _points_step(weights: Sequence[Tensor], groups: int) -> Step:
             mats.append(m.expand(points, o, j) if g == 1
                         else m.expand(points, g, o, j).reshape(points * g, o, j))
             continue
-        values = _matrix("eval", size, k, w.dtype, w.device) @ w.reshape(g * o * j, -1).t()
+        # the taps-major copy is cheap and makes autograd's weight gradient E^T @ dV, a wide
+        # product; on the transposed view it is (dV^T @ E)^T, a skinny one (2x slower)
+        taps_major = w.reshape(g * o * j, -1).t().contiguous()
+        values = _matrix("eval", size, k, w.dtype, w.device) @ taps_major
         mats.append(values.reshape(points * g, o, j))
     split = _matrix_chain(_chain_dims([tuple(w.shape) for w in weights]))
 
