@@ -3,10 +3,11 @@
 Example::
 
     >>> import torch, torch.nn as nn, torch.nn.functional as F
+    >>> _ = torch.manual_seed(0)
     >>> model = nn.Linear(4, 2)
     >>> batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)]
-    >>> -1.0 <= gradient_confusion(model, F.cross_entropy, batches) <= 1.0
-    True
+    >>> round(gradient_confusion(model, F.cross_entropy, batches), 4)  # two batches disagree
+    -0.4666
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ def test_accuracy_study_quick_run(tmp_path):
     table = study.summarize(records)
     assert {k[0] for k in table} == {"sweep", "authors"}
     assert table[("sweep", "MNIST-1D (CNN1D)", "CK")]["lr"] == 0.05
-    assert -1.0 <= table[("sweep", "MNIST-1D (CNN1D)", "CK")]["runs"][0]["confusion"] <= 1.0
+    for run in table[("sweep", "MNIST-1D (CNN1D)", "CK")]["runs"]:  # measured, not a default
+        assert math.isfinite(run["confusion"]) and run["confusion"] != 0.0
     text = (tmp_path / "accuracy_study.md").read_text()
     assert "CK+FC+Init" in text and "compander+CK" in text and "thread" in text
     assert (tmp_path / "accuracy_study.png").stat().st_size > 0
