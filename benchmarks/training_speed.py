@@ -167,9 +167,9 @@ def branch_report(env: dict, rows: list[dict]) -> str:
         "# Training cost of the branch rules × per-branch norms (CPU scale)",
         "",
         f"Measured {env['date']} with torch {env['torch']}, **{env['threads']} threads**, "
-        f"`python benchmarks/training_speed.py --branch` ({env['seconds']} s), on a CPU shared "
-        f"with other jobs (load average about 6 on 2 cores: times are noisy, memory is "
-        f"exact). The ExpandNets paper's Table 6 network (SmallNet 7×7 ablation: four 7×7 "
+        f"`python benchmarks/training_speed.py --branch` ({env['seconds']} s); {env['load']} "
+        f"(times are noisy when it is high; memory is exact). The ExpandNets paper's Table 6 "
+        f"network (SmallNet 7×7 ablation: four 7×7 "
         f"convs with biases, BN, ReLU, max-pool; 150 K parameters), input 32×32, batch 128 "
         f"(OREPA's own comparison is ResNet-18 on ImageNet, on GPUs); one step = forward, "
         f"backward, SGD "
@@ -741,8 +741,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.branch:
             return 0  # the issue-20 run only (the docstring's promise)
     if args.branch:
+        env["load"] = (f"1-min load average {os.getloadavg()[0]:.1f} on "
+                       f"{os.cpu_count() or 0} cores at the start")
         rows = run_group(branch_group(args.quick))
         env["seconds"] = round(time.perf_counter() - start)
+        env["load"] += f", {os.getloadavg()[0]:.1f} at the end"
         text = branch_report(env, rows)
         print(text)
         if not args.quick:
