@@ -94,7 +94,7 @@ def build(rule: str) -> nn.Module:
         return model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return efx.expand(model, rule, 4.0)
+        return efx.expand(model, rule, 4.0 if efx.rules.find(rule).uses_r else None)
 
 
 def weight_stats(model: nn.Module) -> list[dict[str, Any]]:

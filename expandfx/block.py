@@ -118,7 +118,7 @@ class ExpandedBlock(nn.Module):
             self.layers = nn.ModuleList(layers)
         self.topology: Node = self._current_topology()  # fixed now; check() compares
         self.rule = rule
-        self.r = None if r is None else float(r)  # None: a rule without a rate (branches)
+        self.r = None if r is None or not _uses_r(rule) else float(r)  # None: no rate
         self.pre_pad = pre_pad
         self.pad_mode = PAD_MODES[getattr(original, "padding_mode", "zeros")]
         self.signatures = [layer_signature(layer) for layer in self.factors]
@@ -431,7 +431,7 @@ class ExpandedBlock(nn.Module):
             error_msgs.append(
                 f"'{path}': the checkpoint holds {mismatch[0]} but this block ({self.label}) "
                 f"has {mismatch[1]}: the checkpoint was saved from another "
-                f"expansion rule. Expand the fresh model with the checkpoint's rule and r.")
+                f"expansion rule. Expand the fresh model with the checkpoint's rule (and r).")
         for factor_path, layer in zip(self.factor_paths, self.factors, strict=True):
             key = f"{prefix}{factor_path}.weight"
             if key in state_dict and tuple(state_dict[key].shape) != tuple(layer.weight.shape):
@@ -516,3 +516,12 @@ def _norm_affine(bn: nn.Module, template: nn.Module, meta: bool) -> Affine:
 
 def _like(value: torch.Tensor, ref: torch.Tensor, requires_grad: bool) -> nn.Parameter:
     return nn.Parameter(value.to(dtype=ref.dtype, device=ref.device).contiguous(), requires_grad)
+
+
+def _uses_r(rule: str) -> bool:
+    """Whether the registered rule ``rule`` takes an expansion rate (a user's own block with
+    an unregistered rule name keeps the ``r`` it was given)."""
+    from .rules import find  # the rules build blocks: imported when a block is made
+
+    found = find(rule) if isinstance(rule, str) else None
+    return found is None or found.uses_r

@@ -29,6 +29,7 @@ from .errors import ExpandFXError
 from .models import EXAMPLE_SHAPES, MODELS
 from .restoring import training_flags
 from .rules import RULES
+from .surgery import blocks
 from .tolerances import rel_error
 
 __all__ = ["BLOCK_KEY", "CLIError", "EPILOG", "block_keys", "build_parser", "cmd_check",
@@ -153,8 +154,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         pairs = zip(tree_leaves(big(x)), tree_leaves(small(x)), strict=True)
         err = max(rel_error(r, o) for r, o in pairs if isinstance(r, torch.Tensor))
     same_keys = list(small.state_dict()) == list(model.state_dict())
-    rate = "" if args.r is None else f", r={args.r:g}"
-    print(f"{args.model}: {n_blocks} layer(s) expanded with {args.rule}{rate}")
+    labels = sorted({b.label for b, _ in blocks(big).values()})
+    print(f"{args.model}: {n_blocks} layer(s) expanded with {'; '.join(labels)}")
     print(f"contract(big) vs big: max |diff| / max |out| = {err:.2e} (limit 1e-5)")
     print(f"state_dict keys identical to the original: {same_keys}")
     out_path = Path(args.out or f"{args.model.replace(':', '_').replace('.', '_')}.onnx")
@@ -287,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train compact vs expanded on real data, contract, export")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     d.add_argument("--rule", default="CK", help="expansion rule (default: CK)")
-    d.add_argument("--r", type=float, default=4.0, help="expansion rate (default: 4)")
+    d.add_argument("--r", type=float, default=None,
+                   help="expansion rate of CL, CK, FC (default: 4; branch rules take none)")
     d.add_argument("--epochs", type=positive, default=40, help="epochs per run (default: 40)")
     d.add_argument("--seeds", type=positive, default=5, help="training seeds (default: 5)")
     d.add_argument("--quick", action="store_true", help="a few epochs, one seed (for tests)")

@@ -167,7 +167,8 @@ def _demo(out: Path, rule: str, r: float, epochs: int, seeds: int, quick: bool,
     plan = efx.plan(smallnet_digits(), rule, r, example_inputs=(xtr[:1],))
     print(plan)
 
-    curves: dict[str, list[list[float]]] = {"compact": [], f"{rule} r={r:g}": []}
+    label = rule if r is None else f"{rule} r={r:g}"
+    curves: dict[str, list[list[float]]] = {"compact": [], label: []}
     seconds = {k: 0.0 for k in curves}
     last_big = None
     for seed in range(seeds):

@@ -166,3 +166,9 @@ def test_export_int8_with_data_and_labels(tmp_path):
     assert too_few.returncode == 2 and "at least one held out" in too_few.stderr
     random = cli(*args)  # no --data: random inputs, said so
     assert random.returncode == 0 and "smoke test" in random.stdout
+
+
+def test_a_branch_rule_needs_no_r_on_the_command_line():
+    out = cli("plan", "smallnet_7x7", "--rule", "RepVGG")
+    assert out.returncode == 0, out.stderr
+    assert "RepVGG()" in out.stdout and "r=" not in out.stdout.split("RepVGG()")[1][:20]

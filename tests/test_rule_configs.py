@@ -189,6 +189,12 @@ def test_shorthand_keywords_that_no_rule_string_takes_are_refused():
         efx.plan(model, {"features.*": efx.CL(r=4)}, r=2)
     with pytest.raises(TypeError, match="unexpected keyword argument 'nrom'"):
         efx.expand(model, "RepVGG", nrom="bn")
+    for rule in ("RepVGG", {"features.0": "ACNet", "features.4": efx.CL(r=2)}):  # no string
+        with pytest.raises(efx.ConfigError, match=r"r=3 would be ignored.*use no expansion "
+                                                  r"rate.*\['CK', 'CL', 'FC'\]"):
+            efx.expand(model, rule, r=3)
+    mixed = efx.expand(model, {"features.0": "RepVGG", "*": "CL"}, r=3)  # r reaches "CL"
+    assert {(b.rule, b.r) for b in blocks(mixed).values()} == {("RepVGG", None), ("CL", 3.0)}
 
 
 # --- the deprecated keywords ----------------------------------------------------------------

@@ -146,7 +146,7 @@ _KERNEL_METHOD: dict[tuple, str] = {}
 
 def _method_key(a: tuple[int, ...], b: tuple[int, ...], groups: int, dtype: torch.dtype,
                 device: torch.device | str) -> tuple:
-    return (tuple(a), tuple(b), groups, dtype, str(device))
+    return (tuple(a), tuple(b), groups, dtype, _device_name(device))
 
 
 def kernel_method(wa: Tensor, wb: Tensor, groups: int) -> str:
@@ -554,7 +554,15 @@ _CHAIN_METHOD: dict[tuple, str] = {}
 
 def _chain_key(shapes: Sequence[Shape], dtype: torch.dtype,
                device: torch.device | str) -> tuple:
-    return (tuple(tuple(s) for s in shapes), dtype, str(torch.device(device)))
+    return (tuple(tuple(s) for s in shapes), dtype, _device_name(device))
+
+
+def _device_name(device: torch.device | str) -> str:
+    """``cuda:0`` for ``"cuda"`` too (the current device), as a tensor's ``.device`` says."""
+    d = torch.device(device)
+    if d.index is None and d.type == "cuda" and torch.cuda.is_available():
+        d = torch.device("cuda", torch.cuda.current_device())
+    return str(d)
 
 
 def points_allowed(shapes: Sequence[Shape], dtype: torch.dtype = torch.float32) -> bool:

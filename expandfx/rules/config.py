@@ -162,11 +162,8 @@ class RuleConfig:
     def build(self, layer: nn.Module, *, path: str = "", device: Any = None) -> ExpandedBlock:
         """The block this config makes of ``layer`` (a torch layer)."""
         spec = self._spec()
-        block = spec.build(layer, self.r if spec.uses_r else 1.0, self.init, path=path,
-                           device=device, **dict(self.options))
-        if not spec.uses_r:
-            block.r = None  # its build takes r=1 for the protocol; the block has no rate
-        return block
+        return spec.build(layer, self.r if spec.uses_r else 1.0, self.init, path=path,
+                          device=device, **dict(self.options))  # a branch block: r is None
 
     def _spec(self) -> Rule:
         from .base import find

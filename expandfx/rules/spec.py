@@ -191,12 +191,16 @@ def from_call(who: str, rule: Any, r: Any, deprecated: dict[str, Any]) -> Spec:
                           f"rule strings, and {_describe(spec)} already sets every rule's "
                           f"settings. Put them in the configs (e.g. "
                           f"{spec.configs()[0].rule}(...)) and drop the keyword.")
-    if r is not None and not callable(spec.table) and not any(
-            RULES[c.rule].uses_r for c in spec.configs()):
+    named = [find(n) for v in strings if isinstance(v, str) for n in v.split("+")]
+    named += [v for v in strings if isinstance(v, Rule)]
+    if r is not None and not callable(spec.table) and named and not any(
+            x is not None and x.uses_r for x in named):  # the strings r= would reach
         users = sorted(n for n, x in RULES.items() if x.uses_r)
-        raise ConfigError(f"{who}: r={r!r} would be ignored: rule {rule!r} uses no "
-                          f"expansion rate (branch rules keep the layer's width). Drop r=, or "
-                          f"combine with a rule that uses it: {users}.")
+        given = sorted({x.name for x in named if x is not None})
+        raise ConfigError(f"{who}: r={r!r} would be ignored: it applies to rule strings, and "
+                          f"those of rule {rule!r} ({', '.join(given)}) use no expansion rate "
+                          f"(branch rules keep the layer's width). Drop r=, or combine with a "
+                          f"rule that uses it: {users}.")
     if norm is not UNSET and norm is not None and not callable(spec.table) and not any(
             "norm" in RULES[c.rule].options for c in spec.configs()):
         raise ConfigError(f"{who}: norm={norm!r} is per-branch normalization, but rule "
