@@ -34,6 +34,16 @@ def net() -> nn.Module:
         nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
 
 
+def assert_contracts_exactly(big: nn.Module, model: nn.Module, x: torch.Tensor) -> None:
+    """``contract(big)`` has ``model``'s class, keys and module types and computes ``big``."""
+    small = efx.contract(big)
+    assert type(small) is type(model)
+    assert list(small.state_dict()) == list(model.state_dict())
+    assert all(type(a) is type(b) for a, b in zip(small.modules(), model.modules(), strict=True))
+    with torch.no_grad():
+        assert rel_err(big(x), small(x)) <= 1e-5
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("rule", BRANCH_RULES)
 def test_trained_in_training_mode_contracts_exactly(rule: str, norm: str | None) -> None:
@@ -46,14 +56,7 @@ def test_trained_in_training_mode_contracts_exactly(rule: str, norm: str | None)
                and isinstance(m, nn.BatchNorm2d)]
         assert bns and all(m.num_batches_tracked.item() >= 3 for m in bns)
         assert any((m.running_mean.abs() > 1e-3).any() for m in bns)
-    big.eval()
-    small = efx.contract(big)
-    assert type(small) is type(model)
-    assert list(small.state_dict()) == list(model.state_dict())
-    assert all(type(a) is type(b) for a, b in zip(small.modules(), model.modules(), strict=True))
-    with torch.no_grad():
-        err = rel_err(big(x), small(x))
-    assert err <= 1e-5
+    assert_contracts_exactly(big.eval(), model, x)
 
 
 @pytest.mark.parametrize("norm", [None, "scale"])
@@ -277,13 +280,7 @@ def test_orepa_trained_in_training_mode_contracts_exactly(mode: str) -> None:
     x = torch.randn(16, 3, 8, 8)
     sgd_steps(big, x, steps=3)
     assert not torch.equal(before, big[0].branches["prior"][0].weight)  # scale 0 moved first
-    big.eval()
-    small = efx.contract(big)
-    assert type(small) is type(model)
-    assert list(small.state_dict()) == list(model.state_dict())
-    assert all(type(a) is type(b) for a, b in zip(small.modules(), model.modules(), strict=True))
-    with torch.no_grad():
-        assert rel_err(big(x), small(x)) <= 1e-5
+    assert_contracts_exactly(big.eval(), model, x)
 
 
 @pytest.mark.parametrize("conv", OREPA_GEOMETRIES, ids=lambda c: repr(c).replace(" ", ""))
