@@ -193,6 +193,10 @@ def test_shorthand_keywords_that_no_rule_string_takes_are_refused():
         with pytest.raises(efx.ConfigError, match=r"r=3 would be ignored.*use no expansion "
                                                   r"rate.*\['CK', 'CL', 'FC'\]"):
             efx.expand(model, rule, r=3)
+    with pytest.raises(efx.ConfigError, match=r"r=2 would be ignored: the rule callable "
+                                              r"picked only.*\['RepVGG'\]"):
+        efx.expand(model, lambda name, module: "RepVGG", r=2)
+    assert efx.plan(model, lambda name, module: "CL", r=2).rows[0].config == efx.CL(r=2)
     mixed = efx.expand(model, {"features.0": "RepVGG", "*": "CL"}, r=3)  # r reaches "CL"
     assert {(b.rule, b.r) for b in blocks(mixed).values()} == {("RepVGG", None), ("CL", 3.0)}
 

@@ -156,7 +156,21 @@ def decide(model: nn.Module, rule: RuleSpec | Spec, r: float | None = None, *,
         row.config, row.reason = _choose(layer, ctx)
         row.rule = row.config.rule if row.config is not None else None
         rows.append(row)
+    _check_rate_reached(spec, rows)
     return rows, view
+
+
+def _check_rate_reached(spec: Spec, rows: list[LayerPlan]) -> None:
+    """A rule callable given ``r=`` that picked only rules without a rate: ``r`` would be
+    ignored (for strings and mappings :func:`~expandfx.rules.spec.from_call` says so up
+    front; a callable's picks are known only now)."""
+    chosen = {row.config.rule for row in rows if row.config is not None}
+    if callable(spec.table) and spec.short.r is not None and chosen and not any(
+            RULES[name].uses_r for name in chosen):
+        users = sorted(n for n, x in RULES.items() if x.uses_r)
+        raise ConfigError(f"expand: r={spec.short.r:g} would be ignored: the rule callable "
+                          f"picked only rules that use no expansion rate ({sorted(chosen)}). "
+                          f"Drop r=, or return a rule that uses it: {users}.")
 
 
 def _choose(layer: LayerView, ctx: _Context) -> tuple[RuleConfig | None, str | None]:
