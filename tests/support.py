@@ -76,3 +76,18 @@ def run_workers(worker, args: tuple, nprocs: int, what: str, limit: float = 300)
                 proc.kill()
                 proc.join(5)
 
+
+def draw_channels(draw, most: int, per_group: int, depthwise: int) -> tuple[int, int, int]:
+    """``(groups, in, out)`` of a plain, grouped or depthwise conv, drawn with hypothesis's
+    ``draw``: plain up to ``most`` channels, grouped up to ``per_group`` per group (2–3
+    groups), depthwise up to ``depthwise`` channels (out = in or 2·in)."""
+    from hypothesis import strategies as st
+
+    kind = draw(st.sampled_from(["plain", "grouped", "depthwise"]))
+    if kind == "plain":
+        return 1, draw(st.integers(1, most)), draw(st.integers(1, most))
+    if kind == "grouped":
+        g = draw(st.integers(2, 3))
+        return g, g * draw(st.integers(1, per_group)), g * draw(st.integers(1, per_group))
+    g = draw(st.integers(2, depthwise))
+    return g, g, g * draw(st.integers(1, 2))

@@ -12,7 +12,7 @@ import warnings
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import count, examples, randomize, rel_err
+from support import count, draw_channels, examples, randomize, rel_err
 from torch import nn
 
 import expandfx as efx
@@ -45,15 +45,7 @@ def conv_cases(draw):
     mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
     if mode != "zeros" and form == "valid":
         mode = "zeros"
-    kind = draw(st.sampled_from(["plain", "grouped", "depthwise"]))
-    if kind == "plain":
-        g, m, n = 1, draw(st.integers(1, 6)), draw(st.integers(1, 6))
-    elif kind == "grouped":
-        g = draw(st.integers(2, 3))
-        m, n = g * draw(st.integers(1, 3)), g * draw(st.integers(1, 3))
-    else:
-        g = m = draw(st.integers(2, 6))
-        n = m * draw(st.integers(1, 2))
+    g, m, n = draw_channels(draw, most=6, per_group=3, depthwise=6)
     bias = draw(st.booleans())
     conv = CONV[dims](m, n, kernel, stride=stride, padding=padding, dilation=dilation,
                       groups=g, bias=bias, padding_mode=mode)

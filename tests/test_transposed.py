@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import count, examples, randomize, rel_err, sgd_steps
+from support import count, draw_channels, examples, randomize, rel_err, sgd_steps
 from torch import nn
 
 import expandfx as efx
@@ -44,15 +44,7 @@ def transposed_cases(draw):
     # torch: output_padding must be smaller than either the stride or the dilation
     output_padding = tuple(draw(st.integers(0, max(s, d) - 1))
                            for s, d in zip(stride, dilation, strict=True))
-    kind = draw(st.sampled_from(["plain", "grouped", "depthwise"]))
-    if kind == "plain":
-        g, m, n = 1, draw(st.integers(1, 5)), draw(st.integers(1, 5))
-    elif kind == "grouped":
-        g = draw(st.integers(2, 3))
-        m, n = g * draw(st.integers(1, 2)), g * draw(st.integers(1, 2))
-    else:
-        g = m = draw(st.integers(2, 4))
-        n = m * draw(st.integers(1, 2))
+    g, m, n = draw_channels(draw, most=5, per_group=2, depthwise=4)
     bias = draw(st.booleans())
     layer = TRANSPOSED[dims](m, n, kernel, stride=stride, padding=padding,
                              output_padding=output_padding, groups=g, bias=bias,
