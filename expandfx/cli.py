@@ -348,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CLIError, ExpandFXError) as exc:
-        print(f"expandfx: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        # the library's messages name keyword arguments; here they are flags
+        first = str(exc).splitlines()[0].replace("drop r=", "drop --r")
+        print(f"expandfx: error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

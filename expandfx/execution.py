@@ -232,9 +232,8 @@ def _may_measure(block: ExpandedBlock, x: torch.Tensor) -> bool:
 def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
     seq_macs = sequential_macs(block, x.shape)
     col_macs = collapsed_macs(block, x.shape)
-    if seq_macs > 8 * col_macs or col_macs > 8 * seq_macs:
-        if grad and col_macs <= seq_macs:  # collapsed without timing: its composition still
-            _tune_composition(block)       # runs at every step, so pick its fastest method
+    lopsided = seq_macs > 8 * col_macs or col_macs > 8 * seq_macs  # no need to time modes
+    if lopsided and not (grad and col_macs <= seq_macs):
         return "collapsed" if col_macs <= seq_macs else "sequential"
     paths = block.factor_paths
     params = [(layer.weight, layer.bias) for layer in block.factors]
@@ -249,8 +248,6 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
     leaves = [t for pair in weights for t in pair if t is not None and t.requires_grad]
     if grad and x.requires_grad:
         leaves.append(x)
-    if grad:
-        _tune_composition(block, weights)
     by_path = dict(zip(paths, weights, strict=True))
 
     def apply(path: str, y: torch.Tensor) -> torch.Tensor:
@@ -269,6 +266,13 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
             w, b = one.weight, one.bias
         return layer_types.layer_call(block.template, x, w, b)
 
+    if grad:  # collapsed training composes at every step: its fastest method, timed in
+        # the block's own step (timed alone, the composition can rank its methods the
+        # other way: the layer's convolution changes what the caches hold)
+        _tune_composition(block, weights, timer=lambda: _timed_step(collapsed, leaves,
+                                                                    x.device))
+    if lopsided:  # collapsed without timing the modes
+        return "collapsed"
     runs = {"sequential": sequential, "collapsed": collapsed}
     # identity hooks on top: the caller's saved-tensor hooks (checkpointing) never see ours
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
@@ -299,18 +303,17 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
     return choice
 
 
-def _tune_composition(block: ExpandedBlock, weights: Sequence[WeightBias] | None = None
-                      ) -> None:
+def _tune_composition(block: ExpandedBlock, weights: Sequence[WeightBias],
+                      timer: Callable[[], float] | None = None) -> None:
     """Tune how a chain block composes in training (kernel pairs; for a plain chain, whose
-    collapsed forward is ``compose_chain``, also pairs vs points) before it is timed or run."""
+    collapsed forward is ``compose_chain``, also pairs vs points, by ``timer`` if given: see
+    :func:`tune_chain`) before it is timed or run."""
     if not block.is_chain:
         return
-    if weights is None:
-        with torch.no_grad():  # current values (through any parametrization)
-            weights = [(layer.weight, layer.bias) for layer in block.factors]
     groups = getattr(block.template, "groups", 1)
     if block.__dict__.get("_plain_chain") and getattr(block, "act", None) is None:
-        tune_chain(weights, groups, recompose=block.__dict__.get("recompose", True))
+        tune_chain(weights, groups, recompose=block.__dict__.get("recompose", True),
+                   timer=timer)
     else:
         tune_kernels(weights, groups)
 
@@ -600,7 +603,7 @@ def tune_kernels(factors: Sequence[WeightBias], groups: int, repeats: int = 3
 
 
 def tune_chain(factors: Sequence[WeightBias], groups: int, repeats: int = 3, *,
-               recompose: bool = True) -> str:
+               recompose: bool = True, timer: Callable[[], float] | None = None) -> str:
     """Time the whole composition of this chain (forward + backward) pairwise and at points
     (:data:`~expandfx.linear.compose.CHAIN_METHODS`) where both can be used, once per weight
     shapes/dtype/device, with :func:`timed` and :func:`tune_kernels`' repeat policy (a
@@ -612,6 +615,12 @@ def tune_chain(factors: Sequence[WeightBias], groups: int, repeats: int = 3, *,
     Works on constant kernels of the same shapes: no graph, grad or RNG of the caller is
     touched; both methods compute the same weight (to rounding). Times and records nothing
     for meta tensors or under ``torch.compile``, tracing and functorch transforms.
+
+    ``timer`` (what ``auto`` passes: the seconds of one training step of the block's layer,
+    composed by the recorded method) times each method where it runs instead: in a step, the
+    layer's convolution leaves other data in the caches, and a composition timed alone can
+    rank the methods the other way (CK's 3x3 chains on a CPU: equal alone, the point method
+    30 % faster in the block's step).
 
     >>> import torch
     >>> ck = [torch.zeros(12, 4, 3, 3), torch.zeros(16, 12, 3, 3), torch.zeros(4, 16, 3, 3)]
@@ -641,12 +650,21 @@ def tune_chain(factors: Sequence[WeightBias], groups: int, repeats: int = 3, *,
             return _RecomposeChain.apply(groups, method, *flat)[0]
         return compose.compose_chain([(w, None) for w in kernels], groups, method=method)[0]
 
+    def seconds(name: str) -> float:
+        if timer is None:
+            return _timed_step(lambda: run(name), kernels, ref.device)
+        compose.prefer_chain_method(shapes, ref.dtype, ref.device, name)  # what timer runs
+        return timer()
+
     times: dict[str, list[float]] = {m: [] for m in compose.CHAIN_METHODS}
     for rep in range(repeats + 1):
-        for name in compose.CHAIN_METHODS:
-            seconds = _timed_step(lambda name=name: run(name), kernels, ref.device)
-            if rep:  # the first round warms up
-                times[name].append(seconds)
+        took = {name: seconds(name) for name in compose.CHAIN_METHODS}
+        slow = max(took.values()) > 1.0  # too slow to repeat: decide on the warm-up round
+        if rep or slow:  # else the first round warms up
+            for name, t in took.items():
+                times[name].append(t)
+        if slow:
+            break
     best = min(times, key=lambda m: sorted(times[m])[len(times[m]) // 2])
     compose.prefer_chain_method(shapes, ref.dtype, ref.device, best)
     return best

@@ -114,7 +114,8 @@ def _pairwise(weights, groups):
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("kernels", [(3, 3, 3), (3, 1, 3), (1, 5, 3, 1), (3, 5)])
+@pytest.mark.parametrize("kernels", [(3, 3, 3), (3, 1, 3), (1, 5, 3, 1), (3, 5), (3, 1, 1, 3),
+                                     (3, 3, 1, 3)])
 def test_the_point_method_composes_exactly_what_the_pairwise_folding_does(dims, groups, kernels):
     """Evaluation at points, a point-wise matrix chain and interpolation give the pairwise
     kernel to rounding (float64), pointwise factors and groups included; the bias of the
@@ -135,6 +136,40 @@ def test_the_point_method_composes_exactly_what_the_pairwise_folding_does(dims, 
         pair = compose_pair(pair, (w, b), groups)
     bias = chain_bias(list(zip(weights, biases, strict=True)), groups)
     assert (bias - pair[1]).abs().max() <= 1e-10 * pair[1].abs().max()
+
+
+@pytest.mark.parametrize("shapes", [
+    [(128, 32, 3, 3), (256, 128, 3, 3), (64, 256, 3, 3)],  # CK: (A2 A1) at 25 points
+    [(8, 4, 3, 3), (8, 8, 1, 1), (8, 8, 1, 1), (6, 8, 3, 3)],  # a pointwise sub-product
+    [(8, 4, 3, 3), (8, 8, 3, 3), (8, 8, 3, 3), (6, 8, 1, 1)],  # narrow: no lift pays
+    [(32, 4, 3, 3), (64, 32, 3, 3), (64, 64, 3, 3), (6, 64, 1, 1)],  # lifts 9 -> 25 -> 49
+    [(8, 4, 1, 3), (8, 8, 3, 1), (6, 8, 3, 3)],  # per-dimension grids
+    [(4, 2, 3, 3, 3), (6, 4, 3, 3, 3)],
+])
+def test_points_cost_counts_what_the_point_method_multiplies(shapes):
+    """``points_cost`` is the products ``compose_points`` runs (torch's FLOP counter, two
+    FLOPs per MAC); a sub-product runs at its own kernel's points and is lifted where the
+    contracted channels make that cheaper (CK's two first 3x3 factors: 25 points, lifted
+    to the 49 of the 7x7 result); lifted or not, the kernel is the pairwise one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from expandfx.linear import compose
+
+    torch.manual_seed(len(shapes))
+    weights = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    ours = compose.compose_points(weights)  # also builds the cached point matrices
+    ref = _pairwise(weights, 1)
+    assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
+    with FlopCounterMode(display=False) as counter:
+        compose.compose_points(weights)
+    assert counter.get_total_flops() == 2 * compose.points_cost(shapes)
+    if shapes[:2] == [(8, 4, 3, 3), (8, 8, 3, 3)]:  # nothing lifted: all at the 49 points
+        assert compose.points_cost(shapes) == 49 * (8 * 4 * 9 + 2 * 8 * 8 * 9) \
+            + 49 * (8 * 8 * 4 + 8 * 8 * 4 + 6 * 8 * 4) + 6 * 4 * 49 ** 2
+    if shapes[0] == (128, 32, 3, 3):
+        a12 = 25 * (128 * 32 * 9 + 256 * 128 * 9 + 256 * 128 * 32) + 49 * 25 * 256 * 32
+        a3 = 49 * 64 * 256 * 9
+        assert compose.points_cost(shapes) == a12 + a3 + 49 * 64 * 256 * 32 + 64 * 32 * 49 ** 2
 
 
 def test_the_point_method_in_float32_stays_within_its_documented_error():

@@ -210,6 +210,31 @@ def test_training_in_auto_mode_records_how_each_chain_composes(record_timings):
     assert all(compose.known_chain_method(s, torch.float32, "cpu") is None for s in chains)
 
 
+@pytest.mark.parametrize("faster", ["pairs", "points"])
+def test_the_chain_tuner_times_each_method_where_it_is_told_to(record_timings, faster):
+    """``tune_chain(timer=...)`` (what auto passes: the block's own training step) times
+    each method with that method recorded, after a warm-up round, and keeps the faster; a
+    step over a second is timed once. The timer here reports seconds by the recorded method:
+    the tuner must follow them, whichever way they point."""
+    from expandfx.linear import compose
+
+    shapes = [(12, 4, 3, 3), (16, 12, 3, 3), (4, 16, 3, 3)]
+    factors = [(torch.randn(s), None) for s in shapes]
+    seen: list[str] = []
+
+    def timer(slow: float = 0.0) -> float:
+        seen.append(compose.known_chain_method(shapes, torch.float32, "cpu"))
+        return slow + (0.001 if seen[-1] == faster else 0.002)
+
+    assert execution.tune_chain(factors, 1, repeats=3, timer=timer) == faster
+    assert seen == list(compose.CHAIN_METHODS) * 4  # warm-up + 3 rounds, both methods
+    assert compose.known_chain_method(shapes, torch.float32, "cpu") == faster
+    execution.forget_measurements()
+    seen.clear()
+    assert execution.tune_chain(factors, 1, repeats=3, timer=lambda: timer(1.5)) == faster
+    assert seen == list(compose.CHAIN_METHODS)  # too slow to repeat: the warm-up decides
+
+
 @pytest.mark.parametrize("switch", ["env", "set_mode"])
 def test_without_measuring_no_chain_method_is_recorded(record_timings, monkeypatch, switch):
     """Measuring off: nothing is timed or recorded, the MAC rule decides how chains compose."""

@@ -286,9 +286,14 @@ def chain_bias(layers: Sequence[WeightBias], groups: int = 1) -> Tensor | None:
 # the K_1 x ... x K_d points of the composed kernel's size, multiply the channel matrices
 # point by point (a batched matrix chain, the cheapest order), interpolate. A 7x7 kernel
 # from three 3x3 ones costs 49 channel products per (o, j, c) instead of 81 and 225 tap
-# pairs. ``inf`` stands for the leading coefficient. These points keep the Vandermonde
+# pairs. Each sub-product needs only its own kernel's points (the first two 3x3 factors:
+# a 5x5 kernel, 25 points; POINTS[:5] are among POINTS[:7]); one exact [49, 25] matrix
+# (interpolate, evaluate) lifts it to its parent's points, which halves the largest
+# product's work and what it stores for backward. ``inf`` stands for the leading
+# coefficient (of the factor's own degree: degrees add up, so leading coefficients multiply).
+# These points keep the Vandermonde
 # matrices well conditioned (condition 7.4e2 at K = 7: float32 compositions agree with the
-# pairwise ones to about 4e-6 relative, float64 to 1e-14); more points would not, so larger
+# pairwise ones to about 3e-6 relative, float64 to 1e-14); more points would not, so larger
 # kernels (and half precision, or float32 with reduced-precision matmuls) compose pairwise.
 POINTS = (0.0, 1.0, -1.0, math.inf, 2.0, -2.0, 0.5)
 
@@ -315,11 +320,14 @@ def _matrix(kind: str, size: tuple[int, ...], k: tuple[int, ...], dtype: torch.d
             device: torch.device) -> Tensor:
     """``"eval"``: ``[points, taps]``, the values at every point of a kernel of size ``k``
     (all dimensions at once: the Kronecker product of the per-dimension matrices);
-    ``"interp"``: ``[points, points]``, its inverse for kernels of size ``size``."""
+    ``"interp"``: ``[points, points]``, its inverse for kernels of size ``size``; ``"lift"``:
+    ``[points, taps]``, a size-``k`` kernel's values at ``size``'s points from its values at
+    its own points (interpolate, evaluate)."""
     key = (kind, size, k, dtype, str(device))
     found = _MATRICES.get(key)
     if found is None:
-        per_dim = [_vandermonde(n, t) if kind == "eval" else _interpolation(n)
+        per_dim = [_vandermonde(n, t) if kind == "eval" else _interpolation(n) if kind == "interp"
+                   else _vandermonde(n, t) @ _interpolation(t)
                    for n, t in zip(size, k, strict=True)]
         exact = functools.reduce(torch.kron, per_dim)
         found = _MATRICES[key] = exact.to(dtype=dtype, device=device)
@@ -391,36 +399,80 @@ def last_step(weights: Sequence[Tensor], groups: int = 1, *,
                                                             tuple(second.shape)))
 
 
+def _grid(shapes: Sequence[Shape], i: int, j: int) -> tuple[int, ...]:
+    """Points per dimension that determine the composed kernel of factors ``i..j``: its
+    size (degrees add up in a composition)."""
+    return tuple(1 + sum(s[2 + d] - 1 for s in shapes[i:j + 1])
+                 for d in range(len(shapes[0]) - 2))
+
+
+@functools.lru_cache(maxsize=4096)
+def _values_cost(shapes: tuple[Shape, ...], i: int, j: int, grid: tuple[int, ...]
+                 ) -> tuple[int, bool]:
+    """MACs of the values of factors ``i..j`` at ``grid``'s points, and whether they are
+    computed at their own kernel's points and lifted (interpolate, evaluate: one
+    ``[P, p]`` matrix), which pays where the contracted channels are wide: CK's first two
+    3x3 factors at 25 points instead of 49. The one home of that choice: the point method
+    and :func:`points_cost` both read it."""
+    points = math.prod(grid)
+    if i == j:  # one [points, taps] @ [taps, out·in] per spatial factor
+        s = shapes[i]
+        return (s[0] * s[1] * math.prod(s[2:]) * points if any(k > 1 for k in s[2:]) else 0,
+                False)
+    k = _matrix_chain(_chain_dims(shapes))[i, j]
+
+    def product_at(g: tuple[int, ...]) -> int:  # out (all groups) x contracted x in per group
+        return (_values_cost(shapes, i, k, g)[0] + _values_cost(shapes, k + 1, j, g)[0]
+                + math.prod(g) * shapes[j][0] * shapes[k + 1][1] * shapes[i][1])
+
+    own = _grid(shapes, i, j)
+    if own == grid:
+        return product_at(grid), False
+    lifted = product_at(own)
+    if math.prod(own) > 1:  # a pointwise sub-chain is the same matrix at every point: free
+        lifted += points * math.prod(own) * shapes[j][0] * shapes[i][1]
+    here = product_at(grid)
+    return (lifted, True) if lifted < here else (here, False)
+
+
 def _points_step(weights: Sequence[Tensor], groups: int) -> Step:
+    """Products of the point-wise chain run at the composed kernel's points, or at their own
+    kernel's fewer points and lifted where that costs less (:func:`_values_cost`)."""
     g, ref = groups, weights[0]
-    size = tuple(1 + sum(w.shape[2 + d] - 1 for w in weights) for d in range(ref.dim() - 2))
+    shapes = tuple(tuple(w.shape) for w in weights)
+    size = _grid(shapes, 0, len(shapes) - 1)
     if max(size) > len(POINTS):
         raise ValueError(f"compose_points: composed kernel {size} needs more than "
                          f"{len(POINTS)} points per dimension; compose it with compose_chain")
-    points = math.prod(size)
-    mats = []
-    for w in weights:  # [points · g, out_g, in_g]
-        o, j, k = w.shape[0] // g, w.shape[1], tuple(w.shape[2:])
+    split = _matrix_chain(_chain_dims(shapes))
+
+    def leaf(w: Tensor, grid: tuple[int, ...]) -> Tensor:  # [points · g, out_g, in_g]
+        points, o, j, k = math.prod(grid), w.shape[0] // g, w.shape[1], tuple(w.shape[2:])
         if all(t == 1 for t in k):  # the same matrix at every point
             m = w.reshape(g, o, j)
-            mats.append(m.expand(points, o, j) if g == 1
-                        else m.expand(points, g, o, j).reshape(points * g, o, j))
-            continue
+            return (m.expand(points, o, j) if g == 1
+                    else m.expand(points, g, o, j).reshape(points * g, o, j))
         # the taps-major copy is cheap and makes autograd's weight gradient E^T @ dV, a wide
         # product; on the transposed view it is (dV^T @ E)^T, a skinny one (2x slower)
         taps_major = w.reshape(g * o * j, -1).t().contiguous()
-        values = _matrix("eval", size, k, w.dtype, w.device) @ taps_major
-        mats.append(values.reshape(points * g, o, j))
-    split = _matrix_chain(_chain_dims([tuple(w.shape) for w in weights]))
+        return (_matrix("eval", grid, k, w.dtype, w.device) @ taps_major).reshape(
+            points * g, o, j)
 
-    def product(i: int, j: int) -> Tensor:  # factors i..j: M_j ... M_i
+    def at(i: int, j: int, grid: tuple[int, ...]) -> Tensor:  # factors i..j: M_j ... M_i
         if i == j:
-            return mats[i]
-        k = split[i, j]
-        return torch.bmm(product(k + 1, j), product(i, k))
+            return leaf(weights[i], grid)
+        own, k = _grid(shapes, i, j), split[i, j]
+        if not _values_cost(shapes, i, j, grid)[1]:
+            return torch.bmm(at(k + 1, j, grid), at(i, k, grid))
+        values = torch.bmm(at(k + 1, j, own), at(i, k, own))
+        o, c, points = values.shape[1], values.shape[2], math.prod(grid)
+        if math.prod(own) == 1:  # pointwise factors only: the same matrix at every point
+            return values.reshape(1, -1).expand(points, -1).reshape(points * g, o, c)
+        lift = _matrix("lift", grid, own, values.dtype, values.device)
+        return (lift @ values.reshape(math.prod(own), -1)).reshape(points * g, o, c)
 
     k = split[0, len(weights) - 1]
-    return Step("points", product(0, k), product(k + 1, len(weights) - 1), g,
+    return Step("points", at(0, k, size), at(k + 1, len(weights) - 1, size), g,
                 (weights[-1].shape[0], ref.shape[1], *size))
 
 
@@ -496,27 +548,15 @@ def _points_shape_ok(shapes: Sequence[Shape]) -> bool:
 
 def points_cost(shapes: Sequence[Shape]) -> int:
     """Multiply-accumulates of :func:`compose_points` for weights of these shapes: the
-    evaluations, the point-wise matrix chain, the interpolation."""
-    shapes = [tuple(s) for s in shapes]
-    size = [1 + sum(s[2 + d] - 1 for s in shapes) for d in range(len(shapes[0]) - 2)]
-    points = math.prod(size)
-    total = 0
-    for s in shapes:  # one [points, taps] @ [taps, out·in] per spatial factor
-        if any(k > 1 for k in s[2:]):
-            total += s[0] * s[1] * math.prod(s[2:]) * points
-    inner = [s[1] for s in shapes]  # per-group channels contracted at each product
-    split = _matrix_chain(_chain_dims(shapes))
-
-    def chain(i: int, j: int) -> int:
-        if i == j:
-            return 0
-        k = split[i, j]
-        # out channels (all groups) x contracted per-group channels x in per group
-        return chain(i, k) + chain(k + 1, j) + shapes[j][0] * inner[k + 1] * shapes[i][1]
-
-    total += points * chain(0, len(shapes) - 1)
-    total += shapes[-1][0] * shapes[0][1] * points * points  # [out·in, points] @ [points]^2
-    return total
+    evaluations, the point-wise matrix chain (sub-products lifted where cheaper), the
+    interpolation."""
+    shapes = tuple(tuple(s) for s in shapes)
+    n = len(shapes)
+    size = _grid(shapes, 0, n - 1)
+    points, k = math.prod(size), _matrix_chain(_chain_dims(shapes))[0, n - 1]
+    return (_values_cost(shapes, 0, k, size)[0] + _values_cost(shapes, k + 1, n - 1, size)[0]
+            + points * shapes[-1][0] * shapes[k + 1][1] * shapes[0][1]
+            + shapes[-1][0] * shapes[0][1] * points * points)  # [out·in, points] @ [points]^2
 
 
 def last_step_cost(shapes: Sequence[Shape]) -> int:
