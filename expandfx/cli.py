@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CLIError, ExpandFXError) as exc:
         # the library's messages name keyword arguments; here they are flags
-        first = str(exc).splitlines()[0].replace("drop r=", "drop --r")
+        first = re.sub(r"\b([Dd]rop) r=", r"\1 --r", str(exc).splitlines()[0])
         print(f"expandfx: error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
