@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ExpandFXError) as exc:
         # the library's messages name keyword arguments; here they are flags
         first = re.sub(r"\b([Dd]rop) r=", r"\1 --r", str(exc).splitlines()[0])
+        first = re.sub(r"\br=(\S+) would be ignored", r"--r \1 would be ignored", first)
         print(f"expandfx: error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

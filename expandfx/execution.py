@@ -176,8 +176,10 @@ def resolve_mode(block: ExpandedBlock, x: torch.Tensor | Sequence[int]) -> str:
     ``torch.compile``, FX or JIT tracing, functorch transforms, CUDA graph capture, for
     meta/fake/subclass tensors, when given a shape only, and when measuring is switched off
     (``set_mode(model, "auto", measure=False)`` or ``EXPANDFX_AUTO_MEASURE=0``). When
-    the MAC model already sees one mode 8× cheaper, that decides without timing. Both
-    modes compute the same function; only the speed depends on the choice.
+    the MAC model already sees one mode 8× cheaper, that decides without timing the modes
+    (in training a collapsed chain still times its chain method in its step,
+    :func:`tune_chain`). Both modes compute the same function; only the speed depends on
+    the choice.
     """
     if block.mode != "auto":
         if block.mode == "collapsed":
@@ -266,16 +268,16 @@ def _measure(block: ExpandedBlock, x: torch.Tensor, grad: bool) -> str:
             w, b = one.weight, one.bias
         return layer_types.layer_call(block.template, x, w, b)
 
-    if grad:  # collapsed training composes at every step: its fastest method, timed in
-        # the block's own step (timed alone, the composition can rank its methods the
-        # other way: the layer's convolution changes what the caches hold)
-        _tune_composition(block, weights, timer=lambda: _timed_step(collapsed, leaves,
-                                                                    x.device))
-    if lopsided:  # collapsed without timing the modes
-        return "collapsed"
     runs = {"sequential": sequential, "collapsed": collapsed}
     # identity hooks on top: the caller's saved-tensor hooks (checkpointing) never see ours
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        if grad:  # collapsed training composes at every step: its fastest method, timed in
+            # the block's own step (timed alone, the composition can rank its methods the
+            # other way: the layer's convolution changes what the caches hold)
+            _tune_composition(block, weights, timer=lambda: _timed_step(collapsed, leaves,
+                                                                        x.device))
+        if lopsided:  # collapsed without timing the modes
+            return "collapsed"
         warm = {name: _timed_step(fn, leaves, x.device) for name, fn in runs.items()}
         if max(warm.values()) > 1.0:  # too slow to time twice: the MAC model decides
             choice = cheaper_mode(block, tuple(x.shape))
@@ -612,15 +614,18 @@ def tune_chain(factors: Sequence[WeightBias], groups: int, repeats: int = 3, *,
     The pairs are timed with their tuned kernel methods (:func:`tune_kernels` runs first);
     ``recompose`` times the recomputing backward that collapsed training runs
     (:func:`recomposed`), else plain autograd. Returns the method the chain now composes by.
-    Works on constant kernels of the same shapes: no graph, grad or RNG of the caller is
-    touched; both methods compute the same weight (to rounding). Times and records nothing
-    for meta tensors or under ``torch.compile``, tracing and functorch transforms.
+    Without ``timer`` it works on constant kernels of the same shapes: no graph, grad or
+    RNG of the caller is touched; both methods compute the same weight (to rounding). Times
+    and records nothing for meta tensors or under ``torch.compile``, tracing and functorch
+    transforms.
 
-    ``timer`` (what ``auto`` passes: the seconds of one training step of the block's layer,
-    composed by the recorded method) times each method where it runs instead: in a step, the
-    layer's convolution leaves other data in the caches, and a composition timed alone can
-    rank the methods the other way (CK's 3x3 chains on a CPU: equal alone, the point method
-    30 % faster in the block's step).
+    ``timer`` (what ``auto`` passes: the seconds of one training step of the block's layer
+    on its real input, on detached copies of the weights, composed by the recorded method)
+    times each method where it runs instead: in a step, the layer's convolution leaves other
+    data in the caches, and a composition timed alone can rank the methods the other way
+    (CK's 3x3 chains on a CPU: equal alone, the point method 30 % faster in the block's
+    step). As for the modes, a warm-up round over a second is not timed again: the MAC rule
+    decides (and is recorded). If ``timer`` raises, nothing stays recorded for these shapes.
 
     >>> import torch
     >>> ck = [torch.zeros(12, 4, 3, 3), torch.zeros(16, 12, 3, 3), torch.zeros(4, 16, 3, 3)]
@@ -657,15 +662,20 @@ def tune_chain(factors: Sequence[WeightBias], groups: int, repeats: int = 3, *,
         return timer()
 
     times: dict[str, list[float]] = {m: [] for m in compose.CHAIN_METHODS}
-    for rep in range(repeats + 1):
-        took = {name: seconds(name) for name in compose.CHAIN_METHODS}
-        slow = max(took.values()) > 1.0  # too slow to repeat: decide on the warm-up round
-        if rep or slow:  # else the first round warms up
-            for name, t in took.items():
-                times[name].append(t)
-        if slow:
-            break
-    best = min(times, key=lambda m: sorted(times[m])[len(times[m]) // 2])
+    try:
+        for rep in range(max(repeats, 1) + 1):
+            took = {name: seconds(name) for name in compose.CHAIN_METHODS}
+            if not rep and max(took.values()) > 1.0:  # too slow to time again: the MAC rule
+                best = compose.chain_method(shapes, ref.dtype)
+                break
+            if rep:  # the first round warms up
+                for name, t in took.items():
+                    times[name].append(t)
+        else:
+            best = min(times, key=lambda m: sorted(times[m])[len(times[m]) // 2])
+    except BaseException:  # a failed step: no untimed preference stays recorded
+        compose.forget_chain_methods([shapes])
+        raise
     compose.prefer_chain_method(shapes, ref.dtype, ref.device, best)
     return best
 

@@ -172,9 +172,27 @@ def test_points_cost_counts_what_the_point_method_multiplies(shapes):
         assert compose.points_cost(shapes) == a12 + a3 + 49 * 64 * 256 * 32 + 64 * 32 * 49 ** 2
 
 
+def test_point_matrices_first_built_under_inference_mode_still_train():
+    """The point method caches its evaluation, lift and interpolation matrices; built first
+    under ``torch.inference_mode`` they must still be plain tensors that a later training
+    step can save for backward (1-D 2-, 4- and 2-tap kernels: grids no other test builds)."""
+    from expandfx.linear.compose import compose_points
+
+    torch.manual_seed(0)
+    weights = [torch.randn(s, dtype=torch.float64) for s in ((6, 3, 2), (24, 6, 4), (2, 24, 2))]
+    with torch.inference_mode():
+        frozen = compose_points(weights)
+    trained = [w.clone().requires_grad_() for w in weights]
+    out = compose_points(trained)
+    out.square().sum().backward()
+    assert torch.equal(out.detach(), frozen) and all(w.grad is not None for w in trained)
+    ref = _pairwise(weights, 1)
+    assert (out.detach() - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
 def test_the_point_method_in_float32_stays_within_its_documented_error():
     """Conditioning of the 7 points (7.4e2): a 7x7 kernel from three 3x3 ones in float32
-    agrees with the float64 one to about 4e-6 relative (pairwise: 3e-7)."""
+    agrees with the float64 one to about 3e-6 relative (pairwise: 3e-7)."""
     from expandfx.linear.compose import compose_points
 
     torch.manual_seed(0)

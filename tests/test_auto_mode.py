@@ -214,8 +214,9 @@ def test_training_in_auto_mode_records_how_each_chain_composes(record_timings):
 def test_the_chain_tuner_times_each_method_where_it_is_told_to(record_timings, faster):
     """``tune_chain(timer=...)`` (what auto passes: the block's own training step) times
     each method with that method recorded, after a warm-up round, and keeps the faster; a
-    step over a second is timed once. The timer here reports seconds by the recorded method:
-    the tuner must follow them, whichever way they point."""
+    warm-up over a second is not repeated (the MAC rule decides, as for the modes); a timer
+    that fails leaves nothing recorded. The timer here reports seconds by the recorded
+    method: the tuner must follow them, whichever way they point."""
     from expandfx.linear import compose
 
     shapes = [(12, 4, 3, 3), (16, 12, 3, 3), (4, 16, 3, 3)]
@@ -231,8 +232,42 @@ def test_the_chain_tuner_times_each_method_where_it_is_told_to(record_timings, f
     assert compose.known_chain_method(shapes, torch.float32, "cpu") == faster
     execution.forget_measurements()
     seen.clear()
-    assert execution.tune_chain(factors, 1, repeats=3, timer=lambda: timer(1.5)) == faster
-    assert seen == list(compose.CHAIN_METHODS)  # too slow to repeat: the warm-up decides
+    rule = compose.chain_method(shapes, torch.float32)  # the MAC rule, no device
+    assert execution.tune_chain(factors, 1, repeats=3, timer=lambda: timer(1.5)) == rule
+    assert seen == list(compose.CHAIN_METHODS)  # too slow to repeat: timed once each
+    assert compose.known_chain_method(shapes, torch.float32, "cpu") == rule
+    execution.forget_measurements()
+
+    def failing() -> float:
+        if len(seen) > 3:
+            raise RuntimeError("out of memory in the step")
+        return timer()
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        execution.tune_chain(factors, 1, repeats=3, timer=failing)
+    assert compose.known_chain_method(shapes, torch.float32, "cpu") is None
+
+
+def test_timing_a_training_step_hides_nothing_from_the_callers_saved_tensor_hooks(
+        record_timings):
+    """Auto's first training step times modes and chain methods on copies under its own
+    identity hooks: the caller's saved-tensor hooks (checkpointing, offloading) see exactly
+    what an already decided step saves, no timing run's tensors."""
+    from expandfx.rules import ck
+
+    torch.manual_seed(0)
+    block = ck.build(nn.Conv2d(4, 4, 7, padding=3), r=4)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    counts = [0, 0]
+    for step in range(2):
+        def pack(t: torch.Tensor, step: int = step) -> torch.Tensor:
+            counts[step] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x).sum().backward()
+    assert len(execution.measurements()) == 1  # the first step measured, the second did not
+    assert counts[0] == counts[1] > 0
 
 
 @pytest.mark.parametrize("switch", ["env", "set_mode"])

@@ -326,11 +326,14 @@ def _matrix(kind: str, size: tuple[int, ...], k: tuple[int, ...], dtype: torch.d
     key = (kind, size, k, dtype, str(device))
     found = _MATRICES.get(key)
     if found is None:
-        per_dim = [_vandermonde(n, t) if kind == "eval" else _interpolation(n) if kind == "interp"
-                   else _vandermonde(n, t) @ _interpolation(t)
-                   for n, t in zip(size, k, strict=True)]
-        exact = functools.reduce(torch.kron, per_dim)
-        found = _MATRICES[key] = exact.to(dtype=dtype, device=device)
+        # plain tensors even when first asked for under inference_mode (an inference tensor
+        # cached here could not be saved for backward by later training)
+        with torch.inference_mode(False), torch.no_grad():
+            per_dim = [_vandermonde(n, t) if kind == "eval" else _interpolation(n)
+                       if kind == "interp" else _vandermonde(n, t) @ _interpolation(t)
+                       for n, t in zip(size, k, strict=True)]
+            exact = functools.reduce(torch.kron, per_dim)
+            found = _MATRICES[key] = exact.to(dtype=dtype, device=device, copy=True)
     return found
 
 
