@@ -646,21 +646,8 @@ def tune_chain(factors: Sequence[WeightBias], groups: int, repeats: int = 3, *,
     if compose.known_chain_method(shapes, ref.dtype, ref.device) is not None:
         return compose.chain_method(shapes, ref.dtype, ref.device)
     tune_kernels(factors, groups, repeats)
-    kernels = [torch.full(s, 0.01, dtype=ref.dtype, device=ref.device, requires_grad=True)
-               for s in shapes]
-    flat = [t for w in kernels for t in (w, None)]
-
-    def run(method: str) -> torch.Tensor:
-        if recompose:
-            return _RecomposeChain.apply(groups, method, *flat)[0]
-        return compose.compose_chain([(w, None) for w in kernels], groups, method=method)[0]
-
-    def seconds(name: str) -> float:
-        if timer is None:
-            return _timed_step(lambda: run(name), kernels, ref.device)
-        compose.prefer_chain_method(shapes, ref.dtype, ref.device, name)  # what timer runs
-        return timer()
-
+    seconds = _chain_timer(shapes, groups, ref, recompose) if timer is None else \
+        _recorded_then(timer, shapes, ref)
     times: dict[str, list[float]] = {m: [] for m in compose.CHAIN_METHODS}
     try:
         for rep in range(max(repeats, 1) + 1):
@@ -678,6 +665,32 @@ def tune_chain(factors: Sequence[WeightBias], groups: int, repeats: int = 3, *,
         raise
     compose.prefer_chain_method(shapes, ref.dtype, ref.device, best)
     return best
+
+
+def _chain_timer(shapes: Sequence[tuple[int, ...]], groups: int, ref: torch.Tensor,
+                 recompose: bool) -> Callable[[str], float]:
+    """Seconds of composing constant kernels of these shapes by a method, forward and
+    backward (the recomputing one if ``recompose``)."""
+    kernels = [torch.full(s, 0.01, dtype=ref.dtype, device=ref.device, requires_grad=True)
+               for s in shapes]
+    flat = [t for w in kernels for t in (w, None)]
+
+    def run(method: str) -> torch.Tensor:
+        if recompose:
+            return _RecomposeChain.apply(groups, method, *flat)[0]
+        return compose.compose_chain([(w, None) for w in kernels], groups, method=method)[0]
+
+    return lambda method: _timed_step(lambda: run(method), kernels, ref.device)
+
+
+def _recorded_then(timer: Callable[[], float], shapes: Sequence[tuple[int, ...]],
+                   ref: torch.Tensor) -> Callable[[str], float]:
+    """Seconds of ``timer()`` with a method recorded for these shapes (what it runs by)."""
+    def seconds(method: str) -> float:
+        compose.prefer_chain_method(shapes, ref.dtype, ref.device, method)
+        return timer()
+
+    return seconds
 
 
 # --------------------------------------------------------------------- the MAC model
