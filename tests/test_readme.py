@@ -42,3 +42,33 @@ def test_the_readme_api_screen_runs_as_written(tmp_path, monkeypatch, capsys):
     assert torch.isfinite(scope["loss"]) and scope["loss"].requires_grad
     assert (tmp_path / "small.onnx").stat().st_size > 0
     assert (tmp_path / "small.int8.onnx").stat().st_size > 0
+
+
+def test_the_prepared_accelerator_run_names_what_exists(capsys):
+    """``benchmarks/gpu_run.sh`` (the one command a session with a GPU runs; it cannot run
+    here) is valid bash, names test files and a benchmark that exist, and passes flags the
+    benchmark's parser lists — so it does not rot while no device is lent."""
+    import re
+    import subprocess
+    import sys
+
+    root = README.parent
+    script = root / "benchmarks" / "gpu_run.sh"
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    named = set(re.findall(r"(?:tests|benchmarks)/[\w/]+\.py", text))
+    assert {"tests/test_execution.py", "benchmarks/training_speed.py"} <= named
+    assert all((root / p).is_file() for p in named)
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import training_speed
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    with pytest.raises(SystemExit) as done:
+        training_speed.main(["--help"])
+    assert done.value.code == 0
+    listed = capsys.readouterr().out
+    command = next(line for line in text.splitlines()
+                   if "benchmarks/training_speed.py" in line and not line.startswith("#"))
+    passed = re.findall(r"--[a-z]+", command)
+    assert passed and all(flag in listed for flag in passed)
