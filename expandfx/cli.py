@@ -342,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(exc: BaseException) -> int:
+    """The command line's exit code for an error: 1 for a check that failed
+    (``VerificationError``: the model was exported but is not verified), 2 for bad input."""
+    return 1 if isinstance(exc, efx.VerificationError) else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -352,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         first = re.sub(r"\b([Dd]rop) r=", r"\1 --r", str(exc).splitlines()[0])
         first = re.sub(r"\br=(\S+) would be ignored", r"--r \1 would be ignored", first)
         print(f"expandfx: error: {first}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     except KeyboardInterrupt:
         return 130
 
