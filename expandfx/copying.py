@@ -33,7 +33,19 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["copy_model", "parameter_free_copy"]
+__all__ = ["copy_model", "parameter_free_copy", "require_module"]
+
+
+def require_module(model: Any, who: str) -> None:
+    """A ConfigError unless ``model`` is an ``nn.Module`` (a string, a class, a state_dict)."""
+    if isinstance(model, nn.Module):
+        return
+    text = repr(model)
+    hint = (" (a class: call it to build the model)" if isinstance(model, type) else
+            " (a state_dict: load it into the model first)" if isinstance(model, dict) else "")
+    raise ConfigError(f"{who}: the model must be an nn.Module, got {type(model).__name__} "
+                      f"{text if len(text) <= 40 else text[:37] + '...'}{hint}. Pass the "
+                      f"module itself.", code="not_a_module", where=who)
 
 
 def copy_model(model: nn.Module, who: str = "expand") -> nn.Module:
@@ -42,6 +54,7 @@ def copy_model(model: nn.Module, who: str = "expand") -> nn.Module:
     collective: every rank must call)."""
     from .sharding import gathered_copy, is_sharded
 
+    require_module(model, who)
     if is_sharded(model):
         return gathered_copy(model, who)
     memo: dict[int, Any] = {}

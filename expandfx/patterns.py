@@ -1,19 +1,92 @@
-"""Glob patterns over module paths (``include``, ``exclude`` and rule mappings).
+"""Module-path patterns (``include``, ``exclude`` and rule mappings), and the rule that an
+exact name is a request.
+
+A pattern with glob characters (``*?[``) selects what it matches (``fnmatch``,
+case-sensitive). A pattern without them is an *exact name*: it matches the module of that
+path and, when that module is a container, every layer under it (``"features"`` is
+``features.0``, ``features.3``, ...). :func:`check_names` holds every verb to that rule: an
+exact name that matches no layer raises :class:`~expandfx.errors.ConfigError` naming it and
+the closest real names; a glob that matches nothing, or (in an ordered mapping) only layers
+an earlier pattern took, warns with :class:`~expandfx.errors.ExpandFXWarning`.
 
 Example::
 
-    >>> first_match("features.0", ["classifier.*", "features.*"])
-    'features.*'
+    >>> first_match("features.0", ["classifier.*", "features"])
+    'features'
+    >>> try:
+    ...     check_names(["clasifier.0"], ["features.0", "classifier.0"], "expand", "include=")
+    ... except ConfigError as e:
+    ...     print(str(e).split(";")[0])
+    expand: include= entry 'clasifier.0' names no layer of the model
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+import warnings
+from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
-__all__ = ["first_match"]
+from .errors import ConfigError, ExpandFXWarning
+
+__all__ = ["check_names", "first_match", "is_glob", "matches"]
+
+
+def is_glob(pattern: str) -> bool:
+    """Whether ``pattern`` has glob characters (else it is an exact name)."""
+    return any(c in pattern for c in "*?[")
+
+
+def matches(path: str, pattern: str) -> bool:
+    """``path`` matches the glob, or is the exact name's module or a module under it."""
+    if is_glob(pattern):
+        return fnmatchcase(path, pattern)
+    return path == pattern or (pattern != "" and path.startswith(pattern + "."))
 
 
 def first_match(path: str, patterns: Iterable[str] | None) -> str | None:
-    """The first glob pattern (``fnmatch``, case-sensitive) that ``path`` matches."""
-    return next((p for p in patterns or () if fnmatchcase(path, p)), None)
+    """The first pattern that ``path`` matches (:func:`matches`)."""
+    return next((p for p in patterns or () if matches(path, p)), None)
+
+
+def check_names(patterns: Sequence[str] | None, layers: Sequence[str], verb: str, where: str,
+                *, modules: Sequence[str] = (), ordered: bool = False, stacklevel: int = 4
+                ) -> None:
+    """Hold ``patterns`` to the layer paths ``layers``: raise for an exact name that matches
+    none of them, warn for a glob that matches none. ``ordered`` (a rule mapping, first
+    match wins): an exact name whose layers an earlier pattern all took raises (its request
+    would vanish), a glob's warns. ``modules``: every module path, for a better message
+    when the name is a module that holds no layer."""
+    taken: set[str] = set()
+    for i, pattern in enumerate(patterns or ()):
+        hits = {p for p in layers if matches(p, pattern)}
+        fresh = hits - taken if ordered else hits
+        earlier = [q for q in list(patterns)[:i] if any(matches(p, q) for p in hits)]
+        if is_glob(pattern):
+            if not hits:
+                warnings.warn(f"{verb}: {where} glob {pattern!r} matches no layer of the model"
+                              f"{_closest(pattern, layers)}.", ExpandFXWarning,
+                              stacklevel=stacklevel)
+            elif not fresh:
+                warnings.warn(f"{verb}: {where} glob {pattern!r} matches only layers that the "
+                              f"earlier pattern(s) {earlier} already take, so it is never used; "
+                              f"put it before them or drop it.", ExpandFXWarning,
+                              stacklevel=stacklevel)
+        elif not hits:
+            what = ("is a module that holds no conv/linear layer" if pattern in modules else
+                    "names no layer of the model")
+            raise ConfigError(f"{verb}: {where} entry {pattern!r} {what}"
+                              f"{_closest(pattern, layers)}. Exact names (no * ? [) are "
+                              f"requests: fix the name, or use a glob to select whatever "
+                              f"matches.", code="unknown_name", where=pattern)
+        elif not fresh:
+            raise ConfigError(f"{verb}: {where} key {pattern!r} is never used: the earlier "
+                              f"pattern(s) {earlier} already take every layer it names (first "
+                              f"match wins). Put {pattern!r} first.", code="shadowed_name",
+                              where=pattern)
+        taken |= hits
+
+
+def _closest(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+    return f"; closest: {', '.join(map(repr, close))}" if close else ""

@@ -37,7 +37,7 @@ from .block import ExpandedBlock
 from .errors import ConfigError
 from .restoring import preserved
 
-__all__ = ["GraphView", "graph_view", "positional", "record"]
+__all__ = ["GraphView", "graph_view", "inputs_rejected", "positional", "record"]
 
 
 _FUNCTIONAL = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d,
@@ -77,6 +77,8 @@ class GraphView:
     output_layers: set[int] = field(default_factory=set)
     # layer → the BatchNorm (running statistics) its result goes to, its only use (traced only)
     norm_after: dict[int, nn.Module] = field(default_factory=dict)
+    # layer → the shape of its first input on example_inputs (when they were given)
+    input_shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def checked(self) -> bool:
@@ -170,6 +172,18 @@ def positional(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return inputs
 
 
+def inputs_rejected(model: nn.Module, inputs: tuple[torch.Tensor, ...], exc: BaseException
+                    ) -> ConfigError:
+    """The error for ``example_inputs`` the model's forward does not accept (cause, fix)."""
+    shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+                       for x in inputs)
+    cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ConfigError(f"{type(model).__name__} (eval mode) fails on example_inputs [{shapes}] "
+                       f"({type(exc).__name__}: {cause}). Pass example_inputs of the shape and "
+                       f"dtype its forward expects (the positional arguments of one call).",
+                       code="bad_example_inputs", where="example_inputs")
+
+
 class _WeightReads(TorchFunctionMode):
     """Notes every op that takes a layer's weight or bias while that layer is not running."""
 
@@ -219,9 +233,8 @@ def record(model: nn.Module, example_inputs: Any, error: str | None = None) -> G
         with preserved(model), torch.no_grad(), _WeightReads(owners, active, view):
             model.eval()
             out = model(*inputs)
-    except Exception as exc:
-        return GraphView(model, traced=False, error=f"{error}; the recorded forward on "
-                         f"example_inputs failed too ({type(exc).__name__}: {exc})")
+    except Exception as exc:  # the user's forward may raise anything
+        raise inputs_rejected(model, inputs, exc) from exc
     finally:
         for h in handles:
             h.remove()

@@ -149,7 +149,7 @@ def test_refusals_name_the_layer_and_the_way_out() -> None:
         efx.RepVGG(norm="batch")
     with pytest.raises(efx.ConfigError, match=r"expands no layer with a branch rule"):
         efx.expand(net(), "CL", norm="scale")  # the deprecated keyword, refused as before
-    with pytest.raises(efx.ConfigError, match=r"CL\(norm='scale'\): CL takes no option"):
+    with pytest.raises(efx.ConfigError, match=r"CL\(norm='scale'\): CL takes no setting"):
         efx.CL(norm="scale")
 
 

@@ -42,7 +42,7 @@ def rows(p: efx.Plan) -> list[tuple]:
     (lambda: efx.RepVGG(r=4),
      r"^RepVGG\(r=4\): RepVGG does not use r .*drop r=.*\['CK', 'CL', 'FC'\]"),
     (lambda: efx.CL(norm="bn"),
-     r"^CL\(norm='bn'\): CL takes no option \['norm'\].*rules that take it: \['ACNet', "),
+     r"^CL\(norm='bn'\): CL takes no setting \['norm'\].*rules that take it: \['ACNet', "),
     (lambda: efx.RepVGG(norm="batch"), r"^RepVGG\(norm='batch'\): norm must be one of"),
     (lambda: efx.DBB(norm="bn", init="preserve"),
      r"^DBB\(init='preserve', norm='bn'\): init='preserve' with norm='bn' cannot hold.*"
@@ -250,7 +250,7 @@ def test_every_registered_rule_gets_a_config_without_extra_code():
         assert repr(config) == "Copies(r=2, copies=3)" and efx.Copies(copies=2) == efx.Copies()
         big = efx.expand(smallnet_7x7(), config, include=["features.0"])
         assert list(big.features[0].branches) == ["c0", "c1", "c2"]
-        with pytest.raises(efx.ConfigError, match=r"Copies\(norm='bn'\): Copies takes no option"):
+        with pytest.raises(efx.ConfigError, match=r"Copies\(norm='bn'\): Copies takes no setting"):
             efx.Copies(norm="bn")
     finally:
         unregister_rule("Copies")

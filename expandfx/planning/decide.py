@@ -24,15 +24,16 @@ from torch import nn
 
 from .. import layer_types
 from ..block import ExpandedBlock
+from ..copying import require_module
 from ..errors import ConfigError, ContractionError
 from ..execution import sequential_macs
 from ..linear.costs import layer_macs, param_count
-from ..patterns import first_match
+from ..patterns import check_names, first_match
 from ..restoring import preserved
 from ..rules import RULES
 from ..rules.config import INITS, RuleConfig
 from ..rules.spec import RuleSpec, Spec, from_call
-from ..tracing import GraphView, graph_view, positional
+from ..tracing import GraphView, graph_view, inputs_rejected, positional
 from .layers import LayerView, describe_layer, unhandled_reason
 from .legality import (
     _graph_reason,
@@ -75,7 +76,7 @@ def plan(model: nn.Module, rule: RuleSpec = "CL", r: float | None = None, *,
     rows, view = decide(model, spec, include=include, exclude=exclude,
                         example_inputs=example_inputs)
 
-    shapes = input_shapes(model, example_inputs, [row.module for row in rows])
+    shapes = view.input_shapes
     for row in rows:
         layer = row.description
         if layer.unhandled:  # its own weights only (MultiheadAttention.out_proj has its own
@@ -122,6 +123,7 @@ def decide(model: nn.Module, rule: RuleSpec | Spec, r: float | None = None, *,
     """The config (rule and settings) or skip reason of every conv/linear layer, with its
     module paths; ``rule`` and ``r`` as for ``expand`` (or a resolved
     :class:`~expandfx.rules.spec.Spec`)."""
+    require_module(model, "expand")
     spec = rule if isinstance(rule, Spec) else from_call("decide", rule, r, {})
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     view = graph_view(model, example_inputs)
@@ -144,6 +146,8 @@ def decide(model: nn.Module, rule: RuleSpec | Spec, r: float | None = None, *,
                  if key in handled or unhandled_reason(m) is not None]
     for layer in described:
         _reject_lazy(layer.path, layer.module)
+    _check_names(spec, include, exclude, described, [p for ps in paths.values() for p in ps])
+    view.input_shapes = input_shapes(model, example_inputs, [v.module for v in described])
     output = view.output_layers if view.checked else _last_linear(
         [v for v in described if not v.unhandled], inside_block)
     ctx = _Context(view, spec, include, exclude, inside_block, _opaque_children(model),
@@ -158,6 +162,18 @@ def decide(model: nn.Module, rule: RuleSpec | Spec, r: float | None = None, *,
         rows.append(row)
     _check_rate_reached(spec, rows)
     return rows, view
+
+
+def _check_names(spec: Spec, include: list[str] | None, exclude: list[str],
+                 described: list[LayerView], modules: list[str]) -> None:
+    """Exact names are requests (:func:`~expandfx.patterns.check_names`): in ``include=``,
+    ``exclude=`` and the keys of a rule mapping, on every call."""
+    layers = [p for v in described for p in (v.path, *v.aliases)]
+    check_names(include, layers, "expand", "include=", modules=modules, stacklevel=5)
+    check_names(exclude, layers, "expand", "exclude=", modules=modules, stacklevel=5)
+    if isinstance(spec.table, dict):
+        check_names(list(spec.table), layers, "expand", "rule mapping", modules=modules,
+                    ordered=True, stacklevel=5)
 
 
 def _check_rate_reached(spec: Spec, rows: list[LayerPlan]) -> None:
@@ -263,6 +279,8 @@ def input_shapes(model: nn.Module, example_inputs: Any,
         with preserved(model), torch.no_grad():  # restores training flags and any cache
             model.eval()
             model(*inputs)
+    except Exception as exc:  # the user's forward may raise anything
+        raise inputs_rejected(model, inputs, exc) from exc
     finally:
         for h in handles:
             h.remove()

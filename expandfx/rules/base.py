@@ -55,6 +55,9 @@ class Rule:
             ``False`` for rules that keep the layer's width (the branch rules), whose configs
             refuse ``r=`` and whose ``build`` gets ``r=1``.
         inits: the ``init`` values ``build`` honours (CK: ``("default",)``).
+        check_options: ``(options) -> str | None``: why a setting cannot hold whatever the
+            layer (OREPA: any ``norm`` but ``"scale"``), so that the config refuses it when it
+            is built, not inside ``expand``; ``None``: no rule-specific check.
 
     Calling a registered rule returns its validated, frozen
     :class:`~expandfx.rules.config.RuleConfig`: ``RULES["CL"](r=4)``, ``efx.CL(r=4)``,
@@ -70,6 +73,7 @@ class Rule:
     options: frozenset[str] = frozenset()
     uses_r: bool = True
     inits: tuple[str, ...] = ("default", "preserve")
+    check_options: Callable[[dict[str, Any]], str | None] | None = None
 
     def __call__(self, r: float | None = None, *, init: str = "default",
                  **options: Any) -> RuleConfig:

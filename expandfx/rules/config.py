@@ -129,8 +129,14 @@ class RuleConfig:
         unknown = sorted(set(given) - spec.options)
         if unknown:
             takers = sorted(n for n, x in RULES.items() if set(unknown) & x.options)
-            raise ConfigError(f"{label}: {spec.name} takes no option {unknown} (its options: "
-                              f"{sorted(spec.options)}); rules that take it: {takers}.")
+            settings = (["r"] if spec.uses_r else []) + ["init"] + sorted(spec.options)
+            elsewhere = f"; rules that take it: {takers}" if takers else ""
+            raise ConfigError(f"{label}: {spec.name} takes no setting {unknown}; its settings "
+                              f"are {', '.join(settings)}{elsewhere}.", code="unknown_option",
+                              where=spec.name)
+        why = spec.check_options(given) if spec.check_options else None
+        if why:
+            raise ConfigError(f"{label}: {why}.", code="bad_option", where=spec.name)
         kept = {}
         for name, value in given.items():
             check = OPTION_CHECKS.get(name)

@@ -62,6 +62,7 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,16 +115,23 @@ def prior(channels: int, kernel: tuple[int, ...], like: torch.Tensor) -> torch.T
     return out.to(dtype=like.dtype, device=like.device)
 
 
+def check_options(options: dict[str, Any]) -> str | None:
+    """Why OREPA cannot take these settings: its block *is* the per-branch scales."""
+    norm = options.get("norm", "scale")
+    if norm == "scale":
+        return None
+    return (f"norm={norm!r}; OREPA's block is defined by its per-branch channel scales "
+            f"(norm='scale', the default), which keep it linear so that it trains collapsed. "
+            f"For per-branch BatchNorms use rule 'DBB' with norm='bn'; for plain branches 'DBB' "
+            f"or 'RepVGG' without norm")
+
+
 def build(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str = "",
           device: torch.device | str | None = None, norm: str | None = "scale"
           ) -> ExpandedBlock:
-    if norm != "scale":
-        where = f" for '{path}'" if path else ""
-        raise ConfigError(
-            f"OREPA{where}: norm={norm!r}; OREPA's block is defined by its per-branch channel "
-            f"scales (norm='scale', the default), which keep it linear so that it trains "
-            f"collapsed. For per-branch BatchNorms use rule 'DBB' with norm='bn'; for plain "
-            f"branches 'DBB' or 'RepVGG' without norm.")
+    why = check_options({"norm": norm})
+    if why:
+        raise ConfigError(f"OREPA{f' for {path!r}' if path else ''}: {why}.")
     m, n, dims, g = conv.in_channels, conv.out_channels, len(conv.kernel_size), conv.groups
     pads = tuple(a for a, _ in pairs_from_pad(explicit_padding(conv)))
     spatial = {"stride": conv.stride, "padding": pads, "dilation": conv.dilation}
@@ -192,7 +200,8 @@ def build(conv: nn.Module, r: float = 1.0, init: str = "default", *, path: str =
     return ExpandedBlock(conv, branches, rule="OREPA", r=r)
 
 
-RULE = Rule("OREPA", "conv", skip_reason, build, options=frozenset({"norm"}), uses_r=False, summary=
+RULE = Rule("OREPA", "conv", skip_reason, build, options=frozenset({"norm"}), uses_r=False,
+            check_options=check_options, summary=
             "a convolution becomes six scaled linear branches (k×k, 1×1 → avg pooling, "
             "1×1 → frequency prior, 1×1 → k×k, 1×1, depthwise-separable), summed; "
             "1×1 layers two (Online Re-parameterization)")
