@@ -21,7 +21,14 @@ stay reachable as attributes for compatibility, outside ``__all__``.
 
 from .block import ExpandedBlock, frozen, set_mode
 from .compander import Compander, Psi, bake, compand, companded, modified_adaptive
-from .errors import ConfigError, ContractionError, ExpandFXError, ExpandFXWarning, FoldError
+from .errors import (
+    ConfigError,
+    ContractionError,
+    ExpandFXError,
+    ExpandFXWarning,
+    FoldError,
+    NonFiniteError,
+)
 from .layer_types import register_layer, unregister_layer
 from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
@@ -52,10 +59,11 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_COMPAT = (Compander, ChainLR, ContractionError, ExpandFXWarning, ExportReport, FoldError, FoldReport, Int8Config,
-           Int8Report, LayerPlan, ParamGroups, Psi, Rule, RuleSet, VerificationError, bake,
-           chain_scale, companded, frozen, linearize, modified_adaptive, nonlinear_counterpart,
-           register_layer, register_rule, unregister_layer, unregister_rule, verify_onnx)
+_COMPAT = (ChainLR, Compander, ContractionError, ExpandFXWarning, ExportReport, FoldError,
+           FoldReport, Int8Config, Int8Report, LayerPlan, NonFiniteError, ParamGroups, Psi, Rule,
+           RuleSet, VerificationError, bake, chain_scale, companded, frozen, linearize,
+           modified_adaptive, nonlinear_counterpart, register_layer, register_rule,
+           unregister_layer, unregister_rule, verify_onnx)
 
 
 def __getattr__(name: str) -> Rule:

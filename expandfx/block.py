@@ -40,8 +40,9 @@ from torch import nn
 
 from . import execution, layer_types
 from .copying import parameter_free_copy
-from .errors import ConfigError, ContractionError, FoldError
+from .errors import ConfigError, ContractionError, FoldError, NonFiniteError
 from .execution import MEASURE_ENV, MODES, check_mode, frozen, measuring_enabled, set_mode
+from .finite import check_model
 
 # Re-exported from their homes (execution.py, layer_types.py) for modules that import them here.
 from .layer_types import (  # noqa: E402
@@ -385,11 +386,13 @@ class ExpandedBlock(nn.Module):
         mode, and running-mean updates keep ``μ − b`` (``expandfx.contract`` finds the BN).
         """
         self.check(path)
+        check_model(self, "contract", prefix=path)  # a NaN factor folds to a NaN weight
         path = path or "this ExpandedBlock"
         factors = self.factors
         ref = factors[0].weight
         with torch.no_grad():
             weight, bias = self.weight_bias(torch.float64)
+            _check_cast(path, weight, bias, ref.dtype)
         if self.shift_to_next_norm and bias is not None:
             if shift_into is None:
                 raise ContractionError(
@@ -512,6 +515,25 @@ def _norm_affine(bn: nn.Module, template: nn.Module, meta: bool) -> Affine:
     if meta:
         bn = copy.deepcopy(bn).to("meta")
     return batchnorm(bn, dims)
+
+
+def _check_cast(path: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                dtype: torch.dtype) -> None:
+    """Raise if the folded weight or bias (finite factors, composed in float64) is not finite
+    in ``dtype``: the product overflows its range (float16 tops out at 65504)."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        cast = None if t is None or t.device.type == "meta" else t.to(dtype)
+        if cast is not None and not bool(torch.isfinite(cast).all()):
+            bad, peak, top = int((~torch.isfinite(cast)).sum()), t.abs().max().item(), \
+                torch.finfo(dtype).max
+            raise NonFiniteError(
+                f"contract: block {path!r} folds to a {name} ('{path}.{name}') of magnitude "
+                f"up to {peak:.4g}, "
+                f"beyond {dtype}'s range (±{top:.4g}): cast, it holds {bad} non-finite "
+                f"value(s) — the product of its factors overflows. Contract in a wider dtype "
+                f"(expandfx.contract(model.float())) or rescale the factors.",
+                where=f"{path}.{name}", numbers={"non_finite": bad, "max_abs": peak,
+                                                 "dtype_max": top})
 
 
 def _like(value: torch.Tensor, ref: torch.Tensor, requires_grad: bool) -> nn.Parameter:

@@ -38,9 +38,10 @@ from torch.nn.utils import parametrize
 
 from .copying import copy_model
 from .errors import ConfigError
+from .finite import check_model, check_named
 from .formatting import text_table
 from .layer_types import LAYER_TYPES, TRANSPOSED_TYPES, base_type
-from .patterns import first_match
+from .patterns import check_names, first_match
 
 __all__ = ["Compander", "LEARNABLE", "PSIS", "Psi", "bake", "compand", "companded",
            "modified_adaptive", "summary"]
@@ -143,6 +144,7 @@ def compand(model: nn.Module, psi: str | Psi = "arctan", a: float = 1.0, b: floa
             raise ConfigError(f"compand: '{path}' is on the meta device (its weight has no "
                               f"values), so v = Ψ⁻¹(w) cannot be computed. Materialize the "
                               f"model first (model.to_empty(device='cpu') and load_state_dict).")
+        check_named([(f"{path}.weight", layer.weight)], "compand")  # Ψ⁻¹(NaN) is NaN
         if parametrize.is_parametrized(layer, "weight"):
             raise ConfigError(f"compand: '{path}' already has a parametrization on weight "
                               f"({_describe(layer)}); compand a model once, or call "
@@ -170,7 +172,12 @@ def compand(model: nn.Module, psi: str | Psi = "arctan", a: float = 1.0, b: floa
 
 
 def bake(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Replace every ``Ψ(v)`` by its value as a plain ``weight`` (keys as before ``compand``)."""
+    """Replace every ``Ψ(v)`` by its value as a plain ``weight`` (keys as before ``compand``).
+    Raises :class:`~expandfx.errors.NonFiniteError` naming a ``v`` (or ``a``, ``b``) that
+    holds NaN or inf (Ψ would hide an inf ``v`` as ``±a·π/2``)."""
+    for path, layer, _ in companded(model):  # all checked before any layer is baked
+        check_model(layer.parametrizations["weight"], "bake",
+                    prefix=f"{path}.parametrizations.weight".lstrip("."))
     target = model if inplace else copy.deepcopy(model)
     for _, layer, _ in companded(target):
         # parametrize edits the layer's (dynamically made) class, which a deepcopy shares
@@ -274,16 +281,14 @@ def _psi(psi: str | Psi) -> Psi:
 def _select(model: nn.Module, include: Any, exclude: Any) -> list[tuple[str, nn.Module]]:
     inc = [include] if isinstance(include, str) else include
     exc = [exclude] if isinstance(exclude, str) else (exclude or [])
-    chosen = []
-    for path, layer in model.named_modules():
-        if not issubclass(base_type(layer), (*LAYER_TYPES, *TRANSPOSED_TYPES)):
-            continue
-        if inc is not None and first_match(path, inc) is None:
-            continue
-        if first_match(path, exc):
-            continue
-        chosen.append((path, layer))
-    return chosen
+    modules = dict(model.named_modules())
+    layers = [path for path, layer in modules.items()
+              if issubclass(base_type(layer), (*LAYER_TYPES, *TRANSPOSED_TYPES))]
+    for where, patterns in (("include=", inc), ("exclude=", exc)):
+        check_names(patterns, layers, "compand", where, modules=list(modules), stacklevel=5)
+    return [(path, modules[path]) for path in layers
+            if (inc is None or first_match(path, inc) is not None)
+            and not first_match(path, exc)]
 
 
 def _pair(a: float, b: float, ref: torch.Tensor, learnable: str | None

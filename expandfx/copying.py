@@ -40,7 +40,7 @@ def require_module(model: Any, who: str) -> None:
     """A ConfigError unless ``model`` is an ``nn.Module`` (a string, a class, a state_dict)."""
     if isinstance(model, nn.Module):
         return
-    text = repr(model)
+    text = f"with {len(model)} entries" if isinstance(model, dict) else repr(model)
     hint = (" (a class: call it to build the model)" if isinstance(model, type) else
             " (a state_dict: load it into the model first)" if isinstance(model, dict) else "")
     raise ConfigError(f"{who}: the model must be an nn.Module, got {type(model).__name__} "

@@ -88,5 +88,14 @@ def check_names(patterns: Sequence[str] | None, layers: Sequence[str], verb: str
 
 
 def _closest(name: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
-    return f"; closest: {', '.join(map(repr, close))}" if close else ""
+    """Up to three real names: the owner of a parameter name (``'fc.weight'`` → ``'fc'``),
+    difflib's closest, then names with the same last part (``'classifer.7'`` → ``'7'``)."""
+    owner, last = name.rpartition(".")[0], name.rpartition(".")[2]
+    close = [c for c in candidates if c == owner]
+    close += difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+    close += [c for c in candidates if c.rpartition(".")[2] == last]
+    close = list(dict.fromkeys(close))[:3]
+    if close:
+        return f"; closest: {', '.join(map(repr, close))}"
+    some = ", ".join(map(repr, candidates[:6])) + (", ..." if len(candidates) > 6 else "")
+    return f"; its layers: {some}" if candidates else "; it has no conv/linear layer"

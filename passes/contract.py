@@ -31,6 +31,7 @@ from torch import nn
 from expandfx.compander import bake, companded
 from expandfx.copying import copy_model
 from expandfx.errors import ConfigError, ContractionError
+from expandfx.finite import check_named
 from expandfx.planning.legality import norm_for_shift
 from expandfx.sharding import is_sharded
 from expandfx.surgery import blocks, replace
@@ -46,7 +47,9 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     rank. The full parameters are gathered collectively
     (``torch.distributed.checkpoint.state_dict``) into an unsharded copy, which is
     contracted; **every rank** gets the same compact model and the sharded model is left as
-    it was. ``inplace=True`` is refused for a sharded model.
+    it was. ``inplace=True`` is refused for a sharded model. NaN or inf in a block's
+    parameters or buffers, or in any buffer of the model, raises
+    :class:`~expandfx.errors.NonFiniteError` naming it.
     """
     if inplace and is_sharded(model):
         raise ConfigError(
@@ -62,6 +65,8 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         warnings.warn(f"contract: {type(model).__name__} has no expanded blocks; {what} and "
                       f"returned {'it' if inplace else 'an equivalent copy'}.", stacklevel=2)
         return target
+    # a NaN/inf factor (or BatchNorm statistic) would fold silently into a NaN compact weight
+    check_named(target.named_buffers(), "contract", "buffer")
     view = graph_view(target) if any(b.shift_to_next_norm for b, _ in found.values()) else None
     for block, paths in found.values():
         if len(paths) == 1 and paths[0] == "":
@@ -74,8 +79,6 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                                        f"norm='bn') on a bias-free layer: {shift_into}.")
         replace(target, paths, block.contract(paths[0], shift_into=shift_into))
     return target
-
-
 
 
 def deployable(model: nn.Module) -> tuple[nn.Module, list[str]]:

@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,9 +55,16 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from expandfx.copying import copy_model
-from expandfx.errors import ConfigError, ContractionError
+from expandfx.errors import ConfigError, ContractionError, NonFiniteError
+from expandfx.finite import (
+    check_inputs,
+    check_materialized,
+    check_model,
+    check_outputs,
+    finite_rel_error,
+)
 from expandfx.linear.ir import PAD_MODES, Affine, pad_from_pairs
-from expandfx.tolerances import FOLD_TOLERANCES, model_dtype, rel_error
+from expandfx.tolerances import FOLD_TOLERANCES, model_dtype, rel_error, within
 
 __all__ = ["FoldReport", "fold"]
 
@@ -69,7 +77,8 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 class FoldReport:
     """What :func:`fold` did: each ``folded`` layer (its path, the module paths it replaces,
     their formula and the new layer), each ``kept`` node with the reason, and the folded
-    model's error on ``example_inputs`` (max abs difference / max abs output)."""
+    model's error on ``example_inputs`` (max abs difference / max abs output, over the
+    positions where the model's output is finite)."""
 
     folded: list[dict[str, Any]] = field(default_factory=list)
     kept: list[dict[str, str]] = field(default_factory=list)
@@ -79,8 +88,10 @@ class FoldReport:
 
     def __str__(self) -> str:
         n_in = sum(len(f["modules"]) for f in self.folded)
+        error = ("not measured" if self.error is None else f"{self.error:.1e}"
+                 if math.isfinite(self.error) else f"{self.error} (non-finite)")
         lines = [f"fold: {n_in} modules in {len(self.folded)} linear subgraph(s) folded into "
-                 f"{len(self.folded)} layer(s); max relative error {self.error or 0.0:.1e} "
+                 f"{len(self.folded)} layer(s); max relative error {error} "
                  f"(tolerance {self.tolerance:g})"]
         lines += [f"  {f['layer']} = {f['formula']}\n      as {f['as']}" for f in self.folded]
         if self.kept:
@@ -103,8 +114,8 @@ class _Folded:
         return self.layer(x)
 
 
-def fold(model: nn.Module, example_inputs: Any = None, *, allow_larger: bool = False
-         ) -> nn.Module:
+def fold(model: nn.Module, example_inputs: Any = None, *, allow_larger: bool = False,
+         allow_nonfinite_outputs: bool = False) -> nn.Module:
     """``model``'s eval-mode form with every linear subgraph folded into one plain layer
     where that costs no more, verified on ``example_inputs``; the model is not changed.
 
@@ -118,8 +129,12 @@ def fold(model: nn.Module, example_inputs: Any = None, *, allow_larger: bool = F
     ``example_inputs`` (a tensor or a tuple of ``forward``'s positional arguments) drive the
     checks: subclassed layers must compute the plain op on them, every folded layer must match
     what it replaces, and the result the model in eval mode. Raises :class:`ConfigError`
-    without example inputs or when the model rejects them, :class:`ContractionError` when the
-    result would differ.
+    without example inputs, for a model on the meta device, or when the model rejects the
+    inputs; :class:`NonFiniteError` for NaN/inf in a parameter, buffer or input, or in the
+    model's outputs unless ``allow_nonfinite_outputs=True`` (masked log-probabilities: the
+    folded model must then have the same non-finite values at the same positions, and the
+    error is measured over the finite ones); :class:`ContractionError` when the result
+    would differ.
     """
     name = type(model).__name__
     if example_inputs is None:
@@ -128,6 +143,9 @@ def fold(model: nn.Module, example_inputs: Any = None, *, allow_larger: bool = F
                           f"224),))): fold runs the model once to learn its shapes and to "
                           f"verify every folded layer.")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    check_materialized(model, "fold")
+    check_model(model, "fold")  # a NaN weight would fold into a NaN layer "with error 0"
+    check_inputs(inputs, "fold")
     if model.training or any(m.training for m in model.modules()):
         warnings.warn(f"fold: {name} is in training mode; folding its eval-mode form (BatchNorm "
                       f"with running statistics, no dropout). Call model.eval() first to "
@@ -141,17 +159,20 @@ def fold(model: nn.Module, example_inputs: Any = None, *, allow_larger: bool = F
                           f"{_first_line(exc)}). fold needs inputs forward accepts: a tensor "
                           f"or a tuple of its positional arguments, of the shape and dtype "
                           f"the model is meant for.") from exc
+    check_outputs(want, None, "fold", allow=allow_nonfinite_outputs)
     tol = FOLD_TOLERANCES.get(model_dtype(model), 1e-5)
     try:
         gm = _trace(deployable(model)[0].eval(), name)
         state = {k: b.detach().clone() for k, b in gm.named_buffers()}
         with _seeded(inputs), _restored(gm, state):
             found = analyse(gm, inputs, allow_larger)
-        traced = rel_error(want, found.output)
-        if traced > tol:
+        traced = finite_rel_error(want, found.output)
+        if not within(traced, tol):
             raise ConfigError(f"the FX trace of {name} does not compute what the model does "
                               f"on example_inputs (relative difference {traced:.1e}): its "
                               f"forward has data-dependent behaviour FX cannot record")
+    except NonFiniteError:  # the user's problem (an overflowing contraction), not FX's
+        raise
     except Exception as exc:  # FX fails in many ways; the recorded forward needs none of them
         return _fold_recorded(model, inputs, want, tol, _first_line(exc))
     chosen = [_build(g, found) for g in found.groups if _eligible(g, found)]
@@ -188,10 +209,12 @@ def _fold_recorded(model: nn.Module, inputs: tuple[Any, ...], want: Any, tol: fl
 def _verified(out: nn.Module, inputs: tuple[Any, ...], want: Any, report: FoldReport
               ) -> nn.Module:
     with _seeded(inputs), torch.no_grad():
-        report.error = rel_error(want, out(*inputs))
-    if report.error > report.tolerance:
+        report.error = finite_rel_error(want, out(*inputs))
+    if not within(report.error, report.tolerance):
+        by = (f"by {report.error:.1e} × max|output|" if math.isfinite(report.error) else
+              "with non-finite values where the model's are finite (or other ones)")
         raise ContractionError(f"fold: the folded {type(out).__name__} differs from the model "
-                               f"by {report.error:.1e} × max|output| on example_inputs "
+                               f"{by} on example_inputs "
                                f"(tolerance {report.tolerance:g}) although each folded layer "
                                f"matched what it replaces; this is a bug in expandfx.fold — "
                                f"please report it and use the model unfolded.\n{report}")
@@ -297,7 +320,7 @@ def _checked(gm: fx.GraphModule, chosen: list[_Folded], found: Analysis,
     good = []
     for f in chosen:
         err = check.errors[f.group.root]
-        if err <= tol:
+        if within(err, tol):
             good.append(f)
             continue
         for m in f.group.members:

@@ -46,7 +46,7 @@ from expandfx import layer_types
 from expandfx.errors import FoldError
 from expandfx.linear import Affine, Seq, batchnorm, fold
 from expandfx.surgery import replace
-from expandfx.tolerances import rel_error
+from expandfx.tolerances import rel_error, within
 
 __all__ = ["fold_norms"]
 
@@ -212,7 +212,7 @@ def _record(model: nn.Module, inputs: tuple[Any, ...], layers: dict[int, _Layer]
             want = F.batch_norm(args[0], m.running_mean, m.running_var, m.weight, m.bias,
                                 False, 0.0, m.eps)
             recorder.paused = False
-            if rel_error(want, out) > PLAIN_RTOL:
+            if not within(rel_error(want, out), PLAIN_RTOL):
                 rec.plain = "it does not compute plain F.batch_norm (eval) on its input"
 
     hooked = [(rec.module, layer_in, layer_out) for rec in layers.values()
@@ -281,7 +281,7 @@ def _fold_pair(layer: _Layer, norm: _Norm, lpath: str, npath: str, tol: float) -
     with torch.no_grad():
         got = _plain_call(plain, layer.x, a.weight.to(w.dtype), bias).reshape(norm.x_shape)
     err = rel_error(norm.out, got)
-    if err > tol:
+    if not within(err, tol):
         return (f"folding it into '{lpath}' differs from its output by {err:.1e} × "
                 f"max|output| (tolerance {tol:g}); kept")
     module.weight = nn.Parameter(weight.contiguous().to(w.device), w.requires_grad)
@@ -310,7 +310,7 @@ def _plain_problem(module: nn.Module, x: Tensor, out: Tensor) -> str | None:
             want = _plain_call(plain, x, plain.weight, plain.bias)
     except Exception as exc:  # a wrong layout, an unusual signature
         return f"cannot be run as its plain op ({type(exc).__name__})"
-    if want.shape != out.shape or rel_error(want, out) > PLAIN_RTOL:
+    if want.shape != out.shape or not within(rel_error(want, out), PLAIN_RTOL):
         return "does not compute its plain torch op on the example input"
     return None
 

@@ -1,0 +1,79 @@
+"""Exact names are requests, globs select (issue 28): typos raise with the closest names,
+a container's path means every layer under it, and a glob that selects nothing warns with
+ExpandFXWarning — in expand, plan, compand and the command line, on every call."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import expandfx as efx
+from expandfx.cli import main
+from expandfx.errors import ExpandFXWarning
+from expandfx.models import smallnet_7x7
+
+
+def blocks(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, efx.ExpandedBlock)]
+
+
+def test_container_path_means_every_layer_under_it():
+    model = smallnet_7x7()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert blocks(efx.expand(model, include=["features"])) == convs == \
+        [n for n in convs if n.startswith("features.")]
+    assert blocks(efx.expand(model, {"features": efx.CK(r=2)})) == convs
+    excluded = efx.expand(model, "CL+FC", exclude=["features"])
+    assert not any(n.startswith("features") for n in blocks(excluded))
+    assert len(efx.companded(efx.compand(model, include="classifier"))) == 2
+
+
+def test_glob_that_matches_nothing_warns_with_the_project_class():
+    model = smallnet_7x7()
+    with pytest.warns(ExpandFXWarning, match=r"include= glob 'feat\*\.9\*' matches no layer"):
+        big = efx.expand(model, include=["features.*", "feat*.9*"])
+    assert len(blocks(big)) == 3  # the other glob still selects
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExpandFXWarning)  # users can make it an error
+        with pytest.raises(ExpandFXWarning):
+            efx.expand(model, exclude=["head.*"])
+
+
+def test_glob_shadowed_by_an_earlier_key_warns():
+    with pytest.warns(ExpandFXWarning, match=r"glob 'features\.[*]' matches only layers that "
+                                             r"the earlier pattern\(s\) \['\*'\]"):
+        big = efx.expand(smallnet_7x7(), {"*": "CL", "features.*": "CK"})
+    assert {smallnet_7x7().get_submodule(n).__class__ for n in blocks(big)} and \
+        all(big.get_submodule(n).rule == "CL" for n in blocks(big))
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.INFO])
+def test_name_checks_run_whatever_the_log_level(level):
+    logger = logging.getLogger("expandfx")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        with pytest.raises(efx.ConfigError, match=r"'clasifier\.0'.*closest: 'classifier\.0'"):
+            efx.expand(smallnet_7x7(), include=["clasifier.0"])
+    finally:
+        logger.setLevel(before)
+
+
+def test_a_typo_changes_nothing_even_in_place():
+    model = smallnet_7x7()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(efx.ConfigError):
+        efx.expand(model, {"features.0": "CL", "clasifier.0": "FC"}, inplace=True)
+    assert not blocks(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_command_line_typo_is_bad_input(capsys):
+    code = main(["plan", "smallnet_7x7", "--include", "*,clasifier.2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'clasifier.2' names no layer" in err and "closest: 'classifier.2'" in err
