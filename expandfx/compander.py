@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .copying import copy_model
+from .copying import as_module, copy_model
 from .errors import ConfigError
 from .finite import check_model, check_named
 from .formatting import text_table
@@ -137,6 +137,7 @@ def compand(model: nn.Module, psi: str | Psi = "arctan", a: float = 1.0, b: floa
                               f" (the paper uses a, b in 0.5 … 1.0).")
     if learnable not in LEARNABLE:
         raise ConfigError(f"compand: learnable must be one of {LEARNABLE}, got {learnable!r}.")
+    model = as_module(model, "compand")
     target = model if inplace else copy_model(model, "compand")
     layers = _select(target, include, exclude)
     for path, layer in layers:
@@ -175,6 +176,7 @@ def bake(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace every ``Ψ(v)`` by its value as a plain ``weight`` (keys as before ``compand``).
     Raises :class:`~expandfx.errors.NonFiniteError` naming a ``v`` (or ``a``, ``b``) that
     holds NaN or inf (Ψ would hide an inf ``v`` as ``±a·π/2``)."""
+    model = as_module(model, "bake")
     for path, layer, _ in companded(model):  # all checked before any layer is baked
         check_model(layer.parametrizations["weight"], "bake",
                     prefix=f"{path}.parametrizations.weight".lstrip("."))

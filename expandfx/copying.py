@@ -25,15 +25,16 @@ Example::
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, ExpandFXWarning
 
-__all__ = ["copy_model", "parameter_free_copy", "require_module"]
+__all__ = ["as_module", "copy_model", "parameter_free_copy", "require_module"]
 
 
 def require_module(model: Any, who: str) -> None:
@@ -46,6 +47,28 @@ def require_module(model: Any, who: str) -> None:
     raise ConfigError(f"{who}: the model must be an nn.Module, got {type(model).__name__} "
                       f"{text if len(text) <= 40 else text[:37] + '...'}{hint}. Pass the "
                       f"module itself.", code="not_a_module", where=who)
+
+
+def as_module(model: Any, who: str) -> nn.Module:
+    """The ``nn.Module`` a verb works on: a ``torch.compile``'d model's original module
+    (with an :class:`~expandfx.errors.ExpandFXWarning`: the result is not compiled, its keys
+    have no ``_orig_mod.``); a TorchScript module or a non-Module is refused with the fix."""
+    require_module(model, who)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError(f"{who}: {type(model).__name__} is a TorchScript module "
+                          f"(torch.jit.script / trace): its forward is TorchScript code, which "
+                          f"expandfx cannot see or rewrite, so {who} would do nothing. Pass "
+                          f"the Python nn.Module it was made from, and script the result.",
+                          code="torchscript", where=who)
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        warnings.warn(f"{who}: the model is torch.compile'd; {who} works on its original "
+                      f"module (model._orig_mod) and returns an uncompiled one, whose "
+                      f"state_dict keys have no '_orig_mod.' prefix. Compile the result again "
+                      f"if you want it compiled: torch.compile(result).", ExpandFXWarning,
+                      stacklevel=3)
+        return as_module(inner, who)
+    return model
 
 
 def copy_model(model: nn.Module, who: str = "expand") -> nn.Module:

@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .block import ExpandedBlock
-from .copying import copy_model
+from .copying import as_module, copy_model
 from .errors import ConfigError
 from .restoring import training_flags
 
@@ -75,6 +75,7 @@ def nonlinear_counterpart(model: nn.Module, act: str | Callable[[], nn.Module] =
     if init not in INITS:
         raise ConfigError(f"nonlinear_counterpart: init must be one of {INITS}, got {init!r}.")
     _blocks(model, "nonlinear_counterpart")  # refuse before copying
+    model = as_module(model, "nonlinear_counterpart")
     model = model if inplace else copy_model(model, "nonlinear_counterpart")
     found = _blocks(model, "nonlinear_counterpart")
     for block in found:
@@ -109,6 +110,7 @@ def linearize(model: nn.Module, calibrate: Iterable[Any] | None = None, *,
     model keeps its mode.
     """
     _blocks(model, "linearize")  # refuse before copying
+    model = as_module(model, "linearize")
     model = model if inplace else copy_model(model, "linearize")
     found = _blocks(model, "linearize")
     if calibrate is None:

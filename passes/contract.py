@@ -29,7 +29,7 @@ import warnings
 from torch import nn
 
 from expandfx.compander import bake, companded
-from expandfx.copying import copy_model
+from expandfx.copying import as_module, copy_model
 from expandfx.errors import ConfigError, ContractionError
 from expandfx.finite import check_named
 from expandfx.planning.legality import norm_for_shift
@@ -51,6 +51,7 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     parameters or buffers, or in any buffer of the model, raises
     :class:`~expandfx.errors.NonFiniteError` naming it.
     """
+    model = as_module(model, "contract")
     if inplace and is_sharded(model):
         raise ConfigError(
             f"contract: the {type(model).__name__} is sharded with FSDP (fully_shard), so it "

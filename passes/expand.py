@@ -20,7 +20,7 @@ from torch import nn
 
 from expandfx import layer_types
 from expandfx.block import ExpandedBlock, check_mode
-from expandfx.copying import copy_model
+from expandfx.copying import as_module, copy_model
 from expandfx.errors import ConfigError, ContractionError
 from expandfx.planning import LayerPlan, Patterns, Plan, decide
 from expandfx.planning import plan as make_plan
@@ -95,6 +95,7 @@ def expand(model: nn.Module, rule: RuleSpec | None = None, r: float | None = Non
     unknown = sorted(set(deprecated) - {"init", "norm"})
     if unknown:
         raise TypeError(f"expand() got an unexpected keyword argument {unknown[0]!r}")
+    model = as_module(model, "expand")
     if layer_types.is_layer(model):
         raise ConfigError(f"expand: the model is a single layer ({type(model).__name__}); expand "
                           f"cannot return the same class for it. Wrap it in a module, e.g. "

@@ -54,7 +54,7 @@ from expandfx.passes.linear_groups import (
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from expandfx.copying import copy_model
+from expandfx.copying import as_module, copy_model
 from expandfx.errors import ConfigError, ContractionError, NonFiniteError
 from expandfx.finite import (
     check_inputs,
@@ -136,6 +136,7 @@ def fold(model: nn.Module, example_inputs: Any = None, *, allow_larger: bool = F
     error is measured over the finite ones); :class:`ContractionError` when the result
     would differ.
     """
+    model = as_module(model, "fold")
     name = type(model).__name__
     if example_inputs is None:
         raise ConfigError(f"fold: pass example_inputs, a tensor or a tuple of {name}.forward's "

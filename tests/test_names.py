@@ -77,3 +77,32 @@ def test_command_line_typo_is_bad_input(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "'clasifier.2' names no layer" in err and "closest: 'classifier.2'" in err
+
+
+# --- issue 30: compiled and scripted models: unwrapped or refused, never a silent no-op ---
+
+def test_compiled_model_is_unwrapped_with_a_warning():
+    model = smallnet_7x7()
+    compiled = torch.compile(model)
+    with pytest.warns(ExpandFXWarning, match=r"torch.compile'd; expand works on its original"):
+        big = efx.expand(compiled, "CL", r=2)
+    assert type(big) is type(model) and len(blocks(big)) == 3
+    with pytest.warns(ExpandFXWarning):
+        small = efx.contract(torch.compile(big))
+    assert list(small.state_dict()) == list(model.state_dict())  # no '_orig_mod.' keys
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(ExpandFXWarning):
+        folded = efx.fold(torch.compile(model.eval()), (x,))
+    assert folded.meta["expandfx.fold"].folded  # real work done, on the original module
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("verb", ["expand", "plan", "fold", "contract", "compand"])
+def test_torchscript_module_is_refused(verb):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    scripted = torch.jit.trace(model, torch.randn(1, 3, 8, 8))
+    call = {"fold": lambda m: efx.fold(m, (torch.randn(1, 3, 8, 8),))}.get(
+        verb, getattr(efx, verb))
+    with pytest.raises(efx.ConfigError, match=rf"{verb}: TopLevelTracedModule is a TorchScript "
+                                              rf"module.*Pass the Python nn.Module"):
+        call(scripted)

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import layer_types
 from ..block import ExpandedBlock
-from ..copying import require_module
+from ..copying import as_module, require_module
 from ..errors import ConfigError, ContractionError
 from ..execution import sequential_macs
 from ..linear.costs import layer_macs, param_count
@@ -72,6 +72,7 @@ def plan(model: nn.Module, rule: RuleSpec = "CL", r: float | None = None, *,
     cannot trace the model, call sites are recorded from a forward pass on
     ``example_inputs`` (see :mod:`expandfx.tracing`).
     """
+    model = as_module(model, "plan")
     spec = from_call("plan", rule, r, deprecated)
     rows, view = decide(model, spec, include=include, exclude=exclude,
                         example_inputs=example_inputs)
