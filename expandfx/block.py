@@ -448,7 +448,11 @@ class ExpandedBlock(nn.Module):
                 break
         # our diagnosis explains this block's missing/unexpected keys: _drop_explained_keys
         # removes them after loading, so that torch's message leads with the diagnosis
-        self.__dict__["_explained_prefix"] = prefix if len(error_msgs) > before else None
+        diagnosed = len(error_msgs) > before
+        self.__dict__["_explained_prefix"] = prefix if diagnosed else None
+        if diagnosed:  # nothing raw after the diagnosis: the factors' size mismatches it explains
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                del state_dict[key]  # torch's own copy, filtered again for each child
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _structure_mismatch(self, state_dict: dict[str, Any], prefix: str

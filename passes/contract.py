@@ -28,6 +28,7 @@ import warnings
 
 from torch import nn
 
+from expandfx import hub
 from expandfx.compander import bake, companded
 from expandfx.copying import as_module, copy_model
 from expandfx.errors import ConfigError, ContractionError
@@ -79,6 +80,7 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 raise ContractionError(f"contract: block '{paths[0]}' ({block.rule}, "
                                        f"norm='bn') on a bias-free layer: {shift_into}.")
         replace(target, paths, block.contract(paths[0], shift_into=shift_into))
+    hub.unguard(target)
     return target
 
 

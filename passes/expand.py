@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from expandfx import layer_types
+from expandfx import hub, layer_types
 from expandfx.block import ExpandedBlock, check_mode
 from expandfx.copying import as_module, copy_model
 from expandfx.errors import ConfigError, ContractionError
@@ -138,6 +138,8 @@ def expand(model: nn.Module, rule: RuleSpec | None = None, r: float | None = Non
         swapped.append((paths, layer, block, row.call_sites))
     if view.checked and swapped:
         _check_calls(target, swapped, example_inputs if view.recorded else None)
+    if swapped:
+        hub.guard(target)  # save_pretrained of an expanded model would save wrong weights
     if plan is not None:
         log.info("expand(rule=%r):\n%s", rule, plan)
     return target
