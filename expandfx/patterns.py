@@ -29,7 +29,7 @@ from fnmatch import fnmatchcase
 
 from .errors import ConfigError, ExpandFXWarning
 
-__all__ = ["check_names", "first_match", "is_glob", "matches"]
+__all__ = ["check_names", "closest", "first_match", "is_glob", "matches"]
 
 
 def is_glob(pattern: str) -> bool:
@@ -50,13 +50,14 @@ def first_match(path: str, patterns: Iterable[str] | None) -> str | None:
 
 
 def check_names(patterns: Sequence[str] | None, layers: Sequence[str], verb: str, where: str,
-                *, modules: Sequence[str] = (), ordered: bool = False, stacklevel: int = 4
-                ) -> None:
+                *, modules: Sequence[str] = (), ordered: bool = False, stacklevel: int = 4,
+                noun: str = "layer") -> None:
     """Hold ``patterns`` to the layer paths ``layers``: raise for an exact name that matches
     none of them, warn for a glob that matches none. ``ordered`` (a rule mapping, first
     match wins): an exact name whose layers an earlier pattern all took raises (its request
     would vanish), a glob's warns. ``modules``: every module path, for a better message
-    when the name is a module that holds no layer."""
+    when the name is a module that holds no layer; ``noun``: what ``layers`` are
+    (``"parameter"`` for ``param_groups``)."""
     taken: set[str] = set()
     for i, pattern in enumerate(patterns or ()):
         hits = {p for p in layers if matches(p, pattern)}
@@ -64,8 +65,8 @@ def check_names(patterns: Sequence[str] | None, layers: Sequence[str], verb: str
         earlier = [q for q in list(patterns)[:i] if any(matches(p, q) for p in hits)]
         if is_glob(pattern):
             if not hits:
-                warnings.warn(f"{verb}: {where} glob {pattern!r} matches no layer of the model"
-                              f"{_closest(pattern, layers)}.", ExpandFXWarning,
+                warnings.warn(f"{verb}: {where} glob {pattern!r} matches no {noun} of the model"
+                              f"{closest(pattern, layers)}.", ExpandFXWarning,
                               stacklevel=stacklevel)
             elif not fresh:
                 warnings.warn(f"{verb}: {where} glob {pattern!r} matches only layers that the "
@@ -73,10 +74,10 @@ def check_names(patterns: Sequence[str] | None, layers: Sequence[str], verb: str
                               f"put it before them or drop it.", ExpandFXWarning,
                               stacklevel=stacklevel)
         elif not hits:
-            what = ("is a module that holds no conv/linear layer" if pattern in modules else
-                    "names no layer of the model")
+            what = (f"is a module that holds no {noun}" if pattern in modules else
+                    f"names no {noun} of the model")
             raise ConfigError(f"{verb}: {where} entry {pattern!r} {what}"
-                              f"{_closest(pattern, layers)}. Exact names (no * ? [) are "
+                              f"{closest(pattern, layers)}. Exact names (no * ? [) are "
                               f"requests: fix the name, or use a glob to select whatever "
                               f"matches.", code="unknown_name", where=pattern)
         elif not fresh:
@@ -87,7 +88,7 @@ def check_names(patterns: Sequence[str] | None, layers: Sequence[str], verb: str
         taken |= hits
 
 
-def _closest(name: str, candidates: Sequence[str]) -> str:
+def closest(name: str, candidates: Sequence[str]) -> str:
     """Up to three real names: the owner of a parameter name (``'fc.weight'`` → ``'fc'``),
     difflib's closest, then names with the same last part (``'classifer.7'`` → ``'7'``)."""
     owner, last = name.rpartition(".")[0], name.rpartition(".")[2]

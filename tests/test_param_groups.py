@@ -1,9 +1,11 @@
-"""efx.param_groups: per-factor learning rates (lr/N) and the compander's decay rules."""
+"""efx.param_groups: per-factor learning rates (lr/N), the compander's decay rules, and timm's
+conventions (no_weight_decay(), frozen parameters left out, a copy of the groups per optimizer)."""
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -160,12 +162,13 @@ def test_rescale_follows_a_weight_dependent_rule_and_keeps_scheduler_changes():
     with torch.no_grad():
         for layer in block.layers:
             layer.weight.mul_(2.0)  # every factor grows 2x: each Π_{j≠i} g_j² grows 2⁴
-    groups.rescale()
+    groups.rescale(opt)
     assert group["lr"] == pytest.approx(start * 0.5 / 16)
     static = efx.param_groups(big, lr=0.1)
-    before = [g["lr"] for g in static]
-    static.rescale()  # "1/N" does not depend on the weights: nothing changes
-    assert [g["lr"] for g in static] == before
+    static_opt = torch.optim.SGD(static)
+    before = [g["lr"] for g in static_opt.param_groups]
+    static.rescale(static_opt)  # "1/N" does not depend on the weights: nothing changes
+    assert [g["lr"] for g in static_opt.param_groups] == before
 
 
 def test_weight_decay_is_left_to_the_optimizer_unless_given():
@@ -214,3 +217,178 @@ def test_param_groups_repr_is_short_and_readable():
     text = repr(groups)
     assert len(text) < 300 and "tensor(" not in text
     assert text.startswith("ParamGroups(2 groups") and "weight_decay=optimizer's" in text
+
+
+# ---- timm's conventions (issue 30) ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vit() -> nn.Module:
+    """A two-block timm ViT on 32×32 inputs, its linear layers expanded (FC, r=2)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              patch_size=8, depth=2)
+    return efx.expand(model, "FC", r=2)
+
+
+def decay_of(groups, default=None) -> dict[int, float | None]:
+    return {id(p): g.get("weight_decay", default) for g in groups for p in g["params"]}
+
+
+def test_timm_vit_no_weight_decay_parameters_do_not_decay(vit):
+    assert type(vit).__name__ == "VisionTransformer"  # keeps its class: no_weight_decay()
+    with warnings.catch_warnings():
+        # dist_token, reg_token: named by every timm ViT, absent from this one; silent
+        warnings.simplefilter("error", efx.ExpandFXWarning)
+        groups = efx.param_groups(vit, lr=1e-3, weight_decay=0.05)
+    decay = decay_of(groups)
+    assert vit.pos_embed.dim() == vit.cls_token.dim() == 3  # not exempt as 1-d parameters
+    assert decay[id(vit.pos_embed)] == 0.0 and decay[id(vit.cls_token)] == 0.0
+    qkv = vit.blocks[0].attn.qkv
+    assert isinstance(qkv, efx.ExpandedBlock)
+    assert decay[id(qkv.layers[0].weight)] == 0.05 and decay[id(qkv.layers[0].bias)] == 0.0
+    assert decay[id(vit.patch_embed.proj.weight)] == 0.05
+    # the same exemptions as timm's own param_groups_weight_decay on the same model
+    from timm.optim import param_groups_weight_decay
+    theirs = decay_of(param_groups_weight_decay(vit, 0.05,
+                                                no_weight_decay_list=vit.no_weight_decay()))
+    assert decay == theirs
+    # weight_decay=None: the exempt ones carry 0, the others take the optimizer's
+    adamw = torch.optim.AdamW(efx.param_groups(vit, lr=1e-3))
+    decay = decay_of(adamw.param_groups)
+    assert decay[id(vit.pos_embed)] == 0.0 and decay[id(qkv.layers[0].weight)] == 0.01
+    # also with decay_bias_and_norm=True (timm: independent of weight_decay_exclude_1d)
+    every = decay_of(efx.param_groups(vit, lr=1e-3, weight_decay=0.05,
+                                      decay_bias_and_norm=True))
+    assert every[id(vit.cls_token)] == 0.0 and every[id(qkv.layers[0].bias)] == 0.05
+
+
+class Keyworded(nn.Module):
+    """A model that names its exempt parameters by keyword (Swin's convention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rel_bias_table = nn.Parameter(torch.zeros(4, 3))
+        self.fc = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(x) + self.rel_bias_table.sum())
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"rel_bias"}
+
+    def no_weight_decay(self) -> set[str]:
+        return {"head.weight"}
+
+
+def test_keywords_and_a_claim_that_expanding_moved():
+    model = Keyworded()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", efx.ExpandFXWarning)
+        decay = decay_of(efx.param_groups(model, lr=0.1, weight_decay=0.1))
+    assert decay[id(model.rel_bias_table)] == 0.0  # 2-d, but its name holds the keyword
+    assert decay[id(model.head.weight)] == 0.0 and decay[id(model.fc.weight)] == 0.1
+    big = efx.expand(model, "FC", r=2, include=["head"])
+    with pytest.warns(efx.ExpandFXWarning, match=r"names 'head.weight', but 'head' is an "
+                                                 r"expanded block.*no_decay=\['head'\]"):
+        efx.param_groups(big, lr=0.1, weight_decay=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", efx.ExpandFXWarning)  # the fix it names: silent
+        decay = decay_of(efx.param_groups(big, lr=0.1, weight_decay=0.1, no_decay=["head"]))
+    assert all(decay[id(p)] == 0.0 for p in big.head.parameters())
+
+
+def test_frozen_parameters_are_left_out(vit):
+    frozen = [vit.patch_embed.proj.weight, *vit.blocks[0].parameters()]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        groups = efx.param_groups(vit, lr=1e-3, weight_decay=0.05)
+        ids = [id(p) for g in groups for p in g["params"]]
+        assert not {id(p) for p in frozen} & set(ids)
+        assert sorted(ids) == sorted(id(p) for p in vit.parameters() if p.requires_grad)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def test_each_optimizer_gets_its_own_copy_of_the_groups(vit):
+    groups = efx.param_groups(vit, lr=1e-3)  # decay left to each optimizer
+    assert groups[0] is not groups[0] and groups[0]["params"] is not groups[0]["params"]
+    sgd = torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=1e-4)
+    adamw = torch.optim.AdamW(groups, lr=2e-3, betas=(0.8, 0.95))
+    qkv = vit.blocks[0].attn.qkv.layers[0].weight
+    assert decay_of(sgd.param_groups)[id(qkv)] == 1e-4
+    assert decay_of(adamw.param_groups)[id(qkv)] == 0.01  # not SGD's 1e-4: nothing inherited
+    for g in adamw.param_groups:
+        assert "momentum" not in g and "dampening" not in g and g["betas"] == (0.8, 0.95)
+    for g in sgd.param_groups:
+        assert "betas" not in g and g["momentum"] == 0.9
+    assert [g["expandfx_group"] for g in adamw.param_groups] == list(range(len(groups)))
+    sgd.param_groups[0]["lr"] = 7.0  # a scheduler of one optimizer: the other's stays
+    assert adamw.param_groups[0]["lr"] != 7.0 and groups[0]["lr"] != 7.0
+
+
+def test_rescale_takes_the_optimizer_and_changes_only_its_groups():
+    torch.manual_seed(0)
+    big = efx.expand(smallnet_7x7(), "CL", r=2)
+    groups = efx.param_groups(big, lr=0.1, chain_lr="norm")
+    first, second = torch.optim.SGD(groups, momentum=0.9), torch.optim.Adam(groups)
+    block = big.features[0]
+
+    def lr_in(opt):
+        return next(g["lr"] for g in opt.param_groups if block.layers[0].weight in g["params"])
+
+    start = lr_in(first)
+    assert lr_in(second) == start
+    with torch.no_grad():
+        for layer in block.layers:
+            layer.weight.mul_(2.0)
+    groups.rescale(first)
+    assert lr_in(first) == pytest.approx(start / 16) and lr_in(second) == start
+    groups.rescale(second)
+    assert lr_in(second) == pytest.approx(start / 16)
+    groups.rescale(first)  # the scale is kept per optimizer: no second division
+    assert lr_in(first) == pytest.approx(start / 16)
+    # a resumed optimizer (state_dict of one built from the groups) is found again
+    resumed = torch.optim.SGD(efx.param_groups(big, lr=0.1, chain_lr="norm"), momentum=0.9)
+    resumed.load_state_dict(first.state_dict())
+    groups.rescale(resumed)
+    with pytest.raises(efx.ConfigError, match=r"pass the optimizer to rescale: "
+                                              r"groups.rescale\(opt\)"):
+        groups.rescale()
+    with pytest.raises(efx.ConfigError, match=r"holds none of these .* groups"):
+        groups.rescale(torch.optim.SGD(fc_model().parameters(), lr=0.1))
+
+
+def test_no_decay_takes_names_globs_and_modules():
+    torch.manual_seed(0)
+    big = efx.expand(smallnet_7x7(), "CL", r=2)
+    wd = 5e-4
+    decay = decay_of(efx.param_groups(big, lr=0.1, weight_decay=wd,
+                                      no_decay=["features.0", "classifier.*.weight"]))
+    assert all(decay[id(p)] == 0.0 for p in big.features[0].parameters())  # a module path
+    assert decay[id(big.classifier[2].weight)] == 0.0  # a glob
+    assert decay[id(big.features[4].layers[0].weight)] == wd
+    one = decay_of(efx.param_groups(big, lr=0.1, weight_decay=wd,
+                                    no_decay="features.4.layers.1.weight"))  # one parameter
+    assert one[id(big.features[4].layers[1].weight)] == 0.0
+    assert one[id(big.features[4].layers[0].weight)] == wd
+    with pytest.raises(efx.ConfigError, match=r"no_decay= entry 'clasifier.0' names no "
+                                              r"parameter.*closest: 'classifier.0'"):
+        efx.param_groups(big, lr=0.1, no_decay=["clasifier.0"])
+    with pytest.warns(efx.ExpandFXWarning, match=r"no_decay= glob 'head\.\*' matches no"):
+        groups = efx.param_groups(big, lr=0.1, weight_decay=wd, no_decay=["head.*"])
+    assert decay_of(groups)[id(big.classifier[2].weight)] == wd  # nothing else changed
+    with pytest.raises(efx.ConfigError, match=r"no_decay= takes parameter or module names"):
+        efx.param_groups(big, lr=0.1, no_decay=[big.features])
+
+
+def test_no_decay_takes_a_companded_weight_out_of_the_penalty():
+    torch.manual_seed(0)
+    big = efx.compand(smallnet_7x7(), a=1.0, b=0.7)
+    groups = efx.param_groups(big, lr=0.1, weight_decay=0.01, no_decay=["features.0"])
+    expected = 0.5 * 0.01 * sum(layer.weight.pow(2).sum() for path, layer, _
+                                in efx.companded(big) if path != "features.0")
+    torch.testing.assert_close(groups.penalty(), expected)
