@@ -7,9 +7,20 @@ run onnxruntime (CPU) with graph optimizations disabled *and* fully enabled on
 several inputs (another batch size too, when the batch is dynamic) against the
 torch model in eval mode; compare the graph with the original compact
 architecture exported the same way. Any mismatch raises :class:`VerificationError`
-carrying the report. With ``fold=True`` the eval-mode copy is first folded by
+carrying the report, whose ``failures`` say what failed in machine-readable form
+(``code``, ``where``, ``numbers``). With ``fold=True`` the eval-mode copy is first folded by
 :func:`expandfx.fold` (BatchNorms absorbed, RepVGG-style branches merged) and the
 ONNX file holds the folded graph.
+
+Non-finite values are errors (:class:`~expandfx.errors.NonFiniteError`, naming the tensor):
+in the parameters and buffers of the deployable copy, in ``example_inputs``, and in the
+outputs — unless ``allow_nonfinite_outputs=True``, where torch's outputs may hold NaN/inf
+(masked log-probabilities) and onnxruntime's must hold exactly the same at the same
+positions; the errors are then measured over the finite positions.
+
+Files are written under a temporary name beside ``path`` and renamed onto it only when
+verified: a file that fails is kept as ``<stem>.failed.onnx`` (``<stem>.int8.failed.onnx``)
+and named in the error, and no file from an earlier run is left under the final name.
 
 Example::
 
@@ -29,8 +40,10 @@ import copy
 import io
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -44,13 +57,22 @@ import torch
 from torch import nn
 
 from .compander import bake
-from .errors import ConfigError, ExpandFXError
+from .errors import ConfigError, ExpandFXError, failure
+from .finite import check_inputs, check_model, check_outputs, count_nonfinite, finite_rel_error
 from .layer_types import original_template
 from .passes.contract import deployable
 from .passes.fold import fold
-from .quantize import Int8Config, Int8Report, as_config, quantize_onnx
+from .quantize import (
+    Int8Config,
+    Int8Report,
+    as_config,
+    check_calibration,
+    failed_path,
+    int8_path,
+    quantize_onnx,
+)
 from .surgery import blocks, replace
-from .tolerances import FOLD_TOLERANCES, model_dtype, rel_error
+from .tolerances import FOLD_TOLERANCES, model_dtype, within
 
 __all__ = ["ExportReport", "FOLD_TOLERANCES", "TOLERANCES", "VerificationError", "check_report",
            "compact_architecture", "export_onnx", "graph_summary", "verify_onnx"]
@@ -69,11 +91,19 @@ _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with headroom
 
 
 class VerificationError(ExpandFXError, AssertionError):
-    """The exported model disagrees with torch (or with the compact architecture)."""
+    """The exported model disagrees with torch (or with the compact architecture), or the
+    int8 model with fp32: ``code``, ``where`` and ``numbers`` are those of the first failed
+    check (``report.failures``, then ``report.int8.failures``), ``failures`` all of them."""
+
+    code = "not_verified"
 
     def __init__(self, message: str, report: ExportReport) -> None:
-        super().__init__(f"{message}\n{report}")
+        found = report.failures + (report.int8.failures if report.int8 is not None else [])
+        first = found[0] if found else {}
+        super().__init__(f"{message}\n{report}", code=first.get("code"),
+                         where=first.get("where"), numbers=first.get("numbers"))
         self.report = report
+        self.failures = found
 
 
 @dataclass
@@ -112,17 +142,64 @@ class ExportReport:
 
     @property
     def fold_pass(self) -> bool:
-        return self.fold_error is None or self.fold_error <= self.fold_tolerance
+        return self.fold_error is None or within(self.fold_error, self.fold_tolerance)
+
+    @property
+    def fp32_passed(self) -> bool:
+        """The fp32 file's verdict alone (``passed`` also needs the int8 one)."""
+        return (self.verified and self.numerics_pass and self.fold_pass
+                and self.structure_matches is not False)
 
     @property
     def passed(self) -> bool:
-        return (self.verified and self.numerics_pass and self.fold_pass
-                and self.structure_matches is not False
-                and (self.int8 is None or self.int8.passed))
+        return self.fp32_passed and (self.int8 is None or self.int8.passed)
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        """The fp32 checks that failed, ``{"code", "where", "numbers", "message"}`` each
+        (codes ``fold_error``, ``numerics``, ``non_finite``, ``structure``); the int8 ones
+        are ``int8.failures``."""
+        out = []
+        if not self.fold_pass:
+            out.append(failure(
+                "fold_error", f"the deployable copy differs from the given model: max rel "
+                f"{self.fold_error:.2e} > {self.fold_tolerance:g}", where="deployable copy",
+                numbers={"error": self.fold_error, "tolerance": self.fold_tolerance}))
+        for level, outputs in self.errors.items():
+            for name, e in outputs.items():
+                if e["passed"]:
+                    continue
+                numbers = {k: e[k] for k in ("max_abs", "max_rel")}
+                if "nonfinite" in e:
+                    out.append(failure(
+                        "non_finite", f"onnxruntime [{level}] {name}: non-finite values where "
+                        f"torch's are not ({e['nonfinite']['nan']} NaN, "
+                        f"{e['nonfinite']['inf']} inf)", where=f"{name} [{level}]",
+                        numbers={**numbers, **e["nonfinite"]}))
+                else:
+                    out.append(failure(
+                        "numerics", f"onnxruntime [{level}] {name}: max abs {e['max_abs']:.2e}, "
+                        f"max rel {e['max_rel']:.2e} beyond rtol={self.rtol:g}, "
+                        f"atol={self.atol:g}·max|out|", where=f"{name} [{level}]",
+                        numbers={**numbers, "rtol": self.rtol, "atol": self.atol}))
+        if self.structure_matches is False:
+            ref = self.reference_op_histogram or {}
+            ops = sorted(set(ref) | set(self.op_histogram))
+            diff = {k: [self.op_histogram.get(k, 0), ref.get(k, 0)] for k in ops
+                    if self.op_histogram.get(k, 0) != ref.get(k, 0)}
+            out.append(failure(
+                "structure", f"the exported graph differs from the compact architecture "
+                f"({self.parameter_count:,} vs {self.reference_parameter_count:,} parameters"
+                + (f"; ops [exported, compact]: {diff}" if diff else "") + ")",
+                where="graph", numbers={"parameter_count": self.parameter_count,
+                                        "reference_parameter_count":
+                                            self.reference_parameter_count, "ops": diff}))
+        return out
 
     def to_json(self) -> str:
         data = asdict(self)
-        data.update(passed=self.passed, structure_matches=self.structure_matches,
+        data.update(passed=self.passed, fp32_passed=self.fp32_passed, failures=self.failures,
+                    structure_matches=self.structure_matches,
                     int8=self.int8.to_dict() if self.int8 is not None else None)
         return json.dumps(data, indent=1)
 
@@ -143,12 +220,17 @@ class ExportReport:
                          f"({'ok' if self.fold_pass else 'FAIL'} at {self.fold_tolerance:g})")
         for level, outputs in self.errors.items():
             for name, e in outputs.items():
-                lines.append(f"  onnxruntime [{level:8}] {name}: max abs {e['max_abs']:.2e}, "
-                             f"max rel {e['max_rel']:.2e} "
-                             f"({'ok' if e['passed'] else 'FAIL'} at rtol={self.rtol:g}, "
-                             f"atol={self.atol:g}·max|out|)")
+                bad = e.get("nonfinite")
+                lines.append(f"  onnxruntime [{level:8}] {name}: " + (
+                    f"non-finite where torch is finite ({bad['nan']} NaN, {bad['inf']} inf)"
+                    if bad else f"max abs {e['max_abs']:.2e}, max rel {e['max_rel']:.2e}")
+                    + f" ({'ok' if e['passed'] else 'FAIL'} at rtol={self.rtol:g}, "
+                    f"atol={self.atol:g}·max|out|)")
         lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
-        lines.append(f"  verdict: {'PASS' if self.passed else 'FAIL'}")
+        verdict = "PASS" if self.fp32_passed else "FAIL" if self.verified else \
+            "not verified (verify=False)"
+        lines.append(f"  fp32 verdict: {verdict}"
+                     + "".join(f"\n  FAIL: {f['message']}" for f in self.failures))
         if self.int8 is not None:
             lines.append(str(self.int8))
         return "\n".join(lines)
@@ -160,7 +242,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                 reference: nn.Module | None = None, n_random: int = 3,
                 fold: bool | None = None, quantize: str | Int8Config | None = None,
                 calibration: Iterable[Any] | None = None,
-                labels: Iterable[Any] | None = None) -> ExportReport | None:
+                labels: Iterable[Any] | None = None,
+                allow_nonfinite_outputs: bool = False) -> ExportReport | None:
     """Export the deployable form of ``model`` to ``path`` and verify it in onnxruntime.
 
     ``reference`` is the original compact architecture for the structural check; by
@@ -170,13 +253,18 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     is skipped (``structure_matches`` is ``None``); a ``reference`` given explicitly is
     folded the same way and compared. onnxruntime and the "deployable copy vs given model"
     check verify the folded graph as usual. Returns an :class:`ExportReport`; raises
-    :class:`VerificationError` on any mismatch.
+    :class:`VerificationError` on any mismatch, after keeping the file as
+    ``<stem>.failed.onnx`` (``path`` itself then does not exist). NaN/inf in the
+    parameters, buffers, inputs or outputs raise :class:`~expandfx.errors.NonFiniteError`;
+    ``allow_nonfinite_outputs=True`` accepts non-finite outputs where onnxruntime's are the
+    same (masked log-probabilities) and measures the finite positions.
 
     ``quantize="int8"`` (or an :class:`~expandfx.quantize.Int8Config`) also writes a static
     QDQ int8 model (``<stem>.int8.onnx``) calibrated on ``calibration`` (input batches, the
     last ones held out to verify; ``labels``: one label tensor per batch, for accuracies)
     and reports its deviation from the fp32 file, sizes and latencies in ``report.int8``
-    (expandfx/quantize.py); ``fold`` then defaults to True.
+    (expandfx/quantize.py); ``fold`` then defaults to True. The model must be float32, and
+    the batches are checked (shapes, non-finite values, spread) before anything is written.
 
     A model sharded with FSDP2: call it on every rank. The full parameters are gathered
     collectively into an unsharded copy; rank 0 exports, verifies and returns the report,
@@ -191,64 +279,147 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             return export_onnx(
                 plain, example_inputs, path, dynamic_batch=dynamic_batch, verify=verify,
                 rtol=rtol, atol=atol, opset=opset, reference=reference, n_random=n_random,
-                fold=fold, quantize=quantize, calibration=calibration,
-                labels=labels) if rank0 else None
+                fold=fold, quantize=quantize, calibration=calibration, labels=labels,
+                allow_nonfinite_outputs=allow_nonfinite_outputs) if rank0 else None
         finally:
             torch.distributed.barrier()  # the file exists on every rank's return
     config = as_config(quantize, calibration)
     fold = config is not None if fold is None else fold
+    allow = allow_nonfinite_outputs
     inputs, deploy, report = _prepare(model, example_inputs, path, rtol, atol)
-    _check_runs(deploy, inputs, model)
+    if config is not None:  # refused before anything is written
+        if model_dtype(deploy) != torch.float32:
+            raise ConfigError(f"export_onnx: int8 calibration needs a float32 model; "
+                              f"{type(model).__name__} is "
+                              f"{str(model_dtype(deploy)).removeprefix('torch.')}: pass "
+                              f"model.float() (and float32 inputs and calibration batches).",
+                              code="int8_needs_float32")
+        calibration = check_calibration(calibration, inputs, config,
+                                        fixed_batch=not dynamic_batch)
+    _check_runs(deploy, inputs, model, allow)
     if fold:
-        deploy = _folded(deploy, inputs, report)
-    t0 = time.perf_counter()
-    _export(deploy, inputs, report.path, dynamic_batch, opset, report)
-    report.timings["export"] = time.perf_counter() - t0
+        deploy = _folded(deploy, inputs, report, allow)
+    final = report.path
+    final_int8 = int8_path(final, config) if config is not None else None
     import onnx
 
-    t0 = time.perf_counter()
-    try:
-        onnx.checker.check_model(report.path, full_check=True)
-    except Exception as exc:  # onnx raises ValidationError / InferenceError
-        hint = (" ONNX has no bfloat16 Conv/Gemm: export a float32 copy (model.float())."
-                if model_dtype(deploy) == torch.bfloat16 else "")
-        raise ConfigError(f"export_onnx: onnx.checker rejected the exported "
-                          f"{type(model).__name__}: {str(exc).splitlines()[0]}.{hint}") from exc
-    _describe(report, onnx.load(report.path))
-    report.timings["check"] = time.perf_counter() - t0
+    with _staging(final, final_int8) as staged:
+        report.path = staged
+        t0 = time.perf_counter()
+        _export(deploy, inputs, staged, dynamic_batch, opset, report)
+        report.timings["export"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            onnx.checker.check_model(staged, full_check=True)
+        except Exception as exc:  # onnx raises ValidationError / InferenceError
+            hint = (" ONNX has no bfloat16 Conv/Gemm: export a float32 copy (model.float())."
+                    if model_dtype(deploy) == torch.bfloat16 else "")
+            raise ConfigError(f"export_onnx: onnx.checker rejected the exported "
+                              f"{type(model).__name__}: {str(exc).splitlines()[0]}.{hint}"
+                              ) from exc
+        _describe(report, onnx.load(staged))
+        report.timings["check"] = time.perf_counter() - t0
 
-    if reference is None and report.transformed and blocks(model) and not fold:
-        reference = compact_architecture(model)
-    if reference is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            ref_path = os.path.join(tmp, "reference.onnx")
-            ref, _ = deployable(reference)
-            ref = _folded(ref.eval(), inputs) if fold else ref.eval()
-            _export(ref, inputs, ref_path, dynamic_batch, opset)
-            report.reference_op_histogram, report.reference_parameter_count = graph_summary(
-                onnx.load(ref_path))
-    if verify:
-        check_report(deploy, inputs, report, dynamic_batch, n_random, _original(model, report))
+        if reference is None and report.transformed and blocks(model) and not fold:
+            reference = compact_architecture(model)
+        if reference is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                ref_path = os.path.join(tmp, "reference.onnx")
+                ref, _ = deployable(reference)
+                ref = _folded(ref.eval(), inputs, allow=allow) if fold else ref.eval()
+                _export(ref, inputs, ref_path, dynamic_batch, opset)
+                report.reference_op_histogram, report.reference_parameter_count = \
+                    graph_summary(onnx.load(ref_path))
+        what = None
+        if verify:
+            _timed_verify(deploy, inputs, report, dynamic_batch, n_random,
+                          _original(model, report), allow)
+            what = _problem(report)
+        report.path = _settle(staged, final, passed=what is None)
+    if what is not None:
+        _remove(final_int8)  # an earlier run's int8 file belongs to an earlier fp32 file
+        raise VerificationError(f"export_onnx: {what}. {_kept(report.path, final)}", report)
     if config is not None:
-        report.int8 = quantize_onnx(report.path, inputs, calibration, labels, config)
+        with _staging(final_int8) as staged:
+            report.int8 = quantize_onnx(report.path, inputs, calibration, labels, config,
+                                        out=staged)
+            report.int8.path = _settle(staged, final_int8, passed=report.int8.passed)
         if not report.int8.passed:
-            raise VerificationError("export_onnx: the int8 model deviates from the fp32 model "
-                                    "beyond the threshold (Int8Config.min_sqnr_db / "
-                                    "min_agreement).", report)
+            raise VerificationError(
+                f"export_onnx: the int8 model fails its check ("
+                f"{report.int8.failures[0]['message']}). {_kept(report.int8.path, final_int8)}"
+                f" The fp32 file {final} passed and is in place.", report)
     log.info("%s", report)
     return report
 
 
 def verify_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 dynamic_batch: bool = True, rtol: float | None = None,
-                atol: float | None = None, n_random: int = 3) -> ExportReport:
-    """Verify an existing ONNX file against the deployable form of ``model``."""
+                atol: float | None = None, n_random: int = 3,
+                allow_nonfinite_outputs: bool = False) -> ExportReport:
+    """Verify an existing ONNX file against the deployable form of ``model`` (NaN/inf as
+    :func:`export_onnx` treats them)."""
     import onnx
 
     inputs, deploy, report = _prepare(model, example_inputs, path, rtol, atol)
     _describe(report, onnx.load(report.path))
-    check_report(deploy, inputs, report, dynamic_batch, n_random, _original(model, report))
+    check_report(deploy, inputs, report, dynamic_batch, n_random, _original(model, report),
+                 allow_nonfinite_outputs)
     return report
+
+
+@contextlib.contextmanager
+def _staging(final: str, *stale: str | None):
+    """A temporary path for ``final`` in a hidden directory beside it (same file system, so
+    the rename onto ``final`` is atomic), removed afterwards. If the body raises, ``final``
+    and the ``stale`` paths (files derived from it) are removed: no file of an earlier run
+    stays under a name this run did not verify."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=parent)
+    try:
+        yield os.path.join(tmp, os.path.basename(final))
+    except BaseException:
+        for name in (final, *stale):
+            _remove(name)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _settle(staged: str, final: str, passed: bool) -> str:
+    """Move the staged file onto ``final`` (verified) or ``<stem>.failed.onnx`` (not), remove
+    what an earlier run left under the other name, and return where the file now is."""
+    failed = failed_path(final)
+    _remove(failed if passed else final)
+    _move(staged, final if passed else failed)
+    return final if passed else failed
+
+
+def _move(src: str, dest: str) -> None:
+    """Rename an ONNX file and its external data file (``<name>.data``, re-pointed)."""
+    data = f"{src}.data"
+    if os.path.exists(data):
+        import onnx
+
+        proto = onnx.load(src, load_external_data=False)
+        for t in proto.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = f"{os.path.basename(dest)}.data"
+        onnx.save(proto, src)
+        os.replace(data, f"{dest}.data")
+    os.replace(src, dest)
+
+
+def _remove(path: str | None) -> None:
+    for name in (path, f"{path}.data") if path else ():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
+
+
+def _kept(where: str, final: str) -> str:
+    return (f"The file is kept as {where} for inspection; nothing is left under {final}.")
 
 
 def _prepare(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
@@ -261,7 +432,9 @@ def _prepare(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
         raise ConfigError(f"export_onnx: '{meta[0]}' (and {len(meta) - 1} more) is on the meta "
                           f"device and has no values to export. Materialize the model first "
                           f"(model.to_empty(device='cpu') and load_state_dict).")
+    check_inputs(inputs, "export_onnx")
     deploy, transformed = deployable(model)
+    check_model(deploy, "export_onnx")
     for line in transformed:
         log.info("export_onnx: %s (on a copy)", line)
     deploy.eval()
@@ -274,18 +447,20 @@ def _prepare(model: nn.Module, example_inputs: Any, path: str | os.PathLike,
     return inputs, deploy, report
 
 
-def _check_runs(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], model: nn.Module) -> None:
+def _check_runs(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], model: nn.Module,
+                allow: bool) -> None:
     """Run the eval-mode deployable copy eagerly on the inputs first: a shape or type error is
-    then reported in one line, not from inside the exporter's trace."""
+    then reported in one line, not from inside the exporter's trace; NaN/inf outputs too."""
     try:
         with torch.no_grad():
-            deploy(*inputs)
+            out = deploy(*inputs)
     except Exception as exc:  # the user's forward may raise anything
         shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
                            for x in inputs)
         raise ConfigError(f"export_onnx: {type(model).__name__} (eval mode) fails on the given "
                           f"inputs [{shapes}]: {type(exc).__name__}: {_first_line(exc)}. Pass "
                           f"inputs its forward accepts.") from exc
+    check_outputs(out, None, "export_onnx", allow=allow)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -322,9 +497,9 @@ def _captured(into: list[str]):
 
 
 def _folded(deploy: nn.Module, inputs: tuple[torch.Tensor, ...],
-            report: ExportReport | None = None) -> nn.Module:
+            report: ExportReport | None = None, allow: bool = False) -> nn.Module:
     """``expandfx.fold`` of the eval-mode deployable copy, noted in the report."""
-    folded = fold(deploy, inputs)
+    folded = fold(deploy, inputs, allow_nonfinite_outputs=allow)
     if report is not None:
         done = folded.meta["expandfx.fold"].folded
         n_in = sum(len(f["modules"]) for f in done)
@@ -348,18 +523,33 @@ def _original(model: nn.Module, report: ExportReport) -> nn.Module | None:
 
 
 def check_report(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,
-                 dynamic_batch: bool, n_random: int, original: nn.Module | None = None) -> None:
+                 dynamic_batch: bool, n_random: int, original: nn.Module | None = None,
+                 allow_nonfinite_outputs: bool = False) -> None:
     """Run onnxruntime at both optimization levels; raise VerificationError on a mismatch."""
+    _timed_verify(deploy, inputs, report, dynamic_batch, n_random, original,
+                  allow_nonfinite_outputs)
+    what = _problem(report)
+    if what is not None:
+        raise VerificationError(f"export_onnx: {what}.", report)
+
+
+def _timed_verify(deploy: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,
+                  dynamic_batch: bool, n_random: int, original: nn.Module | None,
+                  allow: bool) -> None:
     t0 = time.perf_counter()
-    _verify(deploy, inputs, report, dynamic_batch, n_random, original)
+    _verify(deploy, inputs, report, dynamic_batch, n_random, original, allow)
     report.timings["verify"] = time.perf_counter() - t0
     report.verified = True
-    if not report.passed:
-        what = ("the deployable (contracted/baked) copy differs from the given model"
-                if not report.fold_pass else "onnxruntime disagrees with torch"
-                if not report.numerics_pass else
-                "the exported graph differs from the compact architecture")
-        raise VerificationError(f"export_onnx: {what}.", report)
+
+
+def _problem(report: ExportReport) -> str | None:
+    """The first fp32 check that failed, in words (None: it passed)."""
+    if report.fp32_passed:
+        return None
+    return ("the deployable (contracted/baked) copy differs from the given model"
+            if not report.fold_pass else "onnxruntime disagrees with torch"
+            if not report.numerics_pass else
+            "the exported graph differs from the compact architecture")
 
 
 def compact_architecture(model: nn.Module) -> nn.Module:
@@ -429,7 +619,8 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str,
 
 
 def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport,
-            dynamic_batch: bool, n_random: int, original: nn.Module | None = None) -> None:
+            dynamic_batch: bool, n_random: int, original: nn.Module | None = None,
+            allow: bool = False) -> None:
     import onnxruntime as ort
 
     gen = torch.Generator().manual_seed(0)
@@ -447,11 +638,13 @@ def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportRe
                               f"{trials[-1][0].shape[0]} ({type(exc).__name__}: "
                               f"{_first_line(exc)}), which the dynamic-batch check runs; pass "
                               f"dynamic_batch=False for a model with a fixed batch.") from exc
+        for i, want in enumerate(expected):
+            check_outputs(want, None, "export_onnx" if i == 0 else
+                          f"export_onnx (check input {i}: random, like example_inputs)",
+                          allow=allow)
         if original is not None:  # the deployable copy must compute what the user's model does
-            report.fold_error = max(
-                max((rel_error(w, g) for w, g in zip(_outputs(original, trial), want,
-                                                    strict=True)), default=0.0)
-                for trial, want in zip(trials, expected, strict=True))
+            report.fold_error = _worst(finite_rel_error(_outputs(original, trial), want)
+                                       for trial, want in zip(trials, expected, strict=True))
     levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     for level, flag in levels.items():
@@ -459,34 +652,54 @@ def _verify(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportRe
         opts.graph_optimization_level = flag
         opts.log_severity_level = 3
         session = ort.InferenceSession(report.path, opts, providers=["CPUExecutionProvider"])
-        stats: dict[str, dict[str, float]] = {}
+        stats: dict[str, dict[str, Any]] = {}
         for trial, want in zip(trials, expected, strict=True):
             feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, trial, strict=True)}
             got = session.run(None, feeds)
             if len(got) != len(want):
-                stats["<outputs>"] = {"max_abs": float("inf"), "max_rel": float("inf"),
-                                      "passed": False}
+                stats["<outputs>"] = {"max_abs": math.inf, "max_rel": math.inf, "passed": False}
                 continue
             for name, g, w in zip(out_names, got, want, strict=True):
                 s = stats.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0, "passed": True})
-                if g.shape != w.shape:
-                    s.update(max_abs=float("inf"), max_rel=float("inf"), passed=False)
-                    continue
-                diff = abs(g.astype("float64") - w.astype("float64"))
-                s["max_abs"] = max(s["max_abs"], float(diff.max(initial=0.0)))
-                s["max_rel"] = max(s["max_rel"], rel_error(w, g))
-                # atol is relative to the output's scale (§4), like contract's 1e-5 · max |out|
-                scale = float(abs(w).max(initial=0.0))
-                ok = (diff <= report.atol * scale + report.rtol * abs(w)).all()
-                s["passed"] = bool(s["passed"] and ok)
+                _compare(s, w, torch.from_numpy(g), report)
         report.errors[level] = stats
 
 
-def _outputs(model: nn.Module, trial: tuple[torch.Tensor, ...]) -> list[Any]:
-    """Every tensor the model returns (dicts and nested tuples flattened), as float arrays."""
+def _compare(s: dict[str, Any], want: torch.Tensor, got: torch.Tensor,
+             report: ExportReport) -> None:
+    """Accumulate one output's errors into ``s``, over the positions where torch's output is
+    finite; onnxruntime's must be non-finite exactly where torch's is (else it fails)."""
+    if got.shape != want.shape:
+        s.update(max_abs=math.inf, max_rel=math.inf, passed=False)
+        return
+    rel = finite_rel_error(want, got)
+    if rel == math.inf:  # non-finite where torch's is finite, or not the same non-finite
+        nan, inf = count_nonfinite(got)
+        s.update(max_abs=math.inf, max_rel=math.inf, passed=False,
+                 nonfinite={"nan": nan, "inf": inf})
+        return
+    keep = torch.isfinite(want)
+    w, g = want[keep].double(), got.to(want.dtype)[keep].double()
+    diff = (g - w).abs()
+    s["max_abs"] = _worst([s["max_abs"], float(diff.max()) if diff.numel() else 0.0])
+    s["max_rel"] = _worst([s["max_rel"], rel])
+    # atol is relative to the output's scale (§4), like contract's 1e-5 · max |out|
+    scale = float(w.abs().max()) if w.numel() else 0.0
+    ok = bool((diff <= report.atol * scale + report.rtol * w.abs()).all())
+    s["passed"] = bool(s["passed"] and ok)
+
+
+def _worst(errors: Iterable[float]) -> float:
+    """The largest error, NaN if any is NaN (``max`` would drop it: max(0.0, nan) == 0.0)."""
+    errors = list(errors)
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors, default=0.0)
+
+
+def _outputs(model: nn.Module, trial: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Every tensor the model returns (dicts and nested tuples flattened), as float tensors."""
     from torch.utils._pytree import tree_leaves
 
-    return [t.detach().cpu().float().numpy() for t in tree_leaves(model(*trial))
+    return [t.detach().cpu().float() for t in tree_leaves(model(*trial))
             if isinstance(t, torch.Tensor)]
 
 

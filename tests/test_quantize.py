@@ -80,20 +80,29 @@ def test_int8_export_is_quantized_smaller_and_as_accurate(trained, tmp_path):
 
 
 def test_constant_calibration_is_caught(trained, tmp_path):
+    """All-zero calibration batches, real held-out ones: refused up front by the spread
+    heuristic; with the heuristic off, the SQNR check catches it on its own."""
     big, data = trained
     calib, labels, held = batches(data)
     broken = [torch.zeros_like(b) for b in calib[:-held]] + calib[-held:]
-    with pytest.raises(efx.VerificationError, match="int8 model deviates") as err:
+    with pytest.raises(efx.ConfigError, match="calibration batches are .nearly. constant"):
         efx.export_onnx(big, (data[2][:4],), tmp_path / "m.onnx",
-                        quantize=Int8Config(holdout=held), calibration=broken, labels=labels)
+                        quantize=Int8Config(holdout=held), calibration=broken)
+    off = Int8Config(holdout=held, check_calibration=False)
+    with pytest.raises(efx.VerificationError, match="int8 model fails its check") as err:
+        efx.export_onnx(big, (data[2][:4],), tmp_path / "m.onnx",
+                        quantize=off, calibration=broken, labels=labels)
     q = err.value.report.int8
-    assert not q.passed and not err.value.report.passed
-    assert q.sqnr_db["held-out"] < 10 and "SQNR" in q.failures[0]
+    assert not q.passed and not err.value.report.passed and err.value.report.fp32_passed
+    assert q.sqnr_db["held-out"] < 10 and "SQNR" in q.failures[0]["message"]
+    assert {f["code"] for f in q.failures} == {"sqnr"}
+    assert {f["where"] for f in q.failures} == {"example_inputs", "held-out"}
     assert q.accuracy["int8"] < q.accuracy["fp32"] - 0.05  # it does cost accuracy
     assert "int8 verdict: FAIL" in str(err.value)
     # the threshold is the user's: off, the same file is written and reported
     report = efx.export_onnx(big, (data[2][:4],), tmp_path / "m.onnx",
-                             quantize=Int8Config(holdout=held, min_sqnr_db=None),
+                             quantize=Int8Config(holdout=held, min_sqnr_db=None,
+                                                 check_calibration=False),
                              calibration=broken)
     assert report.int8.passed and report.int8.sqnr_db["held-out"] < 10
 
@@ -104,9 +113,13 @@ def test_min_agreement_threshold(trained, tmp_path):
     broken = [torch.full_like(b, 0.5) for b in calib[:-held]] + calib[-held:]
     with pytest.raises(efx.VerificationError) as err:
         efx.export_onnx(big, (data[2][:4],), tmp_path / "m.onnx", calibration=broken,
-                        quantize=Int8Config(holdout=held, min_sqnr_db=None, min_agreement=0.99))
+                        quantize=Int8Config(holdout=held, min_sqnr_db=None, min_agreement=0.99,
+                                            check_calibration=False))
     q = err.value.report.int8
-    assert q.agreement["held-out"] < 0.99 and "agreement" in q.failures[0]
+    assert q.agreement["held-out"] < 0.99
+    held_out = next(f for f in q.failures if f["where"] == "held-out")
+    assert held_out["code"] == "agreement" and "agreement" in held_out["message"]
+    assert held_out["numbers"]["agreement"] == q.agreement["held-out"]
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
@@ -140,11 +153,12 @@ def test_tuple_batches_of_a_two_input_model(tmp_path):
 
     torch.manual_seed(0)
     model = Two().eval()
-    calib = [(torch.randn(16, 6), torch.randn(16, 3)) for _ in range(6)]
+    calib = [(torch.randn(32, 6), torch.randn(32, 3)) for _ in range(6)]
     report = efx.export_onnx(model, calib[0], tmp_path / "two.onnx", quantize="int8",
                              calibration=calib)
     q = report.int8
     assert q.calibration_batches == 4 and q.heldout_batches == 2  # holdout 0.25 of 6, rounded
+    assert q.heldout_samples == 64  # min_samples' default: 2 batches of 16 would fail
     assert q.quantized_layers == (2, 2) and q.sqnr_db["held-out"] > 15
 
 

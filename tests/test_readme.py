@@ -27,8 +27,9 @@ def test_the_readme_api_screen_runs_as_written(tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
     monkeypatch.chdir(tmp_path)  # the screen writes small.onnx and small.int8.onnx
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 3, 32, 32, generator=gen),) for _ in range(4)]
-    scope = {"torch": torch, "MyCompactNet": smallnet_7x7, "x": batches[0][0],
+    # 8 batches of 32: the last 2 (64 samples, Int8Config.min_samples) are held out to verify
+    batches = [(torch.randn(32, 3, 32, 32, generator=gen),) for _ in range(8)]
+    scope = {"torch": torch, "MyCompactNet": smallnet_7x7, "x": batches[0][0][:8],
              "y": torch.randint(0, 10, (8,), generator=gen), "criterion": F.cross_entropy,
              "batches": batches}
     exec(compile(api_screen(), str(README), "exec"), scope)  # noqa: S102 (our own README)
