@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -60,10 +61,18 @@ def load_model(spec: str) -> nn.Module:
                            f"'package.module:factory'")
         return MODELS[spec]()
     module_name, _, attr = spec.partition(":")
+    here = os.getcwd()  # `python -m` puts it on sys.path; the console script does not
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise CLIError(f"cannot load {spec!r}: {exc}") from None
+        raise CLIError(f"cannot load {spec!r}: {exc} (looked in the current directory "
+                       f"{here!r} and on sys.path)") from None
+    finally:
+        if added:
+            sys.path.remove(here)
     try:
         model = factory()
     except Exception as exc:  # a user factory may raise anything: report it in one line
@@ -110,6 +119,28 @@ def example_input(model: nn.Module, name: str, given: str | None) -> torch.Tenso
     return x
 
 
+def unwrap_checkpoint(state: Any, path: str, key: str | None) -> dict[str, Any]:
+    """The state_dict in a checkpoint file: the file itself, ``state[key]`` (``--key``), or
+    ``state["state_dict"]``; a training checkpoint that wraps it otherwise is refused naming
+    its keys and the one to pass."""
+    if key is not None:
+        if not isinstance(state, dict) or key not in state:
+            held = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CLIError(f"--key {key!r}: {path!r} holds no such entry (it holds {held})")
+        state = state[key]
+    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CLIError(f"{path!r} holds {type(state).__name__}, not a state_dict")
+    nested = [k for k, v in state.items() if isinstance(v, dict)
+              and v and all(isinstance(t, torch.Tensor) for t in v.values())]
+    if nested and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CLIError(f"{path!r} is a training checkpoint holding {sorted(state)}, not a "
+                       f"state_dict; the weights are probably under {nested[0]!r}: pass "
+                       f"--key {nested[0]}")
+    return state
+
+
 def block_keys(keys: list[str], own: set[str]) -> bool:
     """Whether state_dict keys hold expanded blocks of the model's conv/linear layers."""
     for key in keys:
@@ -140,7 +171,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     model = load_model(args.model).eval()
     x = example_input(model, args.model, args.input)
     big = efx.expand(model, args.rule, args.r, mode=args.mode, strict=args.strict,
-                     **patterns(args)).eval()
+                     example_inputs=(x,), **patterns(args)).eval()
     n_blocks = sum(isinstance(m, efx.ExpandedBlock) for m in big.modules())
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # randomize the factors: a check on trained-like weights
@@ -182,21 +213,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     except Exception as exc:
         raise CLIError(f"cannot read checkpoint {str(path)!r} with weights_only=True: "
                        f"{str(exc).splitlines()[0]}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CLIError(f"{str(path)!r} holds {type(state).__name__}, not a state_dict")
+    state = unwrap_checkpoint(state, str(path), args.key)
     own = set(model.state_dict())
     foreign = [k for k in state if k not in own]
     expanded = block_keys(foreign, own)
     if expanded:
         if args.rule is None:
             raise CLIError(f"{str(path)!r} is a checkpoint of an expanded model: pass the rule "
-                           f"and r it was expanded with (--rule ... --r ...; r defaults to 4)")
+                           f"and r it was expanded with (--rule ... --r ...; r defaults to 4), "
+                           f"or contract first (save efx.contract(big).state_dict())")
         model = efx.expand(model, args.rule, args.r, **patterns(args))
-    if any(k.endswith(".parametrizations.weight.original") and k not in model.state_dict()
-           for k in state):
-        model = efx.compand(model, psi=args.psi, inplace=True)
+    else:
+        given = [f for f, v in (("--rule", args.rule), ("--r", args.r),
+                                ("--include", args.include), ("--exclude", args.exclude))
+                 if v is not None]
+        if given:
+            raise CLIError(f"{str(path)!r} is a compact checkpoint (no expanded blocks), so "
+                           f"{', '.join(given)} would be ignored: drop {given[0]}")
+    companded_keys = any(k.endswith(".parametrizations.weight.original")
+                         and k not in model.state_dict() for k in state)
+    if companded_keys:
+        model = efx.compand(model, psi=args.psi or "arctan", inplace=True)
+    elif args.psi is not None:
+        raise CLIError(f"--psi {args.psi} would be ignored: {str(path)!r} holds no companded "
+                       f"weights; drop --psi")
+    if not args.int8:
+        extra = [f for f, v in (("--data", args.data), ("--calibrate", args.calibrate))
+                 if v is not None]
+        if extra:
+            raise CLIError(f"{', '.join(extra)} would be ignored without --int8: add --int8 "
+                           f"or drop {extra[0]}")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # torch's header, then one problem per line: ours come first
@@ -229,7 +275,7 @@ def _int8_arguments(args: argparse.Namespace, x: torch.Tensor
     batches alone — a smoke test of the pipeline."""
     from .quantize import Int8Config, split_samples
 
-    y = None
+    y, calibrate = None, args.calibrate or 256
     if args.data:
         try:
             data = torch.load(args.data, map_location="cpu", weights_only=True)
@@ -245,15 +291,15 @@ def _int8_arguments(args: argparse.Namespace, x: torch.Tensor
         data = data.float()
         x, verify_on = data[:len(x)], "all"
     else:
-        print(f"--int8 without --data: calibrating on {args.calibrate} random inputs and "
+        print(f"--int8 without --data: calibrating on {calibrate} random inputs and "
               f"verifying on 64 more, so the int8 verdict rests on random inputs (a smoke test "
               f"of the pipeline, not of the model's accuracy); pass --data with real inputs "
               f"for a deployment")
-        data = torch.randn(args.calibrate + 64, *x.shape[1:], generator=torch.Generator()
+        data = torch.randn(calibrate + 64, *x.shape[1:], generator=torch.Generator()
                            .manual_seed(0)) * x.std() + x.mean()
         verify_on = "held-out"
     try:
-        batches, labels, held = split_samples(data, y, args.calibrate, batch=32)
+        batches, labels, held = split_samples(data, y, calibrate, batch=32)
     except ExpandFXError as exc:
         raise CLIError(str(exc).replace("split_samples", f"--data {args.data!r}")) from None
     return x, {"quantize": Int8Config(holdout=held, verify_on=verify_on),
@@ -335,12 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(e, rule_default=None)
     e.add_argument("--weights", required=True, help="state_dict file (torch.save)")
     e.add_argument("--out", required=True, help="ONNX file to write")
-    e.add_argument("--psi", default="arctan", help="compander Ψ of a companded checkpoint")
+    e.add_argument("--psi", default=None,
+                   help="compander Ψ of a companded checkpoint (default: arctan)")
+    e.add_argument("--key", help="the entry of a training checkpoint that holds the "
+                                 "state_dict (e.g. --key model for {'model': ..., 'epoch': 3})")
     e.add_argument("--report", help="also write the JSON report here")
     e.add_argument("--int8", action="store_true",
                    help="also write OUT's stem + .int8.onnx: static int8 (QDQ, per-channel "
                         "weights), verified against fp32 on held-out samples")
-    e.add_argument("--calibrate", type=positive, default=256, metavar="N",
+    e.add_argument("--calibrate", type=positive, default=None, metavar="N",
                    help="samples to calibrate on (default 256); the rest are held out")
     e.add_argument("--data", help="torch.save'd inputs for --int8: a tensor, or {'x': ..., "
                                   "'y': labels} for accuracies (default: random inputs)")

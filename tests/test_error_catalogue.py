@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import expandfx as efx
-from expandfx.cli import exit_code
+from expandfx.cli import CLIError, exit_code
 
 
 @dataclass(frozen=True)
@@ -410,6 +410,68 @@ def _(tmp):
       "`groups`", efx.ConfigError, "holds none of these", "'expandfx_group'")
 def _(tmp):
     efx.param_groups(cnn(), lr=0.1).rescale(torch.optim.SGD(nn.Linear(2, 2).parameters()))
+
+
+# ---- the command line (issue 30): every flag reaches its verb or is refused -----------------
+
+def cli(*argv: str) -> object:
+    """Run a subcommand as the console script does, raising what it raises."""
+    from expandfx.cli import build_parser
+
+    args = build_parser().parse_args(list(argv))
+    return args.func(args)
+
+
+def checkpoint(tmp: Path, name: str, state: object) -> str:
+    torch.save(state, tmp / name)
+    return str(tmp / name)
+
+
+@case("cli-expanded-checkpoint-no-rule", "`expandfx export` of an expanded checkpoint without "
+      "`--rule`", CLIError, "checkpoint of an expanded model", "--rule", "contract first")
+def _(tmp):
+    from expandfx.models import smallnet_7x7
+
+    big = efx.expand(smallnet_7x7(), "CL", r=2)
+    cli("export", "smallnet_7x7", "--weights", checkpoint(tmp, "big.pt", big.state_dict()),
+        "--out", str(tmp / "m.onnx"))
+
+
+@case("cli-wrapped-checkpoint", "`expandfx export` of a training checkpoint "
+      "(`{\"model\": sd, \"epoch\": 3}`)", CLIError, "holding ['epoch', 'model']",
+      "pass --key model", leaves_no=("m.onnx",))
+def _(tmp):
+    from expandfx.models import smallnet_7x7
+
+    ckpt = {"model": smallnet_7x7().state_dict(), "epoch": 3}
+    cli("export", "smallnet_7x7", "--weights", checkpoint(tmp, "c.pt", ckpt),
+        "--out", str(tmp / "m.onnx"))
+
+
+@case("cli-rule-on-compact-checkpoint", "`--rule` for a compact checkpoint (it was ignored "
+      "without a word)", CLIError, "compact checkpoint", "--rule would be ignored")
+def _(tmp):
+    from expandfx.models import smallnet_7x7
+
+    cli("export", "smallnet_7x7", "--weights",
+        checkpoint(tmp, "s.pt", smallnet_7x7().state_dict()), "--rule", "CL",
+        "--out", str(tmp / "m.onnx"))
+
+
+@case("cli-data-without-int8", "`--data` without `--int8`", CLIError,
+      "--data would be ignored without --int8")
+def _(tmp):
+    from expandfx.models import smallnet_7x7
+
+    cli("export", "smallnet_7x7", "--weights",
+        checkpoint(tmp, "s.pt", smallnet_7x7().state_dict()), "--data", "x.pt",
+        "--out", str(tmp / "m.onnx"))
+
+
+@case("cli-include-typo", "`expandfx plan --include` with a typo", efx.ConfigError,
+      "'clasifier.2' names no layer", "closest: 'classifier.2'")
+def _(tmp):
+    cli("plan", "smallnet_7x7", "--include", "*,clasifier.2")
 
 
 # ---- the catalogue's own tests ----------------------------------------------------------------

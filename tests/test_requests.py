@@ -48,3 +48,33 @@ def test_hub_saving_of_an_expanded_model_warns_and_contract_removes_it(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).last_hidden_state, big(ids).last_hidden_state,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_console_script_loads_a_factory_from_the_current_directory(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("expandfx")
+    script = str(script) if script.exists() else shutil.which("expandfx")
+    if script is None:
+        pytest.skip("the expandfx console script is not installed")
+    (tmp_path / "mymodels.py").write_text(
+        "import torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))\n")
+    done = subprocess.run([script, "plan", "mymodels:make", "--input", "1,3,16,16"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Conv2d(3→8, k3, p1)" in done.stdout and "CL(r=4)" in done.stdout
+
+
+def test_cli_export_takes_the_key_of_a_training_checkpoint(tmp_path):
+    from expandfx.cli import main
+
+    big = efx.expand(smallnet_7x7(), "CL", r=2)
+    torch.save({"model": big.state_dict(), "epoch": 3}, tmp_path / "c.pt")
+    code = main(["export", "smallnet_7x7", "--weights", str(tmp_path / "c.pt"), "--key",
+                 "model", "--rule", "CL", "--r", "2", "--out", str(tmp_path / "m.onnx")])
+    assert code == 0 and (tmp_path / "m.onnx").exists()
