@@ -29,6 +29,7 @@ from .errors import (
     FoldError,
     NonFiniteError,
 )
+from .executorch_export import export_executorch
 from .layer_types import register_layer, unregister_layer
 from .nonlinear import linearize, nonlinear_counterpart
 from .onnx_export import ExportReport, VerificationError, export_onnx, verify_onnx
@@ -63,7 +64,7 @@ _COMPAT = (ChainLR, Compander, ContractionError, ExpandFXWarning, ExportReport, 
            FoldReport, Int8Config, Int8Report, LayerPlan, NonFiniteError, ParamGroups, Psi, Rule,
            RuleSet, VerificationError, bake, chain_scale, companded, frozen, linearize,
            modified_adaptive, nonlinear_counterpart, register_layer, register_rule,
-           unregister_layer, unregister_rule, verify_onnx)
+           unregister_layer, unregister_rule, verify_onnx, export_executorch)
 
 
 def __getattr__(name: str) -> Rule:
