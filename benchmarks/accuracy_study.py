@@ -3,7 +3,8 @@
 Two real data sets available offline — MNIST-1D (``mnist1d.make_dataset()``, 4000 train /
 1000 test) with the in-repo 1D CNN (5-wide kernels, so CK applies), and scikit-learn's 8×8
 digits with the paper's SmallNet shape adapted to 8×8 — and the variants of
-``benchmarks/variants.py`` (r = 4, compander arctan a = 1, b = 0.7). Two protocols:
+``benchmarks/variants.py`` (r = 4, compander arctan a = 1, b = 0.7, when asked for: the
+committed runs have no compander row). Two protocols:
 
 - ``sweep`` (the fair one): every variant, the compact net included, trains with SGD
   (momentum 0.9, weight decay 5e-4, cosine, batch 64) and the learning rates of
@@ -246,17 +247,20 @@ def write(records: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = summarize(records)
     seeds = sorted({r["seed"] for r in records})
+    compander = (f"compander arctan a = {A:g}, b = {B:g}"
+                 if any("compander" in r["variant"] for r in records)
+                 else "the compander was not run")
     lines = [f"# Accuracy study (CPU scale)\n\nMeasured {meta['date']}, {meta['setup']} per "
              f"run ({meta['jobs']} worker processes, {meta['minutes']:.0f} min), seeds "
              f"{seeds}{' (QUICK RUN)' if meta['quick'] else ''} "
-             f"(`python benchmarks/accuracy_study.py`). r = {R:g}; compander arctan "
-             f"a = {A:g}, b = {B:g}. Final-epoch test accuracy in % (mean ± std over seeds, n "
-             f"runs); div = failed runs: loss became non-finite (counted at chance accuracy) "
-             f"or training collapsed (final accuracy ≤ 15 %, chance is 10 %); "
-             f"'deployed' = the contracted compact model (equals the trained one). "
-             f"CK+FC+Init trains twice (nonlinear counterpart with He init, then "
-             f"`linearize(calibrate=…)` and the ExpandNet with `chain_lr=\"norm\"` in the "
-             f"sweep protocol), as the paper does.\n"]
+             f"(`python benchmarks/accuracy_study.py`). r = {R:g}; {compander}. "
+             "CPU scale (MNIST-1D / digits); final-epoch test accuracy in % (mean ± std over "
+             "seeds, n runs); div = failed runs: loss became non-finite (counted at chance "
+             "accuracy) or training collapsed (final accuracy ≤ 15 %, chance is 10 %); "
+             "'deployed' = the contracted compact model (equals the trained one). "
+             "CK+FC+Init trains twice (nonlinear counterpart with He init, then "
+             "`linearize(calibrate=…)` and the ExpandNet with `chain_lr=\"norm\"` in the "
+             "sweep protocol), as the paper does.\n"]
     for protocol, what in (("sweep", "**Protocol sweep** — SGD momentum 0.9, weight decay "
                             "5e-4, cosine, `expandfx.param_groups` (lr/N per factor); lr "
                             f"from {list(LRS)} chosen per variant on a 20 % validation split "

@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -320,7 +321,7 @@ def run_row(row: Row, timeout: int) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001
             rec["fold_s"] = time.perf_counter() - t0
             rec["status"] = first_line(exc)
-            rec["traceback"] = traceback.format_exc(limit=-3)
+            rec["traceback"] = repo_relative(traceback.format_exc(limit=-3))
             gm = None
         if gm is not None:
             report = gm.meta.get("expandfx.fold")
@@ -485,7 +486,18 @@ def environment(argv: list[str]) -> dict[str, Any]:
             "transformers": transformers.__version__, "torchvision": torchvision.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "load": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "git": git, "argv": argv, "expandfx": str(Path(efx.__file__).parent)}
+            "git": git, "argv": argv, "expandfx": repo_relative(str(Path(efx.__file__).parent))}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(text: str) -> str:
+    """``text`` with this machine's absolute paths made relative (results files name paths
+    relative to the repository, docs/design.md §8): the repository root becomes nothing,
+    a site-packages folder ``<site-packages>/``."""
+    text = re.sub(r"/[^\s\"']*?/site-packages/", "<site-packages>/", text)
+    return text.replace(str(ROOT) + "/", "").replace(str(ROOT), ".")
 
 
 def main(argv: list[str] | None = None) -> int:

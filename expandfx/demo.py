@@ -4,9 +4,12 @@ Data: scikit-learn's 8×8 handwritten digits (shipped with the package, no downl
 Model: the paper's SmallNet shape adapted to 8×8 inputs (5×5 kernels, so CK applies).
 Same recipe for both (SGD lr 0.05, momentum 0.9, cosine, several seeds), with the
 learning rates of :func:`expandfx.param_groups` (``lr/N`` for the factors of an N-factor
-block), one thread and deterministic kernels. Writes the ONNX file, a JSON report and a
-PNG of the curves. The deployed model is also exported in int8 (folded, static QDQ,
-calibrated on 256 training images) and compared with fp32 on the test set.
+block), one thread and deterministic kernels. The lr is the same for both and not tuned, so
+the comparison shows the workflow, not whether expansion helps (that is the job of
+``benchmarks/does_it_help.py``, lr chosen on validation, paired seeds). Writes the ONNX
+file, a JSON report and a PNG of the curves. The deployed model is also exported in int8
+(folded, static QDQ, calibrated on 256 training images) and compared with fp32 on the test
+set.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def fit(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int
     recipe (÷10 after each third of the epochs). A run whose loss becomes non-finite
     stops and is marked ``diverged`` (its remaining epochs score chance accuracy).
     Returns ``{"test": [...], "val": [...], "diverged": bool}``; ``on_epoch(e)`` runs
-    before epoch ``e``. ``rescale_every=k`` calls ``groups.rescale()`` every k steps, which
+    before epoch ``e``. ``rescale_every=k`` calls ``groups.rescale(opt)`` every k steps, which
     re-applies a learning-rate rule that depends on the weights (``chain_lr="norm"``, a
     callable; a no-op for ``"1/N"``).
     """
@@ -120,7 +123,7 @@ def fit(model: nn.Module, data: tuple[torch.Tensor, ...], epochs: int, seed: int
         model.train()
         for step, idx in enumerate(torch.randperm(len(ytr), generator=gen).split(64)):
             if rescale_every and step % rescale_every == rescale_every - 1:
-                groups.rescale()
+                groups.rescale(opt)
             opt.zero_grad()
             loss = F.cross_entropy(model(xtr[idx]), ytr[idx]) + groups.penalty()
             if not torch.isfinite(loss):
@@ -158,8 +161,8 @@ def _demo(out: Path, rule: str, r: float, epochs: int, seeds: int, quick: bool,
     if quick:
         epochs, seeds = min(epochs, 3), 1
     out.mkdir(parents=True, exist_ok=True)
-    print(f"setup: {setup}; seeds {list(range(seeds))}; SGD lr 0.05 with "
-          f"expandfx.param_groups (lr/N per factor of an N-factor block)")
+    print(f"setup: {setup}; seeds {list(range(seeds))}; SGD lr 0.05 for both (same lr, "
+          f"not tuned) with expandfx.param_groups (lr/N per factor of an N-factor block)")
     torch.manual_seed(0)
     data = digits()
     xtr, _, xte, yte = data
@@ -217,6 +220,8 @@ def _demo(out: Path, rule: str, r: float, epochs: int, seeds: int, quick: bool,
     _plot(curves, out / "curves.png")
 
     print()
+    print(f"compact vs expanded at the same lr (0.05, not tuned), {seeds} seed(s), {epochs} "
+          f"epochs, CPU scale (digits 8x8):")
     print(f"{'':28}{'params':>10}{'MACs':>10}{'test acc (last)':>20}{'train s':>9}")
     for name in curves:
         acc = summary["accuracy"][name]
@@ -227,6 +232,9 @@ def _demo(out: Path, rule: str, r: float, epochs: int, seeds: int, quick: bool,
               f"{seconds[name]:>9.1f}")
     print(f"{'deployed (contracted)':28}{summary['params_test']:>10,}"
           f"{summary['macs_test']:>10,}{summary['deployed_accuracy']:>13.4f}")
+    print("same lr, not tuned: a gap here (either way) is not evidence that expansion helps; "
+          "the tuned,\npaired comparisons are in benchmarks/results/README.md (\"does it "
+          "help?\")")
     print(f"\ncontract(big) vs big: max |diff| / max |out| = {fold_err:.2e} (limit 1e-5)")
     for level, outputs in report.errors.items():
         for name, e in outputs.items():
@@ -271,7 +279,7 @@ def _plot(curves: dict[str, list[list[float]]], path: Path) -> None:
     ax.set_ylim(0.8, 1.0)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("SmallNet on 8x8 digits: compact vs expanded training")
+    ax.set_title("SmallNet on 8x8 digits: compact vs expanded, same lr (not tuned)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -202,3 +202,68 @@ def test_quantization_study_quick_run_resumes(tmp_path):
     assert "| RepVGG-BN |" in (tmp_path / "quantization_study.md").read_text()
     assert study.main(["--quick", "--out", str(tmp_path), "--rules", "compact"]) == 0  # resumed
     assert (tmp_path / "quantization.partial.jsonl").read_text().splitlines() == lines
+
+
+def test_does_it_help_quick_pipeline_schema_and_resume(tmp_path):
+    pytest.importorskip("mnist1d", reason="mnist1d not installed")
+    pytest.importorskip("scipy", reason="scipy not installed")
+    study = load("does_it_help")
+    assert study.main(["--quick", "--out", str(tmp_path), "--jobs", "1"]) == 0
+    log = tmp_path / "does_it_help.runs.jsonl"
+    lines = log.read_text().splitlines()
+    doc = json.loads((tmp_path / "does_it_help.json").read_text())
+    assert doc["meta"]["quick"] and doc["meta"]["complete"]
+    assert doc["meta"]["unit"] == "percentage points"
+    assert len(doc["runs"]) == len(lines) > 0
+    for r in doc["runs"]:  # the per-run record of the protocol, accuracy in percent
+        for k in ("task", "regime", "variant", "lr", "wd", "seed", "epochs", "train_acc",
+                  "val_acc", "test_acc", "train_loss", "val_curve", "seconds", "load_1min"):
+            assert k in r, k
+        assert all(0.0 <= r[k] <= 100.0 for k in ("train_acc", "val_acc", "test_acc"))
+        assert len(r["train_loss"]) == len(r["val_curve"]) == r["epochs"] * r["phases"]
+        if not r["diverged"]:  # the contracted model scores what the trained one scored
+            assert r["contract_ok"] is True
+            assert r["confusion_folded"]["p5"] <= r["confusion_folded"]["mean"]
+    assert {r["regime"] for r in doc["runs"]} == {"a", "b"}
+    assert any(r["protocol"] == "authors" for r in doc["runs"])
+    assert any(r["task"] == "b1-wide" and r["wd"] != 5e-4 for r in doc["runs"])  # wd tuned
+    assert {r["epochs"] for r in doc["runs"]} == {2, 4}  # and the doubling check
+    assert doc["comparisons"]
+    for c in doc["comparisons"]:
+        for k in ("task", "variant", "baseline", "n", "delta", "ci95", "p_holm", "p_wilcoxon"):
+            assert k in c, k
+        assert len(c["ci95"]) == 2 and c["ci95"][0] <= c["delta"] <= c["ci95"][1]
+    assert {(c["variant"], c["baseline"], c["family"]) for c in doc["comparisons"]} == {
+        ("CK", "compact", "primary"), ("CK", "compact", "authors"),
+        ("compander", "compact", "primary")}
+    assert {m["family"] for m in doc["mechanisms"]} == {"confusion", "weights"}
+    assert doc["convergence"] and doc["regime_checks"]
+    text = (tmp_path / "does_it_help.md").read_text()
+    assert "QUICK RUN" in text and "p_holm" in text and "**" not in text  # nothing bold
+    assert (tmp_path / "does_it_help.png").stat().st_size > 0
+    assert study.main(["--quick", "--out", str(tmp_path), "--jobs", "1"]) == 0  # resumed:
+    assert log.read_text().splitlines() == lines  # no new run
+
+
+def test_does_it_help_statistics_against_hand_computation():
+    pytest.importorskip("scipy", reason="scipy not installed")
+    study = load("does_it_help")
+    # d = 1, 2, 3, 4: mean 2.5, sd √(5/3), t_{0.975,3} = 3.182446 (t table), so the CI is
+    # 2.5 ± 3.182446 · 0.645497 = [0.44574, 4.55426]; t = 3.87298, two-sided p = 0.030466;
+    # Wilcoxon, 4 positive differences: exact two-sided p = 2/2^4 = 0.125
+    p = study.paired([1.0, 3.0, 3.5, 9.0], [0.0, 1.0, 0.5, 5.0])
+    assert p["n"] == 4 and math.isclose(p["delta"], 2.5)
+    assert math.isclose(p["sd"], math.sqrt(5 / 3), rel_tol=1e-12)
+    assert math.isclose(p["ci95"][0], 0.445740, abs_tol=1e-5)
+    assert math.isclose(p["ci95"][1], 4.554260, abs_tol=1e-5)
+    assert math.isclose(p["p_t"], 0.030466, abs_tol=1e-5)
+    assert math.isclose(p["p_wilcoxon"], 0.125, abs_tol=1e-12)
+    # Holm: sorted 0.01·4 = 0.04, 0.03·3 = 0.09, 0.04·2 = 0.08 → 0.09 (monotone), 0.5·1
+    assert study.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert study.holm([0.2, 0.6]) == pytest.approx([0.4, 0.6])
+    # the smallest effect 10 paired seeds detect (α 0.05, power 0.8): (2.262157 + 0.883404)/√10
+    assert math.isclose(study.mde(1.0, 10), 0.994714, abs_tol=1e-5)
+    assert math.isclose(study.mde(2.0, 10), 2 * 0.994714, abs_tol=1e-5)
+    # the ×√2 grid and the decay grid
+    assert [study.lr_of(k) for k in (-2, 0, 1)] == [0.05, 0.1, 0.141421]
+    assert [study.wd_of(j) for j in (None, -1, 0, 2)] == [0.0, 1.25e-4, 5e-4, 8e-3]
