@@ -237,6 +237,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     elif args.psi is not None:
         raise CLIError(f"--psi {args.psi} would be ignored: {str(path)!r} holds no companded "
                        f"weights; drop --psi")
+    if args.target != "executorch" and args.max_batch is not None:
+        raise CLIError("--max-batch would be ignored without --target executorch (an ONNX "
+                       "file's batch is dynamic): add --target executorch or drop --max-batch")
+    args.max_batch = 64 if args.max_batch is None else args.max_batch
     if not args.int8:
         extra = [f for f, v in (("--data", args.data), ("--calibrate", args.calibrate))
                  if v is not None]
@@ -253,7 +257,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     x = example_input(model, args.model, args.input)
     x, int8 = _int8_arguments(args, x) if args.int8 else (x, {})
     try:
-        report = efx.export_onnx(model, (x,), args.out, **int8)
+        if args.target == "executorch":
+            report = efx.export_executorch(model, (x,), args.out, max_batch=args.max_batch,
+                                           **int8)
+        else:
+            report = efx.export_onnx(model, (x,), args.out, **int8)
     except efx.VerificationError as exc:
         print(exc.report)
         print(f"FAIL: {str(exc).splitlines()[0]}")
@@ -386,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--key", help="the entry of a training checkpoint that holds the "
                                  "state_dict (e.g. --key model for {'model': ..., 'epoch': 3})")
     e.add_argument("--report", help="also write the JSON report here")
+    e.add_argument("--target", default="onnx", choices=["onnx", "executorch"],
+                   help="onnx (default: verified in onnxruntime) or executorch (a .pte "
+                        "program for XNNPACK, verified in ExecuTorch's runtime)")
+    e.add_argument("--max-batch", type=positive, default=None, metavar="N",
+                   help="the largest batch the ExecuTorch program accepts (default 64)")
     e.add_argument("--int8", action="store_true",
                    help="also write OUT's stem + .int8.onnx: static int8 (QDQ, per-channel "
                         "weights), verified against fp32 on held-out samples")

@@ -282,3 +282,15 @@ def test_refusals_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch.exir", None)  # as if not installed
     with pytest.raises(efx.ConfigError, match=r"pip install 'expandfx\[executorch\]'"):
         export_executorch(digits(), (x,), tmp_path / "m.pte")
+
+
+def test_cli_exports_an_executorch_program(tmp_path):
+    from expandfx.cli import main
+    from expandfx.models import smallnet_7x7
+
+    torch.save(smallnet_7x7().state_dict(), tmp_path / "s.pt")
+    code = main(["export", "smallnet_7x7", "--weights", str(tmp_path / "s.pt"), "--out",
+                 str(tmp_path / "s.pte"), "--target", "executorch", "--max-batch", "4",
+                 "--report", str(tmp_path / "r.json")])
+    assert code == 0 and (tmp_path / "s.pte").stat().st_size > 1000
+    assert '"passed": true' in (tmp_path / "r.json").read_text()
