@@ -412,6 +412,84 @@ def _(tmp):
     efx.param_groups(cnn(), lr=0.1).rescale(torch.optim.SGD(nn.Linear(2, 2).parameters()))
 
 
+# ---- export_onnx (issue 30) -----------------------------------------------------------------
+
+class _Branchy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x - 1  # a data-dependent `if`
+
+
+def _branchy() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 3), _Branchy())
+
+
+@case("export-data-dependent-if", "`export_onnx` of a forward with a data-dependent `if` (it "
+      "raised a raw `GuardOnDataDependentSymNode`)", efx.ConfigError,
+      "Module '1' (_Branchy.forward)", "test_error_catalogue.py:", "torch.cond",
+      "outside the model", leaves_no=("m.onnx",))
+def _(tmp):
+    efx.export_onnx(_branchy(), (torch.randn(2, 3),), tmp / "m.onnx")
+
+
+@case("export-legacy-other-branch", "`export_onnx(exporter=\"legacy\")` of that forward (its "
+      "graph is frozen to the traced branch; it warns, and inputs taking the other branch are "
+      "verified)", efx.VerificationError, "onnxruntime disagrees",
+      "exporter='legacy' froze forward", "take another branch", "m.failed.onnx",
+      leaves_no=("m.onnx",))
+def _(tmp):
+    efx.export_onnx(_branchy(), (torch.randn(2, 3),), tmp / "m.onnx", exporter="legacy")
+
+
+@case("export-unknown-exporter", "`export_onnx(exporter=\"torchscript\")`", efx.ConfigError,
+      "exporter='torchscript'", "'dynamo', 'legacy'")
+def _(tmp):
+    efx.export_onnx(cnn(), (x4(),), tmp / "m.onnx", exporter="torchscript")
+
+
+# ---- ExecuTorch (issue 31) ---------------------------------------------------------------------
+
+def _pte(tmp: Path, model: nn.Module | None = None, x: torch.Tensor | None = None,
+         **kwargs: object) -> object:
+    from expandfx.executorch_export import export_executorch
+
+    return export_executorch((model or cnn()).eval(), (x4() if x is None else x,),
+                             tmp / "m.pte", **kwargs)
+
+
+_PTE_FILES = ("m.pte", "m.int8.pte")
+
+
+@case("et-int8-zero-calibration", "`export_executorch` int8 calibration batches that are all "
+      "zeros", efx.ConfigError, "export_executorch: the calibration batches are (nearly) "
+      "constant", "std 0", "check_calibration=False", leaves_no=_PTE_FILES)
+def _(tmp: Path) -> object:
+    return _pte(tmp, quantize="int8", calibration=[torch.zeros(16, 3, 8, 8)] * 8)
+
+
+@case("et-int8-percentile", "`export_executorch` with `Int8Config(method=\"percentile\")` "
+      "(onnxruntime's calibration)", efx.ConfigError, "XNNPACK's quantizer observes min/max",
+      "method='minmax'", leaves_no=_PTE_FILES)
+def _(tmp: Path) -> object:
+    return _pte(tmp, quantize=efx.Int8Config(method="percentile"),
+                calibration=[torch.randn(16, 3, 8, 8)] * 8)
+
+
+@case("et-inf-weight", "`export_executorch` of a model with an inf weight",
+      efx.errors.NonFiniteError, "export_executorch: parameter '0.weight'", "1 inf",
+      leaves_no=("m.pte",))
+def _(tmp: Path) -> object:
+    model = cnn()
+    _nan_at(model[0].weight, float("inf"))
+    return _pte(tmp, model)
+
+
+@case("et-batch-over-max", "`export_executorch` with `example_inputs` larger than `max_batch`",
+      efx.ConfigError, "batch 4 > max_batch=2", "pass max_batch=4", leaves_no=("m.pte",))
+def _(tmp: Path) -> object:
+    return _pte(tmp, max_batch=2)
+
+
 # ---- the command line (issue 30): every flag reaches its verb or is refused -----------------
 
 def cli(*argv: str) -> object:
