@@ -117,6 +117,7 @@ from .onnx_export import (
     _settle,
     _staging,
     _worst,
+    comparison_failures,
 )
 from .quantize import (
     VERIFY_ON,
@@ -259,35 +260,7 @@ class ExecuTorchReport:
         """The fp32 checks that failed, ``{"code", "where", "numbers", "message"}`` each
         (codes ``fold_error``, ``numerics``, ``non_finite``, ``runtime_error``); the int8
         ones are ``int8.failures``."""
-        out = []
-        if not self.fold_pass:
-            out.append(failure(
-                "fold_error", f"the deployable copy differs from the given model: max rel "
-                f"{self.fold_error:.2e} > {self.fold_tolerance:g}", where="deployable copy",
-                numbers={"error": self.fold_error, "tolerance": self.fold_tolerance}))
-        for trial, outputs in self.errors.items():
-            for name, e in outputs.items():
-                if e["passed"]:
-                    continue
-                numbers = {k: e[k] for k in ("max_abs", "max_rel")}
-                if "runtime_error" in e:
-                    out.append(failure(
-                        "runtime_error", f"ExecuTorch [{trial}]: the runtime refused the run "
-                        f"({e['runtime_error']})", where=trial,
-                        numbers={"batch": e.get("batch")}))
-                elif "nonfinite" in e:
-                    out.append(failure(
-                        "non_finite", f"ExecuTorch [{trial}] {name}: non-finite values where "
-                        f"torch's are not ({e['nonfinite']['nan']} NaN, "
-                        f"{e['nonfinite']['inf']} inf)", where=f"{name} [{trial}]",
-                        numbers={**numbers, **e["nonfinite"]}))
-                else:
-                    out.append(failure(
-                        "numerics", f"ExecuTorch [{trial}] {name}: max abs {e['max_abs']:.2e}, "
-                        f"max rel {e['max_rel']:.2e} beyond rtol={self.rtol:g}, "
-                        f"atol={self.atol:g}·max|out|", where=f"{name} [{trial}]",
-                        numbers={**numbers, "rtol": self.rtol, "atol": self.atol}))
-        return out
+        return comparison_failures(self, "ExecuTorch")
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -188,29 +188,7 @@ class ExportReport:
         """The fp32 checks that failed, ``{"code", "where", "numbers", "message"}`` each
         (codes ``fold_error``, ``numerics``, ``non_finite``, ``structure``); the int8 ones
         are ``int8.failures``."""
-        out = []
-        if not self.fold_pass:
-            out.append(failure(
-                "fold_error", f"the deployable copy differs from the given model: max rel "
-                f"{self.fold_error:.2e} > {self.fold_tolerance:g}", where="deployable copy",
-                numbers={"error": self.fold_error, "tolerance": self.fold_tolerance}))
-        for level, outputs in self.errors.items():
-            for name, e in outputs.items():
-                if e["passed"]:
-                    continue
-                numbers = {k: e[k] for k in ("max_abs", "max_rel")}
-                if "nonfinite" in e:
-                    out.append(failure(
-                        "non_finite", f"onnxruntime [{level}] {name}: non-finite values where "
-                        f"torch's are not ({e['nonfinite']['nan']} NaN, "
-                        f"{e['nonfinite']['inf']} inf)", where=f"{name} [{level}]",
-                        numbers={**numbers, **e["nonfinite"]}))
-                else:
-                    out.append(failure(
-                        "numerics", f"onnxruntime [{level}] {name}: max abs {e['max_abs']:.2e}, "
-                        f"max rel {e['max_rel']:.2e} beyond rtol={self.rtol:g}, "
-                        f"atol={self.atol:g}·max|out|", where=f"{name} [{level}]",
-                        numbers={**numbers, "rtol": self.rtol, "atol": self.atol}))
+        out = comparison_failures(self, "onnxruntime")
         if self.structure_matches is False:
             ref = self.reference_op_histogram or {}
             ops = sorted(set(ref) | set(self.op_histogram))
@@ -275,6 +253,40 @@ class ExportReport:
 
 
 EXPORTERS = ("dynamo", "legacy")
+
+
+def comparison_failures(report: Any, runtime: str) -> list[dict[str, Any]]:
+    """The fp32 comparison failures of a deploy report (ONNX or ExecuTorch), one home:
+    ``fold_error`` (the deployable copy vs the given model), then per trial and output
+    ``runtime_error``, ``non_finite`` or ``numerics`` (``report.errors[trial][output]``)."""
+    out = []
+    if not report.fold_pass:
+        out.append(failure(
+            "fold_error", f"the deployable copy differs from the given model: max rel "
+            f"{report.fold_error:.2e} > {report.fold_tolerance:g}", where="deployable copy",
+            numbers={"error": report.fold_error, "tolerance": report.fold_tolerance}))
+    for trial, outputs in report.errors.items():
+        for name, e in outputs.items():
+            if e["passed"]:
+                continue
+            numbers = {k: e[k] for k in ("max_abs", "max_rel")}
+            if "runtime_error" in e:
+                out.append(failure(
+                    "runtime_error", f"{runtime} [{trial}]: the runtime refused the run "
+                    f"({e['runtime_error']})", where=trial, numbers={"batch": e.get("batch")}))
+            elif "nonfinite" in e:
+                out.append(failure(
+                    "non_finite", f"{runtime} [{trial}] {name}: non-finite values where "
+                    f"torch's are not ({e['nonfinite']['nan']} NaN, "
+                    f"{e['nonfinite']['inf']} inf)", where=f"{name} [{trial}]",
+                    numbers={**numbers, **e["nonfinite"]}))
+            else:
+                out.append(failure(
+                    "numerics", f"{runtime} [{trial}] {name}: max abs {e['max_abs']:.2e}, "
+                    f"max rel {e['max_rel']:.2e} beyond rtol={report.rtol:g}, "
+                    f"atol={report.atol:g}·max|out|", where=f"{name} [{trial}]",
+                    numbers={**numbers, "rtol": report.rtol, "atol": report.atol}))
+    return out
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
